@@ -1,0 +1,235 @@
+//! The RabbitMQ adapter both processes share: connecting with backoff, declaring the topology
+//! named in [`slimci_proto::Topology`] with identical arguments on both sides, publishing
+//! persistent messages with publisher confirms, and dead-lettering a message with its reason.
+//!
+//! It knows nothing of jobs or events; callers pass bytes made by `slimci_proto::encode`.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use slimci_proto::{DEAD_REASON_HEADER, Topology};
+use tokio_util::sync::CancellationToken;
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused (nacked) a message published to `{exchange}` with key `{routing_key}`")]
+    Nacked { exchange: String, routing_key: String },
+    #[error("the connection to the broker was lost")]
+    Disconnected,
+    #[error("shutting down")]
+    Cancelled,
+}
+
+/// Hides the password of an AMQP URL for logs: `amqp://guest:<masked>@host/`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:<masked>@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Connects, retrying with exponential backoff (capped at 10 s) until it succeeds or `shutdown`
+/// fires. `name` shows in the broker's management UI.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Connection, BrokerError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect(url, properties).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) => {
+                tracing::warn!(url = %mask_url(url), %error, retry_in = ?delay, "cannot reach the broker");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Err(BrokerError::Cancelled),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn dead_letter_arguments(topology: &Topology, dead_queue: &str) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topology.dead_letter_exchange().into()),
+    );
+    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead_queue.into()));
+    arguments
+}
+
+/// Declares every queue and exchange of the topology. Idempotent; both sides call it on every
+/// (re)connect, so either may start first.
+pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .exchange_declare(
+            topology.dead_letter_exchange().as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.control_exchange().as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    for (queue, dead_queue) in [
+        (topology.jobs_queue(), topology.jobs_dead_queue()),
+        (topology.events_queue(), topology.events_dead_queue()),
+    ] {
+        channel
+            .queue_declare(
+                dead_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                dead_queue.as_str().into(),
+                topology.dead_letter_exchange().as_str().into(),
+                dead_queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                dead_letter_arguments(topology, &dead_queue),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A channel in confirm mode: every publish returns only once the broker has taken
+/// responsibility for the message.
+#[derive(Clone)]
+pub struct ConfirmedPublisher {
+    channel: Channel,
+}
+
+impl ConfirmedPublisher {
+    pub async fn open(connection: &Connection) -> Result<ConfirmedPublisher, BrokerError> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(ConfirmedPublisher { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes a persistent JSON message and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirmation = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirmation {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+        }
+    }
+
+    /// Publishes to a queue through the default exchange.
+    pub async fn publish_to_queue(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        self.publish("", queue, payload, FieldTable::default()).await
+    }
+}
+
+/// Moves an unusable delivery to `dead_queue` with `reason` in its headers, then acks it.
+///
+/// If the copy cannot be published the delivery is rejected without requeue instead, so the
+/// queue's own dead-letter arguments still move it (without our reason); either way it never
+/// returns to the queue it poisoned.
+pub async fn dead_letter(
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+    dead_queue: &str,
+    delivery: &lapin::message::Delivery,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let reason: String = reason.chars().take(4000).collect();
+    headers.insert(ShortString::from(DEAD_REASON_HEADER), AMQPValue::LongString(LongString::from(reason)));
+    let copied = publisher
+        .publish(&topology.dead_letter_exchange(), dead_queue, &delivery.data, headers)
+        .await;
+    match copied {
+        Ok(()) => {
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not publish the dead-letter copy; rejecting instead");
+            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the dead-letter reason from a message's headers.
+pub fn dead_reason(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(DEAD_REASON_HEADER)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_masked() {
+        assert_eq!(mask_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:<masked>@127.0.0.1:5672/%2f");
+        assert_eq!(mask_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

@@ -1,0 +1,281 @@
+//! The coordinator's configuration file (TOML).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use slimci_proto::RepoName;
+
+/// Everything `slimci-coordinator` reads at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on; port 0 picks a free one (written to `<data_dir>/http.addr`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL agents and users reach this coordinator at. Defaults to `http://<listen>`.
+    pub public_url: Option<String>,
+    /// SQLite database, logs and artifacts live here.
+    pub data_dir: PathBuf,
+    pub amqp: AmqpConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(rename = "repository", default)]
+    pub repositories: Vec<RepositoryConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:5672/%2f`; or leave it out and set `url_file`.
+    pub url: Option<String>,
+    /// A file holding the URL, so the password stays out of the config file.
+    pub url_file: Option<PathBuf>,
+    /// Prefix of every queue and exchange name; deployments sharing a broker use distinct ones.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "slimci".to_owned()
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer token agents present to claim runs and upload artifacts.
+    pub agent_token: Option<String>,
+    pub agent_token_file: Option<PathBuf>,
+    /// Bearer token users and the CLI present. Without one, the user API is open to anyone who
+    /// can reach the listen address (bind it to a private interface).
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |set: bool| if set { "<masked>" } else { "<unset>" };
+        f.debug_struct("AuthConfig")
+            .field("agent_token", &masked(self.agent_token.is_some()))
+            .field("agent_token_file", &self.agent_token_file)
+            .field("api_token", &masked(self.api_token.is_some()))
+            .field("api_token_file", &self.api_token_file)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock limit of one attempt unless the repository sets its own.
+    #[serde(default = "default_timeout_secs")]
+    pub run_timeout_secs: u64,
+    /// Largest artifact an agent may upload.
+    #[serde(default = "default_artifact_bytes")]
+    pub max_artifact_bytes: u64,
+    /// Stored log per attempt; past it the log ends with a truncation marker.
+    #[serde(default = "default_log_bytes")]
+    pub max_log_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            run_timeout_secs: default_timeout_secs(),
+            max_artifact_bytes: default_artifact_bytes(),
+            max_log_bytes: default_log_bytes(),
+        }
+    }
+}
+
+fn default_timeout_secs() -> u64 {
+    3600
+}
+
+fn default_log_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_artifact_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+
+/// One dbt repository the coordinator builds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    pub name: RepoName,
+    /// What agents fetch from: an https URL, or a path on the runner VMs. Never credentials;
+    /// agents add their own.
+    pub clone_url: String,
+    #[serde(default = "default_branch")]
+    pub production_branch: String,
+    /// The dbt project's directory inside the repository, if not the root.
+    #[serde(default)]
+    pub project_dir: String,
+    pub run_timeout_secs: Option<u64>,
+}
+
+fn default_branch() -> String {
+    "main".to_owned()
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid coordinator configuration: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Secrets resolved from the config or the files it names.
+#[derive(Clone)]
+pub struct Secrets {
+    pub amqp_url: String,
+    pub agent_token: String,
+    pub api_token: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(<masked>)")
+    }
+}
+
+fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })
+}
+
+fn inline_or_file(
+    what: &str,
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!("set `{what}` or `{what}_file`, not both"))),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(path)) => read_secret(path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: repository names whose isolation names would collide, empty
+    /// fields, a prefix that is not a plain name.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut slugs: HashMap<String, &RepoName> = HashMap::new();
+        for repository in &self.repositories {
+            if let Some(other) = slugs.insert(repository.name.slug(), &repository.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "repositories `{other}` and `{}` would share PR isolation names (both become `pr_{}_<n>`); rename one",
+                    repository.name,
+                    repository.name.slug()
+                )));
+            }
+            if repository.clone_url.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!("repository `{}` has an empty clone_url", repository.name)));
+            }
+            if repository.project_dir.split('/').any(|part| part == "..") {
+                return Err(ConfigError::Invalid(format!(
+                    "repository `{}`: project_dir must stay inside the repository",
+                    repository.name
+                )));
+            }
+        }
+        let prefix_ok = !self.amqp.prefix.is_empty()
+            && self.amqp.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !prefix_ok {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.prefix `{}` must be letters, digits, `-`, `_` or `.`",
+                self.amqp.prefix
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn secrets(&self) -> Result<Secrets, ConfigError> {
+        let amqp_url = inline_or_file("amqp.url", &self.amqp.url, &self.amqp.url_file)?
+            .ok_or_else(|| ConfigError::Invalid("set amqp.url or amqp.url_file".to_owned()))?;
+        let agent_token = inline_or_file("auth.agent_token", &self.auth.agent_token, &self.auth.agent_token_file)?
+            .ok_or_else(|| ConfigError::Invalid("set auth.agent_token or auth.agent_token_file".to_owned()))?;
+        if agent_token.len() < 16 {
+            return Err(ConfigError::Invalid("auth.agent_token must be at least 16 characters".to_owned()));
+        }
+        let api_token = inline_or_file("auth.api_token", &self.auth.api_token, &self.auth.api_token_file)?;
+        Ok(Secrets { amqp_url, agent_token, api_token })
+    }
+
+    pub fn repository(&self, name: &str) -> Option<&RepositoryConfig> {
+        self.repositories.iter().find(|repository| repository.name.as_str() == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: "test.toml".into(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    const BASE: &str = r#"
+        data_dir = "/tmp/x"
+        [amqp]
+        url = "amqp://127.0.0.1"
+        [auth]
+        agent_token = "0123456789abcdef"
+    "#;
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let config = parse(&format!("{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"/srv/shop.git\"\n")).unwrap();
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.amqp.prefix, "slimci");
+        assert_eq!(config.repositories[0].production_branch, "main");
+        assert_eq!(config.limits.run_timeout_secs, 3600);
+    }
+
+    #[test]
+    fn colliding_slugs_are_refused() {
+        let text = format!(
+            "{BASE}\n[[repository]]\nname = \"a-b\"\nclone_url = \"x\"\n[[repository]]\nname = \"a_b\"\nclone_url = \"y\"\n"
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("would share PR isolation names"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(parse(&format!("{BASE}\nlisten_addr = \"x\"\n")).is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config = parse(BASE).unwrap();
+        assert!(!format!("{:?}", config.auth).contains("0123456789abcdef"));
+        assert!(!format!("{:?}", config.secrets().unwrap()).contains("0123456789abcdef"));
+    }
+}

@@ -1,0 +1,85 @@
+//! The slimci coordinator: takes build requests, decides what runs, queues jobs over RabbitMQ,
+//! records every run and its events, stores logs and artifacts, and keeps each repository's
+//! production state.
+//!
+//! Layers: `rules` holds the decisions (no I/O); `store`, `logs` and `artifacts` hold state;
+//! `api` (HTTP) and `queue` (AMQP) are adapters that call the rules and the stores.
+
+pub mod api;
+pub mod artifacts;
+pub mod config;
+pub mod logs;
+pub mod queue;
+pub mod rules;
+pub mod store;
+
+use std::sync::Arc;
+
+use slimci_proto::Topology;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::AppState;
+use crate::config::{Config, ConfigError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("cannot write {path}: {source}")]
+    AddressFile { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Runs the coordinator until `shutdown` fires, then stops accepting requests, lets the
+/// background tasks finish, and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CoordinatorError> {
+    let secrets = config.secrets()?;
+    let store = Store::open(&config.data_dir).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CoordinatorError::Listen { address: config.listen, source })?;
+    let address = listener.local_addr().map_err(CoordinatorError::Serve)?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{address}"))
+        .trim_end_matches('/')
+        .to_owned();
+    let address_file = config.data_dir.join("http.addr");
+    std::fs::write(&address_file, format!("{address}\n"))
+        .map_err(|source| CoordinatorError::AddressFile { path: address_file.clone(), source })?;
+    tracing::info!(%address, %public_url, active_runs = store.count_active().await?, "coordinator listening");
+
+    let topology = Topology::new(&config.amqp.prefix);
+    let (changes, _) = broadcast::channel(4096);
+    let state = Arc::new(AppState {
+        logs: Arc::new(logs::LogStore::new(config.data_dir.join("logs"), config.limits.max_log_bytes)),
+        artifacts: artifacts::ArtifactStore::new(config.data_dir.join("artifacts")),
+        config: Arc::new(config),
+        secrets: secrets.clone(),
+        store,
+        changes,
+        outbox: Arc::new(Notify::new()),
+        public_url,
+    });
+
+    let tasks = TaskTracker::new();
+    tasks.spawn(queue::publisher_loop(state.clone(), secrets.amqp_url.clone(), topology.clone(), shutdown.clone()));
+    tasks.spawn(queue::events_loop(state.clone(), secrets.amqp_url.clone(), topology, shutdown.clone()));
+    tasks.close();
+
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    tasks.wait().await;
+    served.map_err(CoordinatorError::Serve)
+}

@@ -1,0 +1,222 @@
+//! The coordinator's side of RabbitMQ: an outbox publisher (queued runs become job messages,
+//! requested cancels become control messages) and the consumer of agent events. Both reconnect
+//! with backoff; while the broker is away, runs wait in the outbox and agents buffer events.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use slimci_broker::{BrokerError, ConfirmedPublisher};
+use slimci_proto::{
+    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId, ToAgentMessage, Topology,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::rules::{EventDisposition, RunStatus};
+use crate::store::Run;
+
+/// The job message for the current attempt of a queued run.
+pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
+    let repository = state.config.repository(run.repository.as_str())?;
+    let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256) {
+        (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(ProductionStateRef {
+            deploy_run_id,
+            sha: sha.clone(),
+            manifest_url: format!("{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json", state.public_url),
+            manifest_sha256: manifest_sha256.clone(),
+        }),
+        _ => None,
+    };
+    Some(Job {
+        run_id: run.id,
+        attempt: run.attempt,
+        kind: run.kind,
+        repository: run.repository.clone(),
+        clone_url: repository.clone_url.clone(),
+        project_dir: repository.project_dir.clone(),
+        git: GitTarget { sha: run.sha.clone(), fetch_ref: run.fetch_ref.clone() },
+        pr_number: run.pr,
+        isolation: run.isolation.clone(),
+        production_state,
+        timeout_secs: run.timeout_secs,
+    })
+}
+
+async fn backoff(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => return false,
+        () = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(10));
+    true
+}
+
+/// Publishes the outbox until shutdown, reconnecting as needed.
+pub async fn publisher_loop(state: Arc<AppState>, amqp_url: String, topology: Topology, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match publish_session(&state, &amqp_url, &topology, &shutdown).await {
+            Ok(()) => return,
+            Err(BrokerError::Cancelled) => return,
+            Err(error) => tracing::warn!(%error, "job publisher lost the broker; reconnecting"),
+        }
+        if !backoff(&mut delay, &shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn publish_session(
+    state: &AppState,
+    amqp_url: &str,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let connection = slimci_broker::connect(amqp_url, "slimci-coordinator publisher", shutdown).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    slimci_broker::declare_topology(publisher.channel(), topology).await?;
+    tracing::info!("job publisher connected");
+    // Cancels already sent on this connection; a reconnect sends the pending ones again.
+    let mut cancels_sent: HashSet<RunId> = HashSet::new();
+    loop {
+        let notified = state.outbox.notified();
+        let runs = state.store.unpublished_runs(100).await.map_err(|error| {
+            tracing::error!(%error, "cannot read the outbox");
+            BrokerError::Cancelled
+        });
+        for run in runs.unwrap_or_default() {
+            let Some(job) = job_for(state, &run) else {
+                let message = format!("repository `{}` is no longer configured", run.repository);
+                let _ = state.store.end_queued(run.id, RunStatus::Error, &message).await;
+                let _ = state.changes.send(run.id);
+                continue;
+            };
+            let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
+            publisher.publish_to_queue(&topology.jobs_queue(), &payload).await?;
+            if let Err(error) = state.store.mark_published(run.id).await {
+                tracing::error!(%error, run = %run.id, "published, but could not mark it; it may be published twice (claims are fenced)");
+            }
+            tracing::info!(run = %run.id, attempt = %run.attempt, "job queued");
+        }
+        for run in state.store.cancel_pending_runs().await.unwrap_or_default() {
+            if cancels_sent.contains(&run) {
+                continue;
+            }
+            let message = ControlMessage::Cancel { run_id: run, reason: "cancelled by user".to_owned() };
+            publisher
+                .publish(&topology.control_exchange(), "", &slimci_proto::encode(&message), FieldTable::default())
+                .await?;
+            cancels_sent.insert(run);
+            tracing::info!(%run, "cancel sent to agents");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = notified => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        if !connection.status().connected() {
+            return Err(BrokerError::Disconnected);
+        }
+    }
+}
+
+/// Consumes agent events until shutdown, reconnecting as needed.
+pub async fn events_loop(state: Arc<AppState>, amqp_url: String, topology: Topology, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match events_session(&state, &amqp_url, &topology, &shutdown).await {
+            Ok(()) | Err(BrokerError::Cancelled) => return,
+            Err(error) => tracing::warn!(%error, "event consumer lost the broker; reconnecting"),
+        }
+        if !backoff(&mut delay, &shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn events_session(
+    state: &AppState,
+    amqp_url: &str,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let connection = slimci_broker::connect(amqp_url, "slimci-coordinator events", shutdown).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    slimci_broker::declare_topology(publisher.channel(), topology).await?;
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            topology.events_queue().as_str().into(),
+            "slimci-coordinator".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!("event consumer connected");
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            delivery = consumer.next() => delivery,
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => return Err(error.into()),
+            None => return Err(BrokerError::Disconnected),
+        };
+        let event: AgentEvent = match slimci_proto::decode(&delivery.data) {
+            Ok(event) => event,
+            Err(error) => {
+                let reason = format!("coordinator refused an agent event: {error}");
+                tracing::warn!(%reason, "dead-lettering event");
+                slimci_broker::dead_letter(&publisher, topology, &topology.events_dead_queue(), &delivery, &reason).await?;
+                continue;
+            }
+        };
+        match handle_event(state, &event).await {
+            Ok(()) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Err(error) => {
+                // Our own storage failed: keep the event for a retry rather than lose it.
+                tracing::error!(%error, run = %event.run_id, "cannot record an agent event; requeueing it");
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Log(#[from] crate::logs::LogError),
+}
+
+/// Records one agent event: log lines on disk first (idempotently), then the rest in the store.
+pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), EventError> {
+    let Some(disposition) = state.store.event_disposition(event).await? else {
+        tracing::warn!(run = %event.run_id, agent = %event.agent, "event for an unknown run; dropped");
+        return Ok(());
+    };
+    if disposition != EventDisposition::Apply {
+        tracing::debug!(run = %event.run_id, seq = event.seq, ?disposition, "event not applied");
+        return Ok(());
+    }
+    if let EventBody::Log { first_line, lines } = &event.body {
+        state.logs.append(event.run_id, event.attempt, *first_line, lines)?;
+    }
+    let applied = state.store.apply_event(event).await?;
+    if let Some(status) = applied.finished {
+        state.logs.close(event.run_id, event.attempt);
+        tracing::info!(run = %event.run_id, status = status.as_str(), agent = %event.agent, "run finished");
+    }
+    let _ = state.changes.send(event.run_id);
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! The wire contract between the slimci coordinator and its agents.
+//!
+//! This is the only crate whose types cross a process boundary. Every message carries
+//! [`PROTOCOL_VERSION`] in a `protocol` field; [`decode`] refuses any other version with an error
+//! that names both versions, and tolerates fields it does not know (so a newer peer may add
+//! optional fields without a version bump). Job messages carry no secrets: credentials live in
+//! the agent's own configuration.
+
+mod ids;
+mod topology;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use ids::{AgentName, Attempt, IdError, IsolationName, PrNumber, RepoName, RunId, Sha};
+pub use topology::{DEAD_REASON_HEADER, Topology};
+
+/// The protocol version this build speaks. Bump it on any change a peer of the previous version
+/// would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is not JSON with a numeric `protocol` field: {0}")]
+    NoVersion(#[source] serde_json::Error),
+    #[error("unsupported protocol version {found}; this build speaks version {supported}")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("malformed protocol {PROTOCOL_VERSION} message: {0}")]
+    Malformed(#[source] serde_json::Error),
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    protocol: u32,
+}
+
+/// Wraps a message body with the protocol version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope<T> {
+    pub protocol: u32,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Serializes `body` inside a versioned envelope.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Out<'a, T> {
+        protocol: u32,
+        #[serde(flatten)]
+        body: &'a T,
+    }
+    serde_json::to_vec(&Out { protocol: PROTOCOL_VERSION, body })
+        .expect("protocol types always serialize")
+}
+
+/// Checks the version first, then decodes the body, so a peer of another version gets an error
+/// about the version rather than about a field it happened to rename.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let probe: VersionProbe = serde_json::from_slice(bytes).map_err(DecodeError::NoVersion)?;
+    if probe.protocol != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            found: probe.protocol,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(DecodeError::Malformed)
+}
+
+/// What a run builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// `dbt build --select state:modified+ --defer --state <prod>` into the PR's isolation.
+    Ci,
+    /// `dbt build` of the production branch into production.
+    Deploy,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Ci => "ci",
+            RunKind::Deploy => "deploy",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RunKind> {
+        match text {
+            "ci" => Some(RunKind::Ci),
+            "deploy" => Some(RunKind::Deploy),
+            _ => None,
+        }
+    }
+}
+
+/// The production state a CI run compares against: the manifest of a successful deploy run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductionStateRef {
+    /// The deploy run whose `manifest.json` this is.
+    pub deploy_run_id: RunId,
+    /// The commit that deploy built.
+    pub sha: Sha,
+    /// Where the agent downloads the manifest (the coordinator's content-addressed store).
+    pub manifest_url: String,
+    /// Hex sha256 of the manifest bytes; the agent refuses a download that does not match.
+    pub manifest_sha256: String,
+}
+
+/// Which commit to build. CI runs name the exact SHA; a deploy may name a branch that the
+/// agent resolves at checkout time (and reports back in [`EventBody::Started`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitTarget {
+    /// The exact commit, when the requester knows it.
+    pub sha: Option<Sha>,
+    /// The ref to fetch when the SHA is not yet in the agent's cache, e.g. `refs/pull/7/head`
+    /// or `refs/heads/main`. For a deploy without a SHA, the commit this ref points at is built.
+    pub fetch_ref: String,
+}
+
+/// A job for an agent: one attempt of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub run_id: RunId,
+    pub attempt: Attempt,
+    pub kind: RunKind,
+    pub repository: RepoName,
+    /// A URL or path git can fetch from. Never contains credentials; the agent adds its own.
+    pub clone_url: String,
+    /// The dbt project's directory inside the repository ("" for the root).
+    pub project_dir: String,
+    pub git: GitTarget,
+    /// Set for CI runs.
+    pub pr_number: Option<PrNumber>,
+    /// The PR's schema or database name; set for CI runs.
+    pub isolation: Option<IsolationName>,
+    /// Set for CI runs: what `--state` points at.
+    pub production_state: Option<ProductionStateRef>,
+    /// Wall-clock limit for the whole attempt.
+    pub timeout_secs: u64,
+}
+
+/// Messages on the job queue (one consumer takes each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgentMessage {
+    Job(Job),
+}
+
+/// Messages broadcast to every agent on the control exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Stop the run if this agent is building it; the agent then reports `cancelled`.
+    Cancel { run_id: RunId, reason: String },
+}
+
+/// An agent asks the coordinator for the right to build one attempt of a run (HTTP, because it
+/// needs an answer: a run cancelled or superseded while queued must not build).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub run_id: RunId,
+    pub attempt: Attempt,
+    pub agent: AgentName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub granted: bool,
+    /// Why the claim was refused, when it was.
+    pub reason: Option<String>,
+}
+
+/// The steps of a build, in order. Their timings are recorded per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Checkout,
+    StateFetch,
+    Deps,
+    Profile,
+    Build,
+    Upload,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Checkout => "checkout",
+            Phase::StateFetch => "state_fetch",
+            Phase::Deps => "deps",
+            Phase::Profile => "profile",
+            Phase::Build => "build",
+            Phase::Upload => "upload",
+        }
+    }
+}
+
+/// How a run ended, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunResult {
+    /// dbt exited 0.
+    Success,
+    /// dbt exited 1: models or tests failed.
+    Failed,
+    /// dbt exited 2, or slimci could not run it (checkout, state, profile).
+    Error,
+    Cancelled,
+    TimedOut,
+}
+
+impl RunResult {
+    /// Maps dbt's documented exit codes: 0 success, 1 failures in the run, 2 anything else.
+    pub fn from_dbt_exit_code(code: i32) -> RunResult {
+        match code {
+            0 => RunResult::Success,
+            1 => RunResult::Failed,
+            _ => RunResult::Error,
+        }
+    }
+}
+
+/// One node's outcome, from dbt's `run_results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeResult {
+    pub unique_id: String,
+    /// `model`, `test`, `seed`, `snapshot`, ... (the first part of the unique id).
+    pub resource_type: String,
+    /// dbt's status: `success`, `error`, `fail`, `warn`, `pass`, `skipped`, `no-op`, ...
+    pub status: String,
+    pub execution_time_s: f64,
+    pub message: Option<String>,
+    pub failures: Option<u64>,
+    /// The relation the node wrote, `database.schema.identifier`, when it wrote one.
+    pub relation: Option<String>,
+}
+
+/// The end of an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub result: RunResult,
+    /// A one-line explanation for anything but success, meant for people.
+    pub message: Option<String>,
+    pub dbt_exit_code: Option<i32>,
+    pub nodes: Vec<NodeResult>,
+}
+
+/// What an agent reports about an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventBody {
+    /// Checkout is done: the exact commit being built.
+    Started { sha: Sha },
+    PhaseStarted { phase: Phase },
+    PhaseFinished { phase: Phase, ok: bool },
+    /// Log lines `first_line..first_line + lines.len()` of this attempt (0-based). Resending a
+    /// batch is harmless: the coordinator keeps only lines it does not have.
+    Log { first_line: u64, lines: Vec<String> },
+    /// Nodes finished of nodes selected, from dbt's structured log.
+    Progress { done: u32, total: u32 },
+    Finished(Outcome),
+}
+
+/// Messages on the events queue: one agent's report about one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub run_id: RunId,
+    pub attempt: Attempt,
+    pub agent: AgentName,
+    /// Per attempt, starting at 1 and increasing by one; duplicates are dropped by it.
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_job() -> Job {
+        Job {
+            run_id: RunId::new(),
+            attempt: Attempt(1),
+            kind: RunKind::Ci,
+            repository: RepoName::parse("shop").unwrap(),
+            clone_url: "/srv/git/shop.git".into(),
+            project_dir: String::new(),
+            git: GitTarget {
+                sha: Some(Sha::parse("0123456789abcdef0123456789abcdef01234567").unwrap()),
+                fetch_ref: "refs/pull/7/head".into(),
+            },
+            pr_number: Some(PrNumber(7)),
+            isolation: Some(IsolationName::for_pr(&RepoName::parse("shop").unwrap(), PrNumber(7))),
+            production_state: None,
+            timeout_secs: 3600,
+        }
+    }
+
+    #[test]
+    fn job_round_trips_with_version() {
+        let message = ToAgentMessage::Job(sample_job());
+        let bytes = encode(&message);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains("\"protocol\":1"), "{text}");
+        assert!(text.contains("\"type\":\"job\""), "{text}");
+        assert_eq!(decode::<ToAgentMessage>(&bytes).unwrap(), message);
+    }
+
+    #[test]
+    fn unknown_version_is_refused_by_name() {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&encode(&ToAgentMessage::Job(sample_job()))).unwrap();
+        value["protocol"] = 99.into();
+        let error = decode::<ToAgentMessage>(value.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(error, DecodeError::UnsupportedVersion { found: 99, supported: 1 }));
+        assert_eq!(
+            error.to_string(),
+            "unsupported protocol version 99; this build speaks version 1"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_tolerated() {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&encode(&ToAgentMessage::Job(sample_job()))).unwrap();
+        value["added_in_a_later_minor"] = "ignored".into();
+        assert!(decode::<ToAgentMessage>(value.to_string().as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(decode::<ToAgentMessage>(b"\xff\x00garbage"), Err(DecodeError::NoVersion(_))));
+        assert!(matches!(
+            decode::<ToAgentMessage>(br#"{"protocol":1,"type":"job"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn event_flattens_body() {
+        let event = AgentEvent {
+            run_id: RunId::new(),
+            attempt: Attempt(2),
+            agent: AgentName::parse("vm-1").unwrap(),
+            seq: 3,
+            at: Utc::now(),
+            body: EventBody::Log { first_line: 10, lines: vec!["hello".into()] },
+        };
+        let bytes = encode(&event);
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["event"], "log");
+        assert_eq!(decode::<AgentEvent>(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn dbt_exit_codes_map_to_results() {
+        assert_eq!(RunResult::from_dbt_exit_code(0), RunResult::Success);
+        assert_eq!(RunResult::from_dbt_exit_code(1), RunResult::Failed);
+        assert_eq!(RunResult::from_dbt_exit_code(2), RunResult::Error);
+        assert_eq!(RunResult::from_dbt_exit_code(-9), RunResult::Error);
+    }
+
+    #[test]
+    fn job_carries_no_credential_fields() {
+        let text = String::from_utf8(encode(&ToAgentMessage::Job(sample_job()))).unwrap();
+        for word in ["password", "token", "secret", "private_key"] {
+            assert!(!text.contains(word), "job message mentions {word}: {text}");
+        }
+    }
+}
