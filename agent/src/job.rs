@@ -1,0 +1,555 @@
+//! One attempt of one run, from checkout to the final report.
+//!
+//! Phases: checkout (git cache → fresh directory), state fetch (CI only), deps (only when the
+//! project has packages), profile, build, upload. Each is reported with its timing; the first
+//! that fails ends the attempt with a message saying which and why.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use slimci_proto::{EventBody, Job, NodeResult, Outcome, Phase, RunKind, RunResult};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Secrets};
+use crate::dbtlog::Progress;
+use crate::events::Reporter;
+use crate::git::GitCache;
+use crate::process::{self, Exit, Invocation};
+use crate::state::StateCache;
+use crate::warehouse::{DuckDbWarehouse, Target};
+
+/// Log lines are sent at least this often while dbt runs.
+const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// ... or when this many are waiting.
+const LOG_BATCH_LINES: usize = 500;
+/// Log the agent forwards per attempt; past it one marker line, then nothing.
+const MAX_FORWARDED_LOG_BYTES: u64 = 128 * 1024 * 1024;
+
+/// What every job on this agent shares.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub secrets: Secrets,
+    pub http: reqwest::Client,
+    pub git: Arc<GitCache>,
+    pub states: StateCache,
+    pub warehouse: Arc<DuckDbWarehouse>,
+}
+
+/// A failed step: the result to report and a message for people.
+struct Stop {
+    result: RunResult,
+    message: String,
+}
+
+impl Stop {
+    fn error(message: impl Into<String>) -> Stop {
+        Stop { result: RunResult::Error, message: message.into() }
+    }
+}
+
+/// Buffers log lines and sends them in numbered batches.
+struct LogSender<'a> {
+    reporter: &'a Reporter,
+    pending: Vec<String>,
+    next_line: u64,
+    bytes: u64,
+    truncated: bool,
+}
+
+impl<'a> LogSender<'a> {
+    fn new(reporter: &'a Reporter) -> Self {
+        LogSender { reporter, pending: Vec::new(), next_line: 0, bytes: 0, truncated: false }
+    }
+
+    fn line(&mut self, text: String) {
+        if self.truncated {
+            return;
+        }
+        self.bytes += text.len() as u64 + 1;
+        if self.bytes > MAX_FORWARDED_LOG_BYTES {
+            self.truncated = true;
+            self.pending.push("[slimci] the build printed more log than the agent forwards; the rest is dropped".to_owned());
+        } else {
+            self.pending.push(text);
+        }
+        if self.pending.len() >= LOG_BATCH_LINES {
+            self.flush();
+        }
+    }
+
+    fn slimci(&mut self, text: impl std::fmt::Display) {
+        let time = chrono::Utc::now().format("%H:%M:%S");
+        self.line(format!("{time}  [slimci] {text}"));
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.pending);
+        let first_line = self.next_line;
+        self.next_line += lines.len() as u64;
+        self.reporter.send(EventBody::Log { first_line, lines });
+    }
+}
+
+struct Attempt<'a> {
+    services: &'a Services,
+    job: &'a Job,
+    reporter: &'a Reporter,
+    cancel: &'a CancellationToken,
+    log: LogSender<'a>,
+    run_dir: PathBuf,
+    deadline: Instant,
+}
+
+/// Runs the job and returns how it ended. Never panics on bad input; every failure becomes an
+/// outcome with a message.
+pub async fn execute(services: &Services, job: &Job, reporter: &Reporter, cancel: &CancellationToken) -> Outcome {
+    let run_dir = services.config.work_dir.join("runs").join(format!("{}-{}", job.run_id, job.attempt));
+    let mut attempt = Attempt {
+        services,
+        job,
+        reporter,
+        cancel,
+        log: LogSender::new(reporter),
+        run_dir,
+        deadline: Instant::now() + Duration::from_secs(job.timeout_secs),
+    };
+    let outcome = match attempt.run().await {
+        Ok(outcome) => outcome,
+        Err(stop) => {
+            attempt.log.slimci(&stop.message);
+            Outcome { result: stop.result, message: Some(stop.message), dbt_exit_code: None, nodes: Vec::new() }
+        }
+    };
+    attempt.log.flush();
+    if let Err(error) = std::fs::remove_dir_all(&attempt.run_dir) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(%error, dir = %attempt.run_dir.display(), "could not remove the run directory");
+        }
+    }
+    outcome
+}
+
+#[derive(Deserialize)]
+struct RunResults {
+    results: Vec<RunResultEntry>,
+}
+
+#[derive(Deserialize)]
+struct RunResultEntry {
+    unique_id: String,
+    status: String,
+    #[serde(default)]
+    execution_time: f64,
+    message: Option<String>,
+    failures: Option<u64>,
+    relation_name: Option<String>,
+}
+
+/// Every node's outcome from dbt's `run_results.json`.
+pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, String> {
+    let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let results: RunResults =
+        serde_json::from_slice(&bytes).map_err(|error| format!("{} is not dbt run results: {error}", path.display()))?;
+    Ok(results
+        .results
+        .into_iter()
+        .map(|entry| NodeResult {
+            resource_type: entry.unique_id.split('.').next().unwrap_or_default().to_owned(),
+            unique_id: entry.unique_id,
+            status: entry.status,
+            execution_time_s: entry.execution_time,
+            message: entry.message,
+            failures: entry.failures,
+            relation: entry.relation_name,
+        })
+        .collect())
+}
+
+fn profile_name(project_file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(project_file).map_err(|error| format!("cannot read dbt_project.yml: {error}"))?;
+    let project: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|error| format!("dbt_project.yml is not valid YAML: {error}"))?;
+    project
+        .get("profile")
+        .and_then(serde_yaml::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| "dbt_project.yml names no `profile`; slimci writes that profile for each run".to_owned())
+}
+
+impl Attempt<'_> {
+    fn phase_started(&self, phase: Phase) {
+        self.reporter.send(EventBody::PhaseStarted { phase });
+    }
+
+    fn phase_finished(&mut self, phase: Phase, ok: bool) {
+        self.log.flush();
+        self.reporter.send(EventBody::PhaseFinished { phase, ok });
+    }
+
+    fn check_cancelled(&self) -> Result<(), Stop> {
+        if self.cancel.is_cancelled() {
+            return Err(Stop { result: RunResult::Cancelled, message: "cancelled".to_owned() });
+        }
+        if Instant::now() >= self.deadline {
+            return Err(Stop {
+                result: RunResult::TimedOut,
+                message: format!("exceeded the run timeout of {} s", self.job.timeout_secs),
+            });
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<Outcome, Stop> {
+        let job = self.job;
+        for directory in ["home", "tmp", "profiles", "target", "logs"] {
+            let path = self.run_dir.join(directory);
+            std::fs::create_dir_all(&path).map_err(|error| Stop::error(format!("cannot create {}: {error}", path.display())))?;
+        }
+
+        // Checkout.
+        self.phase_started(Phase::Checkout);
+        let checkout_result = self.checkout().await;
+        self.phase_finished(Phase::Checkout, checkout_result.is_ok());
+        let project = checkout_result?;
+        self.check_cancelled()?;
+
+        // Production state (CI only).
+        let state_dir = match job.kind {
+            RunKind::Deploy => None,
+            RunKind::Ci => {
+                self.phase_started(Phase::StateFetch);
+                let fetched = self.fetch_state().await;
+                self.phase_finished(Phase::StateFetch, fetched.is_ok());
+                Some(fetched?)
+            }
+        };
+        self.check_cancelled()?;
+
+        // Packages, when the project has any.
+        if project.join("packages.yml").is_file() || project.join("dependencies.yml").is_file() {
+            self.phase_started(Phase::Deps);
+            let deps = self.deps(&project).await;
+            self.phase_finished(Phase::Deps, deps.is_ok());
+            deps?;
+            self.check_cancelled()?;
+        }
+
+        // Profile.
+        self.phase_started(Phase::Profile);
+        let profile = self.write_profile(&project);
+        self.phase_finished(Phase::Profile, profile.is_ok());
+        let target = profile?;
+
+        // Build.
+        self.phase_started(Phase::Build);
+        let built = self.build(&project, state_dir.as_deref()).await;
+        self.phase_finished(Phase::Build, built.as_ref().is_ok_and(|(result, _)| *result == RunResult::Success));
+        let (result, dbt_exit_code) = match built {
+            Ok(built) => built,
+            Err(stop) => {
+                self.discard(&target);
+                return Err(stop);
+            }
+        };
+
+        // Upload, then make a successful deploy live.
+        self.phase_started(Phase::Upload);
+        let uploaded = self.upload().await;
+        self.phase_finished(Phase::Upload, uploaded.is_ok());
+        let nodes = read_run_results(&self.run_dir.join("target").join("run_results.json")).unwrap_or_else(|error| {
+            self.log.slimci(format!("no node results: {error}"));
+            Vec::new()
+        });
+        let mut outcome = Outcome { result, message: None, dbt_exit_code, nodes };
+        match (&target, result, uploaded) {
+            (Target::Deploy { .. }, RunResult::Success, Ok(())) => {
+                self.services
+                    .warehouse
+                    .publish_deploy(&job.repository, job.run_id)
+                    .map_err(|error| Stop::error(format!("the build succeeded but could not be made live: {error}")))?;
+                self.log.slimci("production database swapped in");
+            }
+            (_, _, Err(stop)) => {
+                self.discard(&target);
+                return Err(stop);
+            }
+            _ => self.discard(&target),
+        }
+        outcome.message = match result {
+            RunResult::Success => None,
+            RunResult::Failed => Some(failure_summary(&outcome.nodes)),
+            _ => Some(format!("dbt exited with code {}", dbt_exit_code.unwrap_or(-1))),
+        };
+        Ok(outcome)
+    }
+
+    fn discard(&self, target: &Target) {
+        if matches!(target, Target::Deploy { .. }) {
+            self.services.warehouse.discard_deploy(&self.job.repository, self.job.run_id);
+        }
+    }
+
+    async fn checkout(&mut self) -> Result<PathBuf, Stop> {
+        let job = self.job.clone();
+        let git = self.services.git.clone();
+        let source = self.run_dir.join("src");
+        let started = std::time::Instant::now();
+        let destination = source.clone();
+        let checked_out = tokio::task::spawn_blocking(move || {
+            let sha = git.prepare(&job.repository, &job.clone_url, &job.git)?;
+            let files = git.checkout(&job.repository, &sha, &destination)?;
+            Ok::<_, crate::git::GitError>((sha, files))
+        })
+        .await
+        .map_err(|error| Stop::error(format!("checkout task failed: {error}")))?;
+        let (sha, files) = checked_out.map_err(|error| Stop::error(format!("checkout failed: {error}")))?;
+        self.reporter.send(EventBody::Started { sha: sha.clone() });
+        self.log.slimci(format_args!(
+            "checked out {} of {} ({files} files) in {:.2} s",
+            sha.short(),
+            self.job.repository,
+            started.elapsed().as_secs_f64()
+        ));
+        let project = source.join(&self.job.project_dir);
+        if !project.join("dbt_project.yml").is_file() {
+            let location = if self.job.project_dir.is_empty() { "the repository root".to_owned() } else { format!("`{}`", self.job.project_dir) };
+            return Err(Stop::error(format!("commit {} has no dbt_project.yml in {location}", sha.short())));
+        }
+        Ok(project)
+    }
+
+    async fn fetch_state(&mut self) -> Result<PathBuf, Stop> {
+        let state = self.job.production_state.as_ref().ok_or_else(|| {
+            Stop::error("the job names no production state to compare against; the coordinator should have refused it")
+        })?;
+        let (directory, cached) = self
+            .services
+            .states
+            .get(&self.services.http, &self.services.secrets.coordinator_token, state)
+            .await
+            .map_err(|error| Stop::error(error.to_string()))?;
+        self.log.slimci(format_args!(
+            "comparing against production state of deploy {} (commit {}, manifest sha256 {}){}",
+            state.deploy_run_id,
+            state.sha.short(),
+            &state.manifest_sha256[..12],
+            if cached { ", cached" } else { "" }
+        ));
+        Ok(directory)
+    }
+
+    fn write_profile(&mut self, project: &Path) -> Result<Target, Stop> {
+        let name = profile_name(&project.join("dbt_project.yml")).map_err(Stop::error)?;
+        let warehouse = &self.services.warehouse;
+        let target = match self.job.kind {
+            RunKind::Deploy => warehouse.begin_deploy(&self.job.repository, self.job.run_id),
+            RunKind::Ci => {
+                let isolation = self.job.isolation.as_ref().ok_or_else(|| Stop::error("a CI job without a PR isolation name"))?;
+                let state = self.job.production_state.as_ref().ok_or_else(|| Stop::error("a CI job without production state"))?;
+                warehouse.ci_target(&self.job.repository, isolation, state.deploy_run_id)
+            }
+        }
+        .map_err(|error| Stop::error(error.to_string()))?;
+        let path = self.run_dir.join("profiles").join("profiles.yml");
+        std::fs::write(&path, warehouse.profile_yaml(&name, &target))
+            .map_err(|error| Stop::error(format!("cannot write {}: {error}", path.display())))?;
+        match &target {
+            Target::Deploy { database } => self.log.slimci(format_args!("building production into a copy at {}", database.display())),
+            Target::Ci { database, .. } => self.log.slimci(format_args!("building into the PR's own database {}", database.display())),
+        }
+        Ok(target)
+    }
+
+    fn dbt_env(&self) -> Vec<(String, String)> {
+        let run = |name: &str| self.run_dir.join(name).display().to_string();
+        let dbt_bin = self.services.config.dbt.parent().map(|dir| format!("{}:", dir.display())).unwrap_or_default();
+        vec![
+            ("PATH".into(), format!("{dbt_bin}/usr/local/bin:/usr/bin:/bin")),
+            ("HOME".into(), run("home")),
+            ("TMPDIR".into(), run("tmp")),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("LC_ALL".into(), "C.UTF-8".into()),
+            ("PYTHONUNBUFFERED".into(), "1".into()),
+            ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+            ("DBT_SEND_ANONYMOUS_USAGE_STATS".into(), "false".into()),
+            ("DBT_USE_COLORS".into(), "false".into()),
+            ("DBT_PROFILES_DIR".into(), run("profiles")),
+            ("DBT_TARGET_PATH".into(), run("target")),
+            ("DBT_LOG_PATH".into(), run("logs")),
+        ]
+    }
+
+    /// Runs dbt with `args` and streams its output; returns how it ended.
+    async fn dbt(&mut self, project: &Path, args: Vec<String>) -> Result<Exit, Stop> {
+        let invocation = Invocation {
+            program: self.services.config.dbt.clone(),
+            args,
+            cwd: project.to_owned(),
+            env: self.dbt_env(),
+            deadline: self.deadline,
+            grace: Duration::from_secs(self.services.config.cancel_grace_secs),
+        };
+        let (lines, mut incoming) = mpsc::channel(4096);
+        let cancel = self.cancel.clone();
+        let running = tokio::spawn(async move { process::run(invocation, lines, &cancel).await });
+        let mut progress = Progress::default();
+        let mut ticker = tokio::time::interval(LOG_FLUSH_INTERVAL);
+        let mut progress_dirty = false;
+        loop {
+            tokio::select! {
+                line = incoming.recv() => match line {
+                    Some(raw) => {
+                        let parsed = progress.read(&raw);
+                        progress_dirty |= parsed.progress_changed;
+                        if let Some(text) = parsed.text {
+                            self.log.line(text);
+                        }
+                    }
+                    None => break,
+                },
+                _ = ticker.tick() => {
+                    self.log.flush();
+                    if progress_dirty {
+                        self.reporter.send(EventBody::Progress { done: progress.done, total: progress.total });
+                        progress_dirty = false;
+                    }
+                }
+            }
+        }
+        self.log.flush();
+        if progress_dirty {
+            self.reporter.send(EventBody::Progress { done: progress.done, total: progress.total });
+        }
+        running
+            .await
+            .map_err(|error| Stop::error(format!("build task failed: {error}")))?
+            .map_err(|error| Stop::error(error.to_string()))
+    }
+
+    fn stop_for(&self, exit: Exit, what: &str) -> Stop {
+        match exit {
+            Exit::TimedOut => Stop { result: RunResult::TimedOut, message: format!("exceeded the run timeout of {} s during {what}", self.job.timeout_secs) },
+            Exit::Cancelled => Stop { result: RunResult::Cancelled, message: format!("cancelled during {what}") },
+            Exit::Signal(signal) => Stop::error(format!("{what} was killed by signal {signal}")),
+            Exit::Code(code) => Stop::error(format!("{what} failed with exit code {code}")),
+        }
+    }
+
+    async fn deps(&mut self, project: &Path) -> Result<(), Stop> {
+        let exit = self.dbt(project, vec!["deps".into(), "--log-format".into(), "json".into()]).await?;
+        match exit {
+            Exit::Code(0) => Ok(()),
+            other => Err(self.stop_for(other, "dbt deps")),
+        }
+    }
+
+    async fn build(&mut self, project: &Path, state_dir: Option<&Path>) -> Result<(RunResult, Option<i32>), Stop> {
+        let mut args: Vec<String> = vec!["build".into()];
+        match state_dir {
+            Some(state) => {
+                args.extend(["--select", "state:modified+", "--defer", "--state"].map(String::from));
+                args.push(state.display().to_string());
+                args.extend(["--target".into(), "ci".into()]);
+            }
+            None => args.extend(["--target".into(), "prod".into()]),
+        }
+        args.extend(["--log-format".into(), "json".into()]);
+        self.log.slimci(format_args!("dbt {}", args.join(" ")));
+        let exit = self.dbt(project, args).await?;
+        match exit {
+            Exit::Code(code) => Ok((RunResult::from_dbt_exit_code(code), Some(code))),
+            other => Err(self.stop_for(other, "dbt build")),
+        }
+    }
+
+    async fn upload(&mut self) -> Result<(), Stop> {
+        let target = self.run_dir.join("target");
+        for name in ["run_results.json", "manifest.json"] {
+            let path = target.join(name);
+            let Ok(bytes) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            let url = format!("{}/api/v1/runs/{}/artifacts/{name}", self.services.config.coordinator.url.trim_end_matches('/'), self.job.run_id);
+            let response = self
+                .services
+                .http
+                .put(&url)
+                .bearer_auth(&self.services.secrets.coordinator_token)
+                .body(bytes)
+                .send()
+                .await
+                .map_err(|error| Stop::error(format!("uploading {name} failed: {error}")))?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                return Err(Stop::error(format!("uploading {name} failed: HTTP {status}: {body}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// "2 of 21 nodes failed: test.shop.x (Got 5 results, configured to fail if != 0), ..."
+fn failure_summary(nodes: &[NodeResult]) -> String {
+    let failed: Vec<&NodeResult> = nodes
+        .iter()
+        .filter(|node| matches!(node.status.as_str(), "fail" | "error" | "runtime error"))
+        .collect();
+    if failed.is_empty() {
+        return "dbt reported failures".to_owned();
+    }
+    let names: Vec<String> = failed
+        .iter()
+        .take(5)
+        .map(|node| match &node.message {
+            Some(message) => format!("{} ({})", node.unique_id, message.lines().next().unwrap_or_default()),
+            None => node.unique_id.clone(),
+        })
+        .collect();
+    let more = if failed.len() > 5 { format!(", and {} more", failed.len() - 5) } else { String::new() };
+    format!("{} of {} nodes failed: {}{more}", failed.len(), nodes.len(), names.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_results_become_node_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run_results.json");
+        std::fs::write(
+            &path,
+            r#"{"metadata": {}, "results": [
+                {"unique_id": "model.shop.stg_orders", "status": "success", "execution_time": 0.25, "message": "OK", "failures": null, "relation_name": "\"pr_shop_1\".\"main\".\"stg_orders\"", "timing": []},
+                {"unique_id": "test.shop.accepted_values_x", "status": "fail", "execution_time": 0.1, "message": "Got 5 results, configured to fail if != 0", "failures": 5}
+            ]}"#,
+        )
+        .unwrap();
+        let nodes = read_run_results(&path).unwrap();
+        assert_eq!(nodes[0].resource_type, "model");
+        assert_eq!(nodes[0].relation.as_deref(), Some("\"pr_shop_1\".\"main\".\"stg_orders\""));
+        assert_eq!(nodes[1].failures, Some(5));
+        assert_eq!(
+            failure_summary(&nodes),
+            "1 of 2 nodes failed: test.shop.accepted_values_x (Got 5 results, configured to fail if != 0)"
+        );
+    }
+
+    #[test]
+    fn the_profile_name_comes_from_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dbt_project.yml");
+        std::fs::write(&path, "name: shop\nprofile: shop_profile\n").unwrap();
+        assert_eq!(profile_name(&path).unwrap(), "shop_profile");
+        std::fs::write(&path, "name: shop\n").unwrap();
+        assert!(profile_name(&path).unwrap_err().contains("names no `profile`"));
+    }
+}
