@@ -75,7 +75,10 @@ pub struct GitConfig {
 impl std::fmt::Debug for GitConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GitConfig")
-            .field("https_token", &self.https_token.as_ref().map(|_| "<masked>"))
+            .field(
+                "https_token",
+                &self.https_token.as_ref().map(|_| "<masked>"),
+            )
             .field("https_token_file", &self.https_token_file)
             .finish()
     }
@@ -110,9 +113,15 @@ fn default_keep() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid agent configuration: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -131,21 +140,36 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-fn inline_or_file(what: &str, inline: &Option<String>, file: &Option<PathBuf>) -> Result<Option<String>, ConfigError> {
+fn inline_or_file(
+    what: &str,
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
     match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!("set `{what}` or `{what}_file`, not both"))),
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "set `{what}` or `{what}_file`, not both"
+        ))),
         (Some(value), None) => Ok(Some(value.clone())),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map(|text| Some(text.trim().to_owned()))
-            .map_err(|source| ConfigError::Read { path: path.clone(), source }),
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            }),
         (None, None) => Ok(None),
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         if config.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".to_owned()));
         }
@@ -156,9 +180,19 @@ impl Config {
         Ok(Secrets {
             amqp_url: inline_or_file("amqp.url", &self.amqp.url, &self.amqp.url_file)?
                 .ok_or_else(|| ConfigError::Invalid("set amqp.url or amqp.url_file".to_owned()))?,
-            coordinator_token: inline_or_file("coordinator.token", &self.coordinator.token, &self.coordinator.token_file)?
-                .ok_or_else(|| ConfigError::Invalid("set coordinator.token or coordinator.token_file".to_owned()))?,
-            git_https_token: inline_or_file("git.https_token", &self.git.https_token, &self.git.https_token_file)?,
+            coordinator_token: inline_or_file(
+                "coordinator.token",
+                &self.coordinator.token,
+                &self.coordinator.token_file,
+            )?
+            .ok_or_else(|| {
+                ConfigError::Invalid("set coordinator.token or coordinator.token_file".to_owned())
+            })?,
+            git_https_token: inline_or_file(
+                "git.https_token",
+                &self.git.https_token,
+                &self.git.https_token_file,
+            )?,
         })
     }
 }

@@ -41,13 +41,20 @@ pub struct Parsed {
 impl Progress {
     pub fn read(&mut self, raw: &str) -> Parsed {
         let Ok(line) = serde_json::from_str::<Line>(raw) else {
-            return Parsed { text: Some(raw.to_owned()), progress_changed: false };
+            return Parsed {
+                text: Some(raw.to_owned()),
+                progress_changed: false,
+            };
         };
         let mut changed = false;
         let total = line.data.get("total").and_then(serde_json::Value::as_u64);
         match line.info.name.as_str() {
             "ConcurrencyLine" => {
-                if let Some(count) = line.data.get("node_count").and_then(serde_json::Value::as_u64) {
+                if let Some(count) = line
+                    .data
+                    .get("node_count")
+                    .and_then(serde_json::Value::as_u64)
+                {
                     self.total = count as u32;
                     changed = true;
                 }
@@ -61,12 +68,22 @@ impl Progress {
             _ => {}
         }
         if line.info.level == "debug" {
-            return Parsed { text: None, progress_changed: changed };
+            return Parsed {
+                text: None,
+                progress_changed: changed,
+            };
         }
         // `ts` is RFC 3339; show the time of day, as dbt's text format does.
         let time = line.info.ts.get(11..19).unwrap_or("");
-        let text = if time.is_empty() { line.info.msg } else { format!("{time}  {}", line.info.msg) };
-        Parsed { text: Some(text), progress_changed: changed }
+        let text = if time.is_empty() {
+            line.info.msg
+        } else {
+            format!("{time}  {}", line.info.msg)
+        };
+        Parsed {
+            text: Some(text),
+            progress_changed: changed,
+        }
     }
 }
 
@@ -85,20 +102,45 @@ mod tests {
     #[test]
     fn node_results_advance_progress() {
         let mut progress = Progress::default();
-        let concurrency = progress.read(&line("ConcurrencyLine", "Concurrency: 4 threads", serde_json::json!({"node_count": 3})));
+        let concurrency = progress.read(&line(
+            "ConcurrencyLine",
+            "Concurrency: 4 threads",
+            serde_json::json!({"node_count": 3}),
+        ));
         assert!(concurrency.progress_changed);
-        assert_eq!(concurrency.text.as_deref(), Some("14:15:56  Concurrency: 4 threads"));
-        let start = progress.read(&line("LogStartLine", "1 of 3 START", serde_json::json!({"index": 1, "total": 3})));
+        assert_eq!(
+            concurrency.text.as_deref(),
+            Some("14:15:56  Concurrency: 4 threads")
+        );
+        let start = progress.read(&line(
+            "LogStartLine",
+            "1 of 3 START",
+            serde_json::json!({"index": 1, "total": 3}),
+        ));
         assert!(!start.progress_changed);
-        progress.read(&line("LogModelResult", "1 of 3 OK", serde_json::json!({"index": 1, "total": 3})));
-        progress.read(&line("LogTestResult", "2 of 3 FAIL", serde_json::json!({"index": 2, "total": 3})));
+        progress.read(&line(
+            "LogModelResult",
+            "1 of 3 OK",
+            serde_json::json!({"index": 1, "total": 3}),
+        ));
+        progress.read(&line(
+            "LogTestResult",
+            "2 of 3 FAIL",
+            serde_json::json!({"index": 2, "total": 3}),
+        ));
         assert_eq!((progress.done, progress.total), (2, 3));
     }
 
     #[test]
     fn other_lines_pass_through() {
         let mut progress = Progress::default();
-        assert_eq!(progress.read("Traceback (most recent call last):").text.as_deref(), Some("Traceback (most recent call last):"));
+        assert_eq!(
+            progress
+                .read("Traceback (most recent call last):")
+                .text
+                .as_deref(),
+            Some("Traceback (most recent call last):")
+        );
         let debug = serde_json::json!({"data": {}, "info": {"name": "X", "level": "debug", "msg": "m", "ts": ""}}).to_string();
         assert_eq!(progress.read(&debug).text, None);
     }

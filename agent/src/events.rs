@@ -41,13 +41,23 @@ impl Reporter {
     }
 
     pub fn send(&self, body: EventBody) {
-        let _ = self.outgoing.send(Outgoing { event: self.event(body), confirmed: None });
+        let _ = self.outgoing.send(Outgoing {
+            event: self.event(body),
+            confirmed: None,
+        });
     }
 
     /// Sends an event and waits until the broker has it (or the agent is shutting down).
     pub async fn send_confirmed(&self, body: EventBody) {
         let (confirmed, wait) = oneshot::channel();
-        if self.outgoing.send(Outgoing { event: self.event(body), confirmed: Some(confirmed) }).is_ok() {
+        if self
+            .outgoing
+            .send(Outgoing {
+                event: self.event(body),
+                confirmed: Some(confirmed),
+            })
+            .is_ok()
+        {
             let _ = wait.await;
         }
     }
@@ -98,16 +108,29 @@ async fn publish_loop(
         if closed && buffer.is_empty() {
             return;
         }
-        let session = publish_session(&amqp_url, &topology, &mut incoming, &mut buffer, &mut closed, &give_up).await;
+        let session = publish_session(
+            &amqp_url,
+            &topology,
+            &mut incoming,
+            &mut buffer,
+            &mut closed,
+            &give_up,
+        )
+        .await;
         match session {
             Ok(()) => return,
             Err(BrokerError::Cancelled) => {
                 if !buffer.is_empty() {
-                    tracing::warn!(unsent = buffer.len(), "gave up delivering events at shutdown");
+                    tracing::warn!(
+                        unsent = buffer.len(),
+                        "gave up delivering events at shutdown"
+                    );
                 }
                 return;
             }
-            Err(error) => tracing::warn!(%error, buffered = buffer.len(), "event publisher lost the broker; reconnecting"),
+            Err(error) => {
+                tracing::warn!(%error, buffered = buffer.len(), "event publisher lost the broker; reconnecting")
+            }
         }
         tokio::select! {
             () = give_up.cancelled() => return,

@@ -19,13 +19,26 @@ pub enum GitError {
     #[error("git: {0}")]
     Git(#[from] git2::Error),
     #[error("git cache {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot lock the git cache {path}: {source}")]
     Lock { path: PathBuf, source: nix::Error },
-    #[error("commit {sha} is not in {url}: it is neither reachable from `{fetch_ref}` nor fetchable by id")]
-    CommitNotFound { sha: String, url: String, fetch_ref: String },
+    #[error(
+        "commit {sha} is not in {url}: it is neither reachable from `{fetch_ref}` nor fetchable by id"
+    )]
+    CommitNotFound {
+        sha: String,
+        url: String,
+        fetch_ref: String,
+    },
     #[error("could not fetch `{fetch_ref}` from {url}: {source}")]
-    Fetch { fetch_ref: String, url: String, source: git2::Error },
+    Fetch {
+        fetch_ref: String,
+        url: String,
+        source: git2::Error,
+    },
     #[error("the repository holds an entry git cannot name safely: {0:?}")]
     UnsafePath(String),
 }
@@ -36,7 +49,10 @@ pub struct GitCache {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
-    move |source| GitError::Io { path: path.to_owned(), source }
+    move |source| GitError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl GitCache {
@@ -51,7 +67,9 @@ impl GitCache {
     fn fetch_options(&self) -> FetchOptions<'_> {
         let mut callbacks = RemoteCallbacks::new();
         if let Some(token) = &self.https_token {
-            callbacks.credentials(move |_url, _user, _allowed| Cred::userpass_plaintext("x-access-token", token));
+            callbacks.credentials(move |_url, _user, _allowed| {
+                Cred::userpass_plaintext("x-access-token", token)
+            });
         }
         let mut options = FetchOptions::new();
         options.remote_callbacks(callbacks);
@@ -60,13 +78,22 @@ impl GitCache {
 
     /// Makes sure the target commit is in the cache and returns its SHA. Holds an exclusive
     /// lock on the repository's cache meanwhile (agents on one VM may share the cache).
-    pub fn prepare(&self, repository: &RepoName, clone_url: &str, target: &GitTarget) -> Result<Sha, GitError> {
+    pub fn prepare(
+        &self,
+        repository: &RepoName,
+        clone_url: &str,
+        target: &GitTarget,
+    ) -> Result<Sha, GitError> {
         std::fs::create_dir_all(&self.root).map_err(io_error(&self.root))?;
         let bare = self.bare_path(repository);
         let lock_path = bare.with_extension("lock");
         let lock_file = File::create(&lock_path).map_err(io_error(&lock_path))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, source)| GitError::Lock { path: lock_path.clone(), source })?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, source)| {
+            GitError::Lock {
+                path: lock_path.clone(),
+                source,
+            }
+        })?;
         let repo = match Repository::open_bare(&bare) {
             Ok(repo) => repo,
             Err(_) => Repository::init_bare(&bare)?,
@@ -77,12 +104,23 @@ impl GitCache {
                 return Ok(sha.clone());
             }
         }
-        let local_ref = format!("refs/slimci/{}", target.fetch_ref.trim_start_matches("refs/"));
+        let local_ref = format!(
+            "refs/slimci/{}",
+            target.fetch_ref.trim_start_matches("refs/")
+        );
         let mut remote = repo.remote_anonymous(clone_url)?;
-        let fetched = remote.fetch(&[format!("+{}:{local_ref}", target.fetch_ref)], Some(&mut self.fetch_options()), None);
+        let fetched = remote.fetch(
+            &[format!("+{}:{local_ref}", target.fetch_ref)],
+            Some(&mut self.fetch_options()),
+            None,
+        );
         match (&target.sha, fetched) {
             (None, Err(source)) => {
-                return Err(GitError::Fetch { fetch_ref: target.fetch_ref.clone(), url: clone_url.to_owned(), source });
+                return Err(GitError::Fetch {
+                    fetch_ref: target.fetch_ref.clone(),
+                    url: clone_url.to_owned(),
+                    source,
+                });
             }
             (None, Ok(())) => {
                 let oid = repo.refname_to_id(&local_ref)?;
@@ -96,7 +134,11 @@ impl GitCache {
                 if repo.find_commit(oid).is_ok() {
                     return Ok(sha.clone());
                 }
-                let by_id = remote.fetch(&[format!("+{sha}:refs/slimci/commits/{sha}")], Some(&mut self.fetch_options()), None);
+                let by_id = remote.fetch(
+                    &[format!("+{sha}:refs/slimci/commits/{sha}")],
+                    Some(&mut self.fetch_options()),
+                    None,
+                );
                 if by_id.is_ok() && repo.find_commit(oid).is_ok() {
                     return Ok(sha.clone());
                 }
@@ -110,7 +152,12 @@ impl GitCache {
     }
 
     /// Writes the tree of `sha` into `destination` (which must not exist yet).
-    pub fn checkout(&self, repository: &RepoName, sha: &Sha, destination: &Path) -> Result<usize, GitError> {
+    pub fn checkout(
+        &self,
+        repository: &RepoName,
+        sha: &Sha,
+        destination: &Path,
+    ) -> Result<usize, GitError> {
         let repo = Repository::open_bare(self.bare_path(repository))?;
         let commit = repo.find_commit(Oid::from_str(sha.as_str())?)?;
         std::fs::create_dir_all(destination).map_err(io_error(destination))?;
@@ -118,11 +165,17 @@ impl GitCache {
     }
 }
 
-fn write_tree(repo: &Repository, tree: &git2::Tree<'_>, directory: &Path) -> Result<usize, GitError> {
+fn write_tree(
+    repo: &Repository,
+    tree: &git2::Tree<'_>,
+    directory: &Path,
+) -> Result<usize, GitError> {
     use std::os::unix::fs::PermissionsExt;
     let mut files = 0;
     for entry in tree.iter() {
-        let name = entry.name().ok_or_else(|| GitError::UnsafePath(String::from_utf8_lossy(entry.name_bytes()).into_owned()))?;
+        let name = entry.name().ok_or_else(|| {
+            GitError::UnsafePath(String::from_utf8_lossy(entry.name_bytes()).into_owned())
+        })?;
         if name.is_empty() || name == "." || name == ".." || name.contains('/') || name == ".git" {
             return Err(GitError::UnsafePath(name.to_owned()));
         }
@@ -141,7 +194,8 @@ fn write_tree(repo: &Repository, tree: &git2::Tree<'_>, directory: &Path) -> Res
                 } else {
                     std::fs::write(&path, blob.content()).map_err(io_error(&path))?;
                     if entry.filemode() == 0o100755 {
-                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io_error(&path))?;
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                            .map_err(io_error(&path))?;
                     }
                 }
                 files += 1;
@@ -168,7 +222,11 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "t@example.com")
             .output()
             .unwrap();
-        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     }
 
@@ -196,12 +254,20 @@ mod tests {
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = GitCache::new(cache_dir.path().to_owned(), None);
         let repo = RepoName::parse("shop").unwrap();
-        let target = GitTarget { sha: Some(Sha::parse(&pr_sha).unwrap()), fetch_ref: "refs/pull/3/head".into() };
-        let sha = cache.prepare(&repo, origin.path().to_str().unwrap(), &target).unwrap();
+        let target = GitTarget {
+            sha: Some(Sha::parse(&pr_sha).unwrap()),
+            fetch_ref: "refs/pull/3/head".into(),
+        };
+        let sha = cache
+            .prepare(&repo, origin.path().to_str().unwrap(), &target)
+            .unwrap();
         let checkout = tempfile::tempdir().unwrap();
         let destination = checkout.path().join("src");
         assert_eq!(cache.checkout(&repo, &sha, &destination).unwrap(), 1);
-        assert_eq!(std::fs::read_to_string(destination.join("models/a.sql")).unwrap(), "select 2");
+        assert_eq!(
+            std::fs::read_to_string(destination.join("models/a.sql")).unwrap(),
+            "select 2"
+        );
         assert!(!destination.join(".git").exists());
         // Once cached, the origin is not needed any more.
         drop(origin);
@@ -214,8 +280,13 @@ mod tests {
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = GitCache::new(cache_dir.path().to_owned(), None);
         let repo = RepoName::parse("shop").unwrap();
-        let target = GitTarget { sha: None, fetch_ref: "refs/heads/main".into() };
-        let sha = cache.prepare(&repo, origin.path().to_str().unwrap(), &target).unwrap();
+        let target = GitTarget {
+            sha: None,
+            fetch_ref: "refs/heads/main".into(),
+        };
+        let sha = cache
+            .prepare(&repo, origin.path().to_str().unwrap(), &target)
+            .unwrap();
         assert_eq!(sha.as_str(), main_sha);
     }
 
@@ -225,8 +296,13 @@ mod tests {
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = GitCache::new(cache_dir.path().to_owned(), None);
         let repo = RepoName::parse("shop").unwrap();
-        let target = GitTarget { sha: Some(Sha::parse(&"e".repeat(40)).unwrap()), fetch_ref: "refs/pull/9/head".into() };
-        let error = cache.prepare(&repo, origin.path().to_str().unwrap(), &target).unwrap_err();
+        let target = GitTarget {
+            sha: Some(Sha::parse(&"e".repeat(40)).unwrap()),
+            fetch_ref: "refs/pull/9/head".into(),
+        };
+        let error = cache
+            .prepare(&repo, origin.path().to_str().unwrap(), &target)
+            .unwrap_err();
         assert!(matches!(error, GitError::CommitNotFound { .. }), "{error}");
     }
 }

@@ -47,7 +47,10 @@ struct Stop {
 
 impl Stop {
     fn error(message: impl Into<String>) -> Stop {
-        Stop { result: RunResult::Error, message: message.into() }
+        Stop {
+            result: RunResult::Error,
+            message: message.into(),
+        }
     }
 }
 
@@ -62,7 +65,13 @@ struct LogSender<'a> {
 
 impl<'a> LogSender<'a> {
     fn new(reporter: &'a Reporter) -> Self {
-        LogSender { reporter, pending: Vec::new(), next_line: 0, bytes: 0, truncated: false }
+        LogSender {
+            reporter,
+            pending: Vec::new(),
+            next_line: 0,
+            bytes: 0,
+            truncated: false,
+        }
     }
 
     fn line(&mut self, text: String) {
@@ -72,7 +81,10 @@ impl<'a> LogSender<'a> {
         self.bytes += text.len() as u64 + 1;
         if self.bytes > MAX_FORWARDED_LOG_BYTES {
             self.truncated = true;
-            self.pending.push("[slimci] the build printed more log than the agent forwards; the rest is dropped".to_owned());
+            self.pending.push(
+                "[slimci] the build printed more log than the agent forwards; the rest is dropped"
+                    .to_owned(),
+            );
         } else {
             self.pending.push(text);
         }
@@ -109,8 +121,17 @@ struct Attempt<'a> {
 
 /// Runs the job and returns how it ended. Never panics on bad input; every failure becomes an
 /// outcome with a message.
-pub async fn execute(services: &Services, job: &Job, reporter: &Reporter, cancel: &CancellationToken) -> Outcome {
-    let run_dir = services.config.work_dir.join("runs").join(format!("{}-{}", job.run_id, job.attempt));
+pub async fn execute(
+    services: &Services,
+    job: &Job,
+    reporter: &Reporter,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let run_dir = services
+        .config
+        .work_dir
+        .join("runs")
+        .join(format!("{}-{}", job.run_id, job.attempt));
     let mut attempt = Attempt {
         services,
         job,
@@ -124,7 +145,12 @@ pub async fn execute(services: &Services, job: &Job, reporter: &Reporter, cancel
         Ok(outcome) => outcome,
         Err(stop) => {
             attempt.log.slimci(&stop.message);
-            Outcome { result: stop.result, message: Some(stop.message), dbt_exit_code: None, nodes: Vec::new() }
+            Outcome {
+                result: stop.result,
+                message: Some(stop.message),
+                dbt_exit_code: None,
+                nodes: Vec::new(),
+            }
         }
     };
     attempt.log.flush();
@@ -154,14 +180,20 @@ struct RunResultEntry {
 
 /// Every node's outcome from dbt's `run_results.json`.
 pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, String> {
-    let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let results: RunResults =
-        serde_json::from_slice(&bytes).map_err(|error| format!("{} is not dbt run results: {error}", path.display()))?;
+    let bytes =
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let results: RunResults = serde_json::from_slice(&bytes)
+        .map_err(|error| format!("{} is not dbt run results: {error}", path.display()))?;
     Ok(results
         .results
         .into_iter()
         .map(|entry| NodeResult {
-            resource_type: entry.unique_id.split('.').next().unwrap_or_default().to_owned(),
+            resource_type: entry
+                .unique_id
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             unique_id: entry.unique_id,
             status: entry.status,
             execution_time_s: entry.execution_time,
@@ -173,14 +205,17 @@ pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, String> {
 }
 
 fn profile_name(project_file: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(project_file).map_err(|error| format!("cannot read dbt_project.yml: {error}"))?;
-    let project: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|error| format!("dbt_project.yml is not valid YAML: {error}"))?;
+    let text = std::fs::read_to_string(project_file)
+        .map_err(|error| format!("cannot read dbt_project.yml: {error}"))?;
+    let project: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|error| format!("dbt_project.yml is not valid YAML: {error}"))?;
     project
         .get("profile")
         .and_then(serde_yaml::Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| "dbt_project.yml names no `profile`; slimci writes that profile for each run".to_owned())
+        .ok_or_else(|| {
+            "dbt_project.yml names no `profile`; slimci writes that profile for each run".to_owned()
+        })
 }
 
 impl Attempt<'_> {
@@ -195,7 +230,10 @@ impl Attempt<'_> {
 
     fn check_cancelled(&self) -> Result<(), Stop> {
         if self.cancel.is_cancelled() {
-            return Err(Stop { result: RunResult::Cancelled, message: "cancelled".to_owned() });
+            return Err(Stop {
+                result: RunResult::Cancelled,
+                message: "cancelled".to_owned(),
+            });
         }
         if Instant::now() >= self.deadline {
             return Err(Stop {
@@ -210,7 +248,9 @@ impl Attempt<'_> {
         let job = self.job;
         for directory in ["home", "tmp", "profiles", "target", "logs"] {
             let path = self.run_dir.join(directory);
-            std::fs::create_dir_all(&path).map_err(|error| Stop::error(format!("cannot create {}: {error}", path.display())))?;
+            std::fs::create_dir_all(&path).map_err(|error| {
+                Stop::error(format!("cannot create {}: {error}", path.display()))
+            })?;
         }
 
         // Checkout.
@@ -250,7 +290,12 @@ impl Attempt<'_> {
         // Build.
         self.phase_started(Phase::Build);
         let built = self.build(&project, state_dir.as_deref()).await;
-        self.phase_finished(Phase::Build, built.as_ref().is_ok_and(|(result, _)| *result == RunResult::Success));
+        self.phase_finished(
+            Phase::Build,
+            built
+                .as_ref()
+                .is_ok_and(|(result, _)| *result == RunResult::Success),
+        );
         let (result, dbt_exit_code) = match built {
             Ok(built) => built,
             Err(stop) => {
@@ -263,17 +308,27 @@ impl Attempt<'_> {
         self.phase_started(Phase::Upload);
         let uploaded = self.upload().await;
         self.phase_finished(Phase::Upload, uploaded.is_ok());
-        let nodes = read_run_results(&self.run_dir.join("target").join("run_results.json")).unwrap_or_else(|error| {
-            self.log.slimci(format!("no node results: {error}"));
-            Vec::new()
-        });
-        let mut outcome = Outcome { result, message: None, dbt_exit_code, nodes };
+        let nodes = read_run_results(&self.run_dir.join("target").join("run_results.json"))
+            .unwrap_or_else(|error| {
+                self.log.slimci(format!("no node results: {error}"));
+                Vec::new()
+            });
+        let mut outcome = Outcome {
+            result,
+            message: None,
+            dbt_exit_code,
+            nodes,
+        };
         match (&target, result, uploaded) {
             (Target::Deploy { .. }, RunResult::Success, Ok(())) => {
                 self.services
                     .warehouse
                     .publish_deploy(&job.repository, job.run_id)
-                    .map_err(|error| Stop::error(format!("the build succeeded but could not be made live: {error}")))?;
+                    .map_err(|error| {
+                        Stop::error(format!(
+                            "the build succeeded but could not be made live: {error}"
+                        ))
+                    })?;
                 self.log.slimci("production database swapped in");
             }
             (_, _, Err(stop)) => {
@@ -285,14 +340,19 @@ impl Attempt<'_> {
         outcome.message = match result {
             RunResult::Success => None,
             RunResult::Failed => Some(failure_summary(&outcome.nodes)),
-            _ => Some(format!("dbt exited with code {}", dbt_exit_code.unwrap_or(-1))),
+            _ => Some(format!(
+                "dbt exited with code {}",
+                dbt_exit_code.unwrap_or(-1)
+            )),
         };
         Ok(outcome)
     }
 
     fn discard(&self, target: &Target) {
         if matches!(target, Target::Deploy { .. }) {
-            self.services.warehouse.discard_deploy(&self.job.repository, self.job.run_id);
+            self.services
+                .warehouse
+                .discard_deploy(&self.job.repository, self.job.run_id);
         }
     }
 
@@ -309,7 +369,8 @@ impl Attempt<'_> {
         })
         .await
         .map_err(|error| Stop::error(format!("checkout task failed: {error}")))?;
-        let (sha, files) = checked_out.map_err(|error| Stop::error(format!("checkout failed: {error}")))?;
+        let (sha, files) =
+            checked_out.map_err(|error| Stop::error(format!("checkout failed: {error}")))?;
         self.reporter.send(EventBody::Started { sha: sha.clone() });
         self.log.slimci(format_args!(
             "checked out {} of {} ({files} files) in {:.2} s",
@@ -319,8 +380,15 @@ impl Attempt<'_> {
         ));
         let project = source.join(&self.job.project_dir);
         if !project.join("dbt_project.yml").is_file() {
-            let location = if self.job.project_dir.is_empty() { "the repository root".to_owned() } else { format!("`{}`", self.job.project_dir) };
-            return Err(Stop::error(format!("commit {} has no dbt_project.yml in {location}", sha.short())));
+            let location = if self.job.project_dir.is_empty() {
+                "the repository root".to_owned()
+            } else {
+                format!("`{}`", self.job.project_dir)
+            };
+            return Err(Stop::error(format!(
+                "commit {} has no dbt_project.yml in {location}",
+                sha.short()
+            )));
         }
         Ok(project)
     }
@@ -332,7 +400,11 @@ impl Attempt<'_> {
         let (directory, cached) = self
             .services
             .states
-            .get(&self.services.http, &self.services.secrets.coordinator_token, state)
+            .get(
+                &self.services.http,
+                &self.services.secrets.coordinator_token,
+                state,
+            )
             .await
             .map_err(|error| Stop::error(error.to_string()))?;
         self.log.slimci(format_args!(
@@ -351,8 +423,16 @@ impl Attempt<'_> {
         let target = match self.job.kind {
             RunKind::Deploy => warehouse.begin_deploy(&self.job.repository, self.job.run_id),
             RunKind::Ci => {
-                let isolation = self.job.isolation.as_ref().ok_or_else(|| Stop::error("a CI job without a PR isolation name"))?;
-                let state = self.job.production_state.as_ref().ok_or_else(|| Stop::error("a CI job without production state"))?;
+                let isolation = self
+                    .job
+                    .isolation
+                    .as_ref()
+                    .ok_or_else(|| Stop::error("a CI job without a PR isolation name"))?;
+                let state = self
+                    .job
+                    .production_state
+                    .as_ref()
+                    .ok_or_else(|| Stop::error("a CI job without production state"))?;
                 warehouse.ci_target(&self.job.repository, isolation, state.deploy_run_id)
             }
         }
@@ -361,17 +441,32 @@ impl Attempt<'_> {
         std::fs::write(&path, warehouse.profile_yaml(&name, &target))
             .map_err(|error| Stop::error(format!("cannot write {}: {error}", path.display())))?;
         match &target {
-            Target::Deploy { database } => self.log.slimci(format_args!("building production into a copy at {}", database.display())),
-            Target::Ci { database, .. } => self.log.slimci(format_args!("building into the PR's own database {}", database.display())),
+            Target::Deploy { database } => self.log.slimci(format_args!(
+                "building production into a copy at {}",
+                database.display()
+            )),
+            Target::Ci { database, .. } => self.log.slimci(format_args!(
+                "building into the PR's own database {}",
+                database.display()
+            )),
         }
         Ok(target)
     }
 
     fn dbt_env(&self) -> Vec<(String, String)> {
         let run = |name: &str| self.run_dir.join(name).display().to_string();
-        let dbt_bin = self.services.config.dbt.parent().map(|dir| format!("{}:", dir.display())).unwrap_or_default();
+        let dbt_bin = self
+            .services
+            .config
+            .dbt
+            .parent()
+            .map(|dir| format!("{}:", dir.display()))
+            .unwrap_or_default();
         vec![
-            ("PATH".into(), format!("{dbt_bin}/usr/local/bin:/usr/bin:/bin")),
+            (
+                "PATH".into(),
+                format!("{dbt_bin}/usr/local/bin:/usr/bin:/bin"),
+            ),
             ("HOME".into(), run("home")),
             ("TMPDIR".into(), run("tmp")),
             ("LANG".into(), "C.UTF-8".into()),
@@ -425,7 +520,10 @@ impl Attempt<'_> {
         }
         self.log.flush();
         if progress_dirty {
-            self.reporter.send(EventBody::Progress { done: progress.done, total: progress.total });
+            self.reporter.send(EventBody::Progress {
+                done: progress.done,
+                total: progress.total,
+            });
         }
         running
             .await
@@ -435,26 +533,46 @@ impl Attempt<'_> {
 
     fn stop_for(&self, exit: Exit, what: &str) -> Stop {
         match exit {
-            Exit::TimedOut => Stop { result: RunResult::TimedOut, message: format!("exceeded the run timeout of {} s during {what}", self.job.timeout_secs) },
-            Exit::Cancelled => Stop { result: RunResult::Cancelled, message: format!("cancelled during {what}") },
+            Exit::TimedOut => Stop {
+                result: RunResult::TimedOut,
+                message: format!(
+                    "exceeded the run timeout of {} s during {what}",
+                    self.job.timeout_secs
+                ),
+            },
+            Exit::Cancelled => Stop {
+                result: RunResult::Cancelled,
+                message: format!("cancelled during {what}"),
+            },
             Exit::Signal(signal) => Stop::error(format!("{what} was killed by signal {signal}")),
             Exit::Code(code) => Stop::error(format!("{what} failed with exit code {code}")),
         }
     }
 
     async fn deps(&mut self, project: &Path) -> Result<(), Stop> {
-        let exit = self.dbt(project, vec!["deps".into(), "--log-format".into(), "json".into()]).await?;
+        let exit = self
+            .dbt(
+                project,
+                vec!["deps".into(), "--log-format".into(), "json".into()],
+            )
+            .await?;
         match exit {
             Exit::Code(0) => Ok(()),
             other => Err(self.stop_for(other, "dbt deps")),
         }
     }
 
-    async fn build(&mut self, project: &Path, state_dir: Option<&Path>) -> Result<(RunResult, Option<i32>), Stop> {
+    async fn build(
+        &mut self,
+        project: &Path,
+        state_dir: Option<&Path>,
+    ) -> Result<(RunResult, Option<i32>), Stop> {
         let mut args: Vec<String> = vec!["build".into()];
         match state_dir {
             Some(state) => {
-                args.extend(["--select", "state:modified+", "--defer", "--state"].map(String::from));
+                args.extend(
+                    ["--select", "state:modified+", "--defer", "--state"].map(String::from),
+                );
                 args.push(state.display().to_string());
                 args.extend(["--target".into(), "ci".into()]);
             }
@@ -476,7 +594,11 @@ impl Attempt<'_> {
             let Ok(bytes) = tokio::fs::read(&path).await else {
                 continue;
             };
-            let url = format!("{}/api/v1/runs/{}/artifacts/{name}", self.services.config.coordinator.url.trim_end_matches('/'), self.job.run_id);
+            let url = format!(
+                "{}/api/v1/runs/{}/artifacts/{name}",
+                self.services.config.coordinator.url.trim_end_matches('/'),
+                self.job.run_id
+            );
             let response = self
                 .services
                 .http
@@ -489,7 +611,9 @@ impl Attempt<'_> {
             if !response.status().is_success() {
                 let status = response.status();
                 let body = response.text().await.unwrap_or_default();
-                return Err(Stop::error(format!("uploading {name} failed: HTTP {status}: {body}")));
+                return Err(Stop::error(format!(
+                    "uploading {name} failed: HTTP {status}: {body}"
+                )));
             }
         }
         Ok(())
@@ -509,12 +633,25 @@ fn failure_summary(nodes: &[NodeResult]) -> String {
         .iter()
         .take(5)
         .map(|node| match &node.message {
-            Some(message) => format!("{} ({})", node.unique_id, message.lines().next().unwrap_or_default()),
+            Some(message) => format!(
+                "{} ({})",
+                node.unique_id,
+                message.lines().next().unwrap_or_default()
+            ),
             None => node.unique_id.clone(),
         })
         .collect();
-    let more = if failed.len() > 5 { format!(", and {} more", failed.len() - 5) } else { String::new() };
-    format!("{} of {} nodes failed: {}{more}", failed.len(), nodes.len(), names.join(", "))
+    let more = if failed.len() > 5 {
+        format!(", and {} more", failed.len() - 5)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} of {} nodes failed: {}{more}",
+        failed.len(),
+        nodes.len(),
+        names.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -535,7 +672,10 @@ mod tests {
         .unwrap();
         let nodes = read_run_results(&path).unwrap();
         assert_eq!(nodes[0].resource_type, "model");
-        assert_eq!(nodes[0].relation.as_deref(), Some("\"pr_shop_1\".\"main\".\"stg_orders\""));
+        assert_eq!(
+            nodes[0].relation.as_deref(),
+            Some("\"pr_shop_1\".\"main\".\"stg_orders\"")
+        );
         assert_eq!(nodes[1].failures, Some(5));
         assert_eq!(
             failure_summary(&nodes),
@@ -550,6 +690,10 @@ mod tests {
         std::fs::write(&path, "name: shop\nprofile: shop_profile\n").unwrap();
         assert_eq!(profile_name(&path).unwrap(), "shop_profile");
         std::fs::write(&path, "name: shop\n").unwrap();
-        assert!(profile_name(&path).unwrap_err().contains("names no `profile`"));
+        assert!(
+            profile_name(&path)
+                .unwrap_err()
+                .contains("names no `profile`")
+        );
     }
 }

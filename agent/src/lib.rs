@@ -20,12 +20,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use slimci_broker::{BrokerError, ConfirmedPublisher};
-use slimci_proto::{ClaimRequest, ClaimResponse, ControlMessage, EventBody, Job, RunId, ToAgentMessage, Topology};
+use slimci_proto::{
+    ClaimRequest, ClaimResponse, ControlMessage, EventBody, Job, RunId, ToAgentMessage, Topology,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,7 +40,10 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot create {path}: {source}")]
-    WorkDir { path: std::path::PathBuf, source: std::io::Error },
+    WorkDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
 }
@@ -65,14 +70,27 @@ struct Worker {
 /// Runs the agent until `shutdown.drain` fires and the running jobs are done.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     let secrets = config.secrets()?;
-    std::fs::create_dir_all(&config.work_dir)
-        .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
-    let WarehouseConfig::Duckdb { root, threads, keep_deploys } = config.warehouse.clone();
-    std::fs::create_dir_all(&root).map_err(|source| AgentError::WorkDir { path: root.clone(), source })?;
+    std::fs::create_dir_all(&config.work_dir).map_err(|source| AgentError::WorkDir {
+        path: config.work_dir.clone(),
+        source,
+    })?;
+    let WarehouseConfig::Duckdb {
+        root,
+        threads,
+        keep_deploys,
+    } = config.warehouse.clone();
+    std::fs::create_dir_all(&root).map_err(|source| AgentError::WorkDir {
+        path: root.clone(),
+        source,
+    })?;
     let topology = Topology::new(&config.amqp.prefix);
     let events_give_up = CancellationToken::new();
-    let (events, events_task) =
-        events::start(config.name.clone(), secrets.amqp_url.clone(), topology.clone(), events_give_up.clone());
+    let (events, events_task) = events::start(
+        config.name.clone(),
+        secrets.amqp_url.clone(),
+        topology.clone(),
+        events_give_up.clone(),
+    );
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .user_agent(concat!("slimci-agent/", env!("CARGO_PKG_VERSION")))
@@ -80,9 +98,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let worker = Arc::new(Worker {
         services: Services {
-            git: Arc::new(git::GitCache::new(config.work_dir.join("git"), secrets.git_https_token.clone())),
+            git: Arc::new(git::GitCache::new(
+                config.work_dir.join("git"),
+                secrets.git_https_token.clone(),
+            )),
             states: state::StateCache::new(config.work_dir.join("state")),
-            warehouse: Arc::new(warehouse::DuckDbWarehouse { root, threads, keep_deploys }),
+            warehouse: Arc::new(warehouse::DuckDbWarehouse {
+                root,
+                threads,
+                keep_deploys,
+            }),
             config: config.clone(),
             secrets: secrets.clone(),
             http,
@@ -95,10 +120,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     tracing::info!(agent = %config.name, slots = config.slots, "agent starting");
 
     let jobs = TaskTracker::new();
-    let control = tokio::spawn(control_loop(worker.clone(), secrets.amqp_url.clone(), shutdown.drain.clone()));
+    let control = tokio::spawn(control_loop(
+        worker.clone(),
+        secrets.amqp_url.clone(),
+        shutdown.drain.clone(),
+    ));
     consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
     jobs.close();
-    tracing::info!(running = jobs.len(), "no longer taking jobs; waiting for running ones");
+    tracing::info!(
+        running = jobs.len(),
+        "no longer taking jobs; waiting for running ones"
+    );
     jobs.wait().await;
     control.abort();
     drop(worker);
@@ -119,7 +151,12 @@ async fn backoff(delay: &mut Duration, stop: &CancellationToken) -> bool {
     true
 }
 
-async fn consume_loop(worker: &Arc<Worker>, amqp_url: &str, jobs: &TaskTracker, drain: &CancellationToken) {
+async fn consume_loop(
+    worker: &Arc<Worker>,
+    amqp_url: &str,
+    jobs: &TaskTracker,
+    drain: &CancellationToken,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match consume_session(worker, amqp_url, jobs, drain).await {
@@ -139,11 +176,18 @@ async fn consume_session(
     drain: &CancellationToken,
 ) -> Result<(), BrokerError> {
     let config = &worker.services.config;
-    let connection = slimci_broker::connect(amqp_url, &format!("slimci-agent {} jobs", config.name), drain).await?;
+    let connection = slimci_broker::connect(
+        amqp_url,
+        &format!("slimci-agent {} jobs", config.name),
+        drain,
+    )
+    .await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     slimci_broker::declare_topology(publisher.channel(), &worker.topology).await?;
     let channel = connection.create_channel().await?;
-    channel.basic_qos(config.slots, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(config.slots, BasicQosOptions::default())
+        .await?;
     let tag = format!("slimci-agent-{}", config.name);
     let mut consumer = channel
         .basic_consume(
@@ -173,8 +217,14 @@ async fn consume_session(
             Err(error) => {
                 let reason = format!("agent {} refused a job message: {error}", config.name);
                 tracing::warn!(%reason, "dead-lettering job message");
-                slimci_broker::dead_letter(&publisher, &worker.topology, &worker.topology.jobs_dead_queue(), &delivery, &reason)
-                    .await?;
+                slimci_broker::dead_letter(
+                    &publisher,
+                    &worker.topology,
+                    &worker.topology.jobs_dead_queue(),
+                    &delivery,
+                    &reason,
+                )
+                .await?;
                 continue;
             }
         };
@@ -201,8 +251,15 @@ enum Settle {
 impl Worker {
     async fn claim(&self, job: &Job) -> Result<ClaimResponse, String> {
         let config = &self.services.config;
-        let request = ClaimRequest { run_id: job.run_id, attempt: job.attempt, agent: config.name.clone() };
-        let url = format!("{}/api/v1/agent/claim", config.coordinator.url.trim_end_matches('/'));
+        let request = ClaimRequest {
+            run_id: job.run_id,
+            attempt: job.attempt,
+            agent: config.name.clone(),
+        };
+        let url = format!(
+            "{}/api/v1/agent/claim",
+            config.coordinator.url.trim_end_matches('/')
+        );
         let response = self
             .services
             .http
@@ -215,9 +272,16 @@ impl Worker {
             .await
             .map_err(|error| error.to_string())?;
         if !response.status().is_success() {
-            return Err(format!("HTTP {}: {}", response.status(), response.text().await.unwrap_or_default()));
+            return Err(format!(
+                "HTTP {}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ));
         }
-        response.json::<ClaimResponse>().await.map_err(|error| error.to_string())
+        response
+            .json::<ClaimResponse>()
+            .await
+            .map_err(|error| error.to_string())
     }
 
     async fn take_job(&self, job: Job) -> Settle {
@@ -235,10 +299,16 @@ impl Worker {
         }
         tracing::info!(run = %job.run_id, attempt = %job.attempt, kind = job.kind.as_str(), repository = %job.repository, "building");
         let cancel = self.abort.child_token();
-        self.running.lock().expect("running lock").insert(job.run_id, cancel.clone());
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(job.run_id, cancel.clone());
         let reporter = self.events.reporter(job.run_id, job.attempt);
         let outcome = job::execute(&self.services, &job, &reporter, &cancel).await;
-        self.running.lock().expect("running lock").remove(&job.run_id);
+        self.running
+            .lock()
+            .expect("running lock")
+            .remove(&job.run_id);
         tracing::info!(run = %job.run_id, result = ?outcome.result, "finished");
         reporter.send_confirmed(EventBody::Finished(outcome)).await;
         Settle::Ack
@@ -259,15 +329,24 @@ async fn control_loop(worker: Arc<Worker>, amqp_url: String, stop: CancellationT
     }
 }
 
-async fn control_session(worker: &Worker, amqp_url: &str, stop: &CancellationToken) -> Result<(), BrokerError> {
+async fn control_session(
+    worker: &Worker,
+    amqp_url: &str,
+    stop: &CancellationToken,
+) -> Result<(), BrokerError> {
     let name = &worker.services.config.name;
-    let connection = slimci_broker::connect(amqp_url, &format!("slimci-agent {name} control"), stop).await?;
+    let connection =
+        slimci_broker::connect(amqp_url, &format!("slimci-agent {name} control"), stop).await?;
     let channel = connection.create_channel().await?;
     slimci_broker::declare_topology(&channel, &worker.topology).await?;
     let queue = channel
         .queue_declare(
             "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -284,7 +363,10 @@ async fn control_session(worker: &Worker, amqp_url: &str, stop: &CancellationTok
         .basic_consume(
             queue.name().clone(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;

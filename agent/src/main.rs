@@ -8,7 +8,12 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "SLIMCI_AGENT_CONFIG", default_value = "/etc/slimci/agent.toml")]
+    #[arg(
+        long,
+        short,
+        env = "SLIMCI_AGENT_CONFIG",
+        default_value = "/etc/slimci/agent.toml"
+    )]
     config: PathBuf,
 }
 
@@ -16,14 +21,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
         )
         .init();
     let args = Args::parse();
     let config = slimci_agent::config::Config::load(&args.config)?;
     let shutdown = slimci_agent::Shutdown::default();
     tokio::spawn(stop_on_signals(shutdown.clone()));
-    slimci_agent::run(config, shutdown).await.context("agent stopped")
+    slimci_agent::run(config, shutdown)
+        .await
+        .context("agent stopped")
 }
 
 /// First SIGTERM or SIGINT: finish running jobs, take no new ones. Second: cancel them.
@@ -35,7 +43,9 @@ async fn stop_on_signals(shutdown: slimci_agent::Shutdown) {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
-    tracing::info!("draining: finishing running jobs, taking no new ones (signal again to cancel them)");
+    tracing::info!(
+        "draining: finishing running jobs, taking no new ones (signal again to cancel them)"
+    );
     shutdown.drain.cancel();
     tokio::select! {
         _ = terminate.recv() => {}

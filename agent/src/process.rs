@@ -41,7 +41,10 @@ pub enum Exit {
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("waiting for the build process: {0}")]
     Wait(#[source] std::io::Error),
 }
@@ -85,7 +88,9 @@ async fn forward_lines<R: AsyncRead + Unpin>(reader: R, lines: mpsc::Sender<Stri
         }
         let mut line = String::from_utf8_lossy(&buffer).into_owned();
         if dropped > 0 {
-            line.push_str(&format!(" [slimci: {dropped} more bytes of this line dropped]"));
+            line.push_str(&format!(
+                " [slimci: {dropped} more bytes of this line dropped]"
+            ));
         }
         if lines.send(line).await.is_err() || ended {
             return;
@@ -110,7 +115,12 @@ pub async fn run(
         .args(&invocation.args)
         .current_dir(&invocation.cwd)
         .env_clear()
-        .envs(invocation.env.iter().map(|(key, value)| (key.as_str(), value.as_str())))
+        .envs(
+            invocation
+                .env
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,7 +158,10 @@ pub async fn run(
     signal_group(pgid, Signal::SIGTERM);
     let graceful = tokio::time::timeout(invocation.grace, child.wait()).await;
     if graceful.is_err() {
-        tracing::info!(pgid, "build did not stop within the grace period; killing its process group");
+        tracing::info!(
+            pgid,
+            "build did not stop within the grace period; killing its process group"
+        );
     }
     signal_group(pgid, Signal::SIGKILL);
     child.wait().await.map_err(ProcessError::Wait)?;
@@ -161,7 +174,10 @@ pub async fn run(
 async fn finish_readers(readers: [tokio::task::JoinHandle<()>; 2]) {
     for reader in readers {
         let abort = reader.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
@@ -194,7 +210,11 @@ mod tests {
 
     #[tokio::test]
     async fn exit_codes_and_output_come_back() {
-        let (exit, lines) = collect(shell("echo one; echo two >&2; exit 3", Duration::from_secs(10)), &CancellationToken::new()).await;
+        let (exit, lines) = collect(
+            shell("echo one; echo two >&2; exit 3", Duration::from_secs(10)),
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(exit, Exit::Code(3));
         let mut sorted = lines.clone();
         sorted.sort();
@@ -204,16 +224,37 @@ mod tests {
     #[tokio::test]
     async fn the_environment_is_only_what_was_passed() {
         // SAFETY-free: the test reads the child's view, not ours.
-        let (_, lines) = collect(shell("env", Duration::from_secs(10)), &CancellationToken::new()).await;
-        assert!(lines.iter().all(|line| line.starts_with("PATH=") || line.starts_with("PWD=") || line.starts_with("SHLVL=") || line.starts_with("_=")), "{lines:?}");
+        let (_, lines) = collect(
+            shell("env", Duration::from_secs(10)),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            lines.iter().all(|line| line.starts_with("PATH=")
+                || line.starts_with("PWD=")
+                || line.starts_with("SHLVL=")
+                || line.starts_with("_=")),
+            "{lines:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_timeout_kills_the_whole_group() {
         let started = std::time::Instant::now();
-        let (exit, _) = collect(shell("trap '' TERM; sleep 30 & sleep 30; wait", Duration::from_millis(300)), &CancellationToken::new()).await;
+        let (exit, _) = collect(
+            shell(
+                "trap '' TERM; sleep 30 & sleep 30; wait",
+                Duration::from_millis(300),
+            ),
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(exit, Exit::TimedOut);
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -224,7 +265,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             trigger.cancel();
         });
-        let (exit, lines) = collect(shell("echo started; sleep 30", Duration::from_secs(30)), &cancel).await;
+        let (exit, lines) = collect(
+            shell("echo started; sleep 30", Duration::from_secs(30)),
+            &cancel,
+        )
+        .await;
         assert_eq!(exit, Exit::Cancelled);
         assert_eq!(lines, vec!["started"]);
     }
@@ -232,10 +277,23 @@ mod tests {
     #[tokio::test]
     async fn huge_lines_are_cut_and_bad_utf8_survives() {
         let script = "head -c 200000 /dev/zero | tr '\\0' x; echo; printf '\\377ok\\n'";
-        let (_, lines) = collect(shell(script, Duration::from_secs(10)), &CancellationToken::new()).await;
-        assert_eq!(lines.len(), 2, "{:?}", lines.iter().map(|l| l.len()).collect::<Vec<_>>());
+        let (_, lines) = collect(
+            shell(script, Duration::from_secs(10)),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(
+            lines.len(),
+            2,
+            "{:?}",
+            lines.iter().map(|l| l.len()).collect::<Vec<_>>()
+        );
         assert!(lines[0].starts_with(&"x".repeat(1000)));
-        assert!(lines[0].ends_with("more bytes of this line dropped]"), "{}", &lines[0][lines[0].len() - 60..]);
+        assert!(
+            lines[0].ends_with("more bytes of this line dropped]"),
+            "{}",
+            &lines[0][lines[0].len() - 60..]
+        );
         assert_eq!(lines[1], "\u{fffd}ok");
     }
 }

@@ -12,9 +12,18 @@ pub enum StateError {
     #[error("cannot download the production manifest from {url}: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("the production manifest at {url} answered HTTP {status}")]
-    Status { url: String, status: reqwest::StatusCode },
-    #[error("the production manifest at {url} has sha256 {actual}, but the job expects {expected}; refusing to compare against it")]
-    Mismatch { url: String, expected: String, actual: String },
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error(
+        "the production manifest at {url} has sha256 {actual}, but the job expects {expected}; refusing to compare against it"
+    )]
+    Mismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
     #[error("`{0}` is not a sha256")]
     BadDigest(String),
     #[error("state cache: {0}")]
@@ -53,16 +62,27 @@ impl StateCache {
             .bearer_auth(token)
             .send()
             .await
-            .map_err(|source| StateError::Http { url: url.clone(), source })?;
+            .map_err(|source| StateError::Http {
+                url: url.clone(),
+                source,
+            })?;
         if !response.status().is_success() {
-            return Err(StateError::Status { url: url.clone(), status: response.status() });
+            return Err(StateError::Status {
+                url: url.clone(),
+                status: response.status(),
+            });
         }
-        let partial = self.root.join(format!(".{digest}.{}.partial", uuid::Uuid::new_v4()));
+        let partial = self
+            .root
+            .join(format!(".{digest}.{}.partial", uuid::Uuid::new_v4()));
         let mut file = tokio::fs::File::create(&partial).await?;
         let mut hasher = Sha256::new();
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|source| StateError::Http { url: url.clone(), source })?;
+            let chunk = chunk.map_err(|source| StateError::Http {
+                url: url.clone(),
+                source,
+            })?;
             hasher.update(&chunk);
             file.write_all(&chunk).await?;
         }
@@ -70,7 +90,11 @@ impl StateCache {
         let actual = hex::encode(hasher.finalize());
         if &actual != digest {
             let _ = tokio::fs::remove_file(&partial).await;
-            return Err(StateError::Mismatch { url: url.clone(), expected: digest.clone(), actual });
+            return Err(StateError::Mismatch {
+                url: url.clone(),
+                expected: digest.clone(),
+                actual,
+            });
         }
         tokio::fs::create_dir_all(&directory).await?;
         tokio::fs::rename(&partial, directory.join("manifest.json")).await?;

@@ -22,7 +22,10 @@ pub const PRODUCTION_CATALOG: &str = "prod";
 #[derive(Debug, thiserror::Error)]
 pub enum WarehouseError {
     #[error("warehouse {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "this runner has no production database for repository `{repository}` (looked in {looked}); agents that build one repository must share the DuckDB warehouse root"
     )]
@@ -30,7 +33,10 @@ pub enum WarehouseError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarehouseError + '_ {
-    move |source| WarehouseError::Io { path: path.to_owned(), source }
+    move |source| WarehouseError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 pub struct DuckDbWarehouse {
@@ -42,8 +48,13 @@ pub struct DuckDbWarehouse {
 /// What a run's profile points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Deploy { database: PathBuf },
-    Ci { database: PathBuf, production: PathBuf },
+    Deploy {
+        database: PathBuf,
+    },
+    Ci {
+        database: PathBuf,
+        production: PathBuf,
+    },
 }
 
 impl DuckDbWarehouse {
@@ -52,7 +63,9 @@ impl DuckDbWarehouse {
     }
 
     fn deploy_dir(&self, repository: &RepoName, run: RunId) -> PathBuf {
-        self.repository_dir(repository).join("deploys").join(run.to_string())
+        self.repository_dir(repository)
+            .join("deploys")
+            .join(run.to_string())
     }
 
     fn database_file() -> String {
@@ -60,14 +73,21 @@ impl DuckDbWarehouse {
     }
 
     /// Starts a deploy: a copy of the current production database (if any) in a new directory.
-    pub fn begin_deploy(&self, repository: &RepoName, run: RunId) -> Result<Target, WarehouseError> {
+    pub fn begin_deploy(
+        &self,
+        repository: &RepoName,
+        run: RunId,
+    ) -> Result<Target, WarehouseError> {
         let directory = self.deploy_dir(repository, run);
         if directory.exists() {
             std::fs::remove_dir_all(&directory).map_err(io(&directory))?;
         }
         std::fs::create_dir_all(&directory).map_err(io(&directory))?;
         let database = directory.join(Self::database_file());
-        let current = self.repository_dir(repository).join("current").join(Self::database_file());
+        let current = self
+            .repository_dir(repository)
+            .join("current")
+            .join(Self::database_file());
         if current.is_file() {
             std::fs::copy(&current, &database).map_err(io(&current))?;
         }
@@ -80,7 +100,8 @@ impl DuckDbWarehouse {
         let link = repository_dir.join("current");
         let staged = repository_dir.join(format!(".current.{run}"));
         let _ = std::fs::remove_file(&staged);
-        std::os::unix::fs::symlink(Path::new("deploys").join(run.to_string()), &staged).map_err(io(&staged))?;
+        std::os::unix::fs::symlink(Path::new("deploys").join(run.to_string()), &staged)
+            .map_err(io(&staged))?;
         std::fs::rename(&staged, &link).map_err(io(&link))?;
         self.prune(repository, run);
         Ok(())
@@ -119,8 +140,13 @@ impl DuckDbWarehouse {
         isolation: &IsolationName,
         deploy_run: RunId,
     ) -> Result<Target, WarehouseError> {
-        let exact = self.deploy_dir(repository, deploy_run).join(Self::database_file());
-        let current = self.repository_dir(repository).join("current").join(Self::database_file());
+        let exact = self
+            .deploy_dir(repository, deploy_run)
+            .join(Self::database_file());
+        let current = self
+            .repository_dir(repository)
+            .join("current")
+            .join(Self::database_file());
         let production = if exact.is_file() {
             exact
         } else if current.is_file() {
@@ -134,7 +160,10 @@ impl DuckDbWarehouse {
         };
         let pr_dir = self.repository_dir(repository).join("pr");
         std::fs::create_dir_all(&pr_dir).map_err(io(&pr_dir))?;
-        Ok(Target::Ci { database: pr_dir.join(format!("{isolation}.duckdb")), production })
+        Ok(Target::Ci {
+            database: pr_dir.join(format!("{isolation}.duckdb")),
+            production,
+        })
     }
 
     /// The `profiles.yml` text for `profile_name` with a single output named after the target.
@@ -145,7 +174,10 @@ impl DuckDbWarehouse {
                 "path": database,
                 "threads": self.threads,
             }),
-            Target::Ci { database, production } => serde_json::json!({
+            Target::Ci {
+                database,
+                production,
+            } => serde_json::json!({
                 "type": "duckdb",
                 "path": database,
                 "threads": self.threads,
@@ -169,7 +201,11 @@ mod tests {
     use slimci_proto::PrNumber;
 
     fn warehouse(root: &Path) -> DuckDbWarehouse {
-        DuckDbWarehouse { root: root.to_owned(), threads: 2, keep_deploys: 1 }
+        DuckDbWarehouse {
+            root: root.to_owned(),
+            threads: 2,
+            keep_deploys: 1,
+        }
     }
 
     #[test]
@@ -178,21 +214,31 @@ mod tests {
         let warehouse = warehouse(root.path());
         let repo = RepoName::parse("shop").unwrap();
         let first = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, first).unwrap() else { panic!() };
+        let Target::Deploy { database } = warehouse.begin_deploy(&repo, first).unwrap() else {
+            panic!()
+        };
         std::fs::write(&database, "v1").unwrap();
         warehouse.publish_deploy(&repo, first).unwrap();
         let current = root.path().join("shop/current/prod.duckdb");
         assert_eq!(std::fs::read_to_string(&current).unwrap(), "v1");
 
         let failed = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, failed).unwrap() else { panic!() };
-        assert_eq!(std::fs::read_to_string(&database).unwrap(), "v1", "a deploy starts from production");
+        let Target::Deploy { database } = warehouse.begin_deploy(&repo, failed).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            std::fs::read_to_string(&database).unwrap(),
+            "v1",
+            "a deploy starts from production"
+        );
         std::fs::write(&database, "broken").unwrap();
         warehouse.discard_deploy(&repo, failed);
         assert_eq!(std::fs::read_to_string(&current).unwrap(), "v1");
 
         let second = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, second).unwrap() else { panic!() };
+        let Target::Deploy { database } = warehouse.begin_deploy(&repo, second).unwrap() else {
+            panic!()
+        };
         std::fs::write(&database, "v2").unwrap();
         warehouse.publish_deploy(&repo, second).unwrap();
         assert_eq!(std::fs::read_to_string(&current).unwrap(), "v2");
@@ -212,10 +258,21 @@ mod tests {
         ));
         let deploy = RunId::new();
         warehouse.begin_deploy(&repo, deploy).unwrap();
-        std::fs::write(root.path().join(format!("shop/deploys/{deploy}/prod.duckdb")), "v1").unwrap();
+        std::fs::write(
+            root.path()
+                .join(format!("shop/deploys/{deploy}/prod.duckdb")),
+            "v1",
+        )
+        .unwrap();
         warehouse.publish_deploy(&repo, deploy).unwrap();
         let target = warehouse.ci_target(&repo, &isolation, deploy).unwrap();
-        let Target::Ci { database, production } = &target else { panic!() };
+        let Target::Ci {
+            database,
+            production,
+        } = &target
+        else {
+            panic!()
+        };
         assert!(database.ends_with("shop/pr/pr_shop_5.duckdb"));
         assert!(production.ends_with(format!("shop/deploys/{deploy}/prod.duckdb")));
         let yaml = warehouse.profile_yaml("shop", &target);

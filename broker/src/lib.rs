@@ -11,7 +11,9 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use slimci_proto::{DEAD_REASON_HEADER, Topology};
 use tokio_util::sync::CancellationToken;
 
@@ -20,8 +22,13 @@ use tokio_util::sync::CancellationToken;
 pub enum BrokerError {
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("the broker refused (nacked) a message published to `{exchange}` with key `{routing_key}`")]
-    Nacked { exchange: String, routing_key: String },
+    #[error(
+        "the broker refused (nacked) a message published to `{exchange}` with key `{routing_key}`"
+    )]
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
     #[error("the connection to the broker was lost")]
     Disconnected,
     #[error("shutting down")]
@@ -72,14 +79,20 @@ fn dead_letter_arguments(topology: &Topology, dead_queue: &str) -> FieldTable {
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(topology.dead_letter_exchange().into()),
     );
-    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead_queue.into()));
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead_queue.into()),
+    );
     arguments
 }
 
 /// Declares every queue and exchange of the topology. Idempotent; both sides call it on every
 /// (re)connect, so either may start first.
 pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
         .exchange_declare(
             topology.dead_letter_exchange().as_str().into(),
@@ -137,7 +150,9 @@ pub struct ConfirmedPublisher {
 impl ConfirmedPublisher {
     pub async fn open(connection: &Connection) -> Result<ConfirmedPublisher, BrokerError> {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(ConfirmedPublisher { channel })
     }
 
@@ -179,7 +194,8 @@ impl ConfirmedPublisher {
 
     /// Publishes to a queue through the default exchange.
     pub async fn publish_to_queue(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
-        self.publish("", queue, payload, FieldTable::default()).await
+        self.publish("", queue, payload, FieldTable::default())
+            .await
     }
 }
 
@@ -197,9 +213,17 @@ pub async fn dead_letter(
 ) -> Result<(), BrokerError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     let reason: String = reason.chars().take(4000).collect();
-    headers.insert(ShortString::from(DEAD_REASON_HEADER), AMQPValue::LongString(LongString::from(reason)));
+    headers.insert(
+        ShortString::from(DEAD_REASON_HEADER),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
     let copied = publisher
-        .publish(&topology.dead_letter_exchange(), dead_queue, &delivery.data, headers)
+        .publish(
+            &topology.dead_letter_exchange(),
+            dead_queue,
+            &delivery.data,
+            headers,
+        )
         .await;
     match copied {
         Ok(()) => {
@@ -207,7 +231,9 @@ pub async fn dead_letter(
         }
         Err(error) => {
             tracing::warn!(%error, "could not publish the dead-letter copy; rejecting instead");
-            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+            delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
         }
     }
     Ok(())
@@ -229,7 +255,10 @@ mod tests {
 
     #[test]
     fn urls_are_masked() {
-        assert_eq!(mask_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:<masked>@127.0.0.1:5672/%2f");
+        assert_eq!(
+            mask_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:<masked>@127.0.0.1:5672/%2f"
+        );
         assert_eq!(mask_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

@@ -76,14 +76,19 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -91,12 +96,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }
 
 fn require_agent(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
-        Some(token) if constant_time_eq(token.as_bytes(), state.secrets.agent_token.as_bytes()) => Ok(()),
+        Some(token) if constant_time_eq(token.as_bytes(), state.secrets.agent_token.as_bytes()) => {
+            Ok(())
+        }
         _ => Err(ApiError::Unauthorized),
     }
 }
@@ -122,11 +133,16 @@ fn parse_run_id(text: &str) -> ApiResult<RunId> {
 }
 
 async fn load_run(state: &AppState, id: RunId) -> ApiResult<Run> {
-    state.store.run(id).await?.ok_or_else(|| ApiError::NotFound(format!("no run {id}")))
+    state
+        .store
+        .run(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let artifact_limit = usize::try_from(state.config.limits.max_artifact_bytes).unwrap_or(usize::MAX);
+    let artifact_limit =
+        usize::try_from(state.config.limits.max_artifact_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/runs", post(create_run).get(list_runs))
@@ -136,10 +152,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/runs/{id}/artifacts", get(list_artifacts))
         .route(
             "/api/v1/runs/{id}/artifacts/{name}",
-            get(get_artifact).put(put_artifact).layer(DefaultBodyLimit::max(artifact_limit)),
+            get(get_artifact)
+                .put(put_artifact)
+                .layer(DefaultBodyLimit::max(artifact_limit)),
         )
         .route("/api/v1/repositories", get(list_repositories))
-        .route("/api/v1/repositories/{name}/production-state", get(get_production_state))
+        .route(
+            "/api/v1/repositories/{name}/production-state",
+            get(get_production_state),
+        )
         .route("/api/v1/agent/claim", post(claim))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(state)
@@ -187,7 +208,10 @@ pub struct Summary {
 }
 
 pub fn summarize(nodes: &[NodeResult]) -> Summary {
-    let mut summary = Summary { selected: nodes.len() as u32, ..Summary::default() };
+    let mut summary = Summary {
+        selected: nodes.len() as u32,
+        ..Summary::default()
+    };
     for node in nodes {
         match (node.resource_type.as_str(), node.status.as_str()) {
             ("test" | "unit_test", "pass") => summary.tests_passed += 1,
@@ -249,7 +273,8 @@ impl AppState {
     }
 
     fn run_view(&self, run: Run) -> RunView {
-        let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256) {
+        let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256)
+        {
             (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(StateView {
                 deploy_run_id,
                 sha: sha.to_string(),
@@ -273,7 +298,9 @@ impl AppState {
             created_at: time(run.created_ms),
             started_at: run.started_ms.map(time),
             finished_at: run.finished_ms.map(time),
-            duration_s: run.started_ms.map(|start| seconds(start, run.finished_ms.unwrap_or_else(now_ms))),
+            duration_s: run
+                .started_ms
+                .map(|start| seconds(start, run.finished_ms.unwrap_or_else(now_ms))),
             timeout_secs: run.timeout_secs,
             cancel_requested: run.cancel_requested,
             production_state,
@@ -325,7 +352,11 @@ impl AppState {
 
 // ---- runs ----
 
-async fn create_run(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn create_run(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let request: RunRequest = parse_json(&body)?;
     let valid = rules::validate_request(&state.config, &request)
@@ -358,7 +389,11 @@ async fn create_run(State(state): State<Arc<AppState>>, headers: HeaderMap, body
     }
     let _ = state.changes.send(run.id);
     let stored = load_run(&state, run.id).await?;
-    Ok((StatusCode::CREATED, Json(state.full_run_view(stored).await?)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(state.full_run_view(stored).await?),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -376,11 +411,20 @@ async fn list_runs(
     require_user(&state, &headers)?;
     let status = match query.status.as_deref() {
         None => None,
-        Some(text) => Some(RunStatus::parse(text).ok_or_else(|| ApiError::BadRequest(format!("unknown status `{text}`")))?),
+        Some(text) => Some(
+            RunStatus::parse(text)
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown status `{text}`")))?,
+        ),
     };
-    let filter = RunFilter { repository: query.repository, status, limit: query.limit.unwrap_or(50) };
+    let filter = RunFilter {
+        repository: query.repository,
+        status,
+        limit: query.limit.unwrap_or(50),
+    };
     let runs = state.store.runs(&filter).await?;
-    Ok(Json(runs.into_iter().map(|run| state.run_view(run)).collect()))
+    Ok(Json(
+        runs.into_iter().map(|run| state.run_view(run)).collect(),
+    ))
 }
 
 async fn get_run(
@@ -403,7 +447,11 @@ async fn cancel_run(
     let run = load_run(&state, id).await?;
     match rules::decide_cancel(run.status) {
         CancelDecision::EndNow => {
-            if !state.store.end_queued(id, RunStatus::Cancelled, "cancelled before it started").await? {
+            if !state
+                .store
+                .end_queued(id, RunStatus::Cancelled, "cancelled before it started")
+                .await?
+            {
                 // It was claimed in the meantime: cancel it where it runs.
                 state.store.request_cancel(id).await?;
                 state.outbox.notify_one();
@@ -414,7 +462,10 @@ async fn cancel_run(
             state.outbox.notify_one();
         }
         CancelDecision::AlreadyFinished(status) => {
-            return Err(ApiError::Conflict(format!("run {id} already ended: {}", status.as_str())));
+            return Err(ApiError::Conflict(format!(
+                "run {id} already ended: {}",
+                status.as_str()
+            )));
         }
     }
     let _ = state.changes.send(id);
@@ -440,7 +491,13 @@ async fn get_logs(
     let id = parse_run_id(&id)?;
     let run = load_run(&state, id).await?;
     if query.follow {
-        return Ok(follow_logs(state, run).into_response());
+        // A client resuming after a dropped connection says which line it saw last.
+        let resume_after = headers
+            .get("last-event-id")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0);
+        return Ok(follow_logs(state, run, resume_after).into_response());
     }
     let mut text = String::new();
     for attempt in 1..=run.attempt.0 {
@@ -468,7 +525,7 @@ async fn get_logs(
 
 /// Server-sent events: `log` (one line each, `id` = line number), `progress` (`{done,total}`),
 /// and a final `end` carrying the run's terminal status, after which the stream closes.
-fn follow_logs(state: Arc<AppState>, run: Run) -> impl IntoResponse {
+fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoResponse {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(256);
     let mut changes = state.changes.subscribe();
     tokio::spawn(async move {
@@ -488,7 +545,13 @@ fn follow_logs(state: Arc<AppState>, run: Run) -> impl IntoResponse {
                 };
                 for line in lines {
                     line_number += 1;
-                    let event = Event::default().event("log").id(line_number.to_string()).data(line);
+                    if line_number <= resume_after {
+                        continue;
+                    }
+                    let event = Event::default()
+                        .event("log")
+                        .id(line_number.to_string())
+                        .data(line);
                     if sender.send(Ok(event)).await.is_err() {
                         return;
                     }
@@ -503,17 +566,28 @@ fn follow_logs(state: Arc<AppState>, run: Run) -> impl IntoResponse {
             }
             if (run.progress_done, run.progress_total) != progress {
                 progress = (run.progress_done, run.progress_total);
-                let data = serde_json::json!({ "done": progress.0, "total": progress.1 }).to_string();
-                if sender.send(Ok(Event::default().event("progress").data(data))).await.is_err() {
+                let data =
+                    serde_json::json!({ "done": progress.0, "total": progress.1 }).to_string();
+                if sender
+                    .send(Ok(Event::default().event("progress").data(data)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
             if run.status.is_terminal() {
                 // The terminal status is written after the last log batch was applied.
-                let (lines, _) = state.logs.read_from(id, attempt, offset).unwrap_or_default();
+                let (lines, _) = state
+                    .logs
+                    .read_from(id, attempt, offset)
+                    .unwrap_or_default();
                 if lines.is_empty() {
-                    let data = serde_json::json!({ "status": run.status, "message": run.message }).to_string();
-                    let _ = sender.send(Ok(Event::default().event("end").data(data))).await;
+                    let data = serde_json::json!({ "status": run.status, "message": run.message })
+                        .to_string();
+                    let _ = sender
+                        .send(Ok(Event::default().event("end").data(data)))
+                        .await;
                     return;
                 }
                 continue;
@@ -534,7 +608,8 @@ fn follow_logs(state: Arc<AppState>, run: Run) -> impl IntoResponse {
             }
         }
     });
-    Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(ReceiverStream::new(receiver))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 // ---- artifacts ----
@@ -568,15 +643,24 @@ async fn get_artifact(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let id = parse_run_id(&id)?;
-    let path = state.artifacts.path(id, &name).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let path = state
+        .artifacts
+        .path(id, &name)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound(format!("run {id} has no artifact `{name}`")));
+            return Err(ApiError::NotFound(format!(
+                "run {id} has no artifact `{name}`"
+            )));
         }
         Err(error) => return Err(ApiError::Internal(error.to_string())),
     };
-    let content_type = if name.ends_with(".json") { "application/json" } else { "application/octet-stream" };
+    let content_type = if name.ends_with(".json") {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
@@ -607,7 +691,12 @@ async fn put_artifact(
             ArtifactError::Body(_) => ApiError::BadRequest(error.to_string()),
             ArtifactError::Io(_) => ApiError::Internal(error.to_string()),
         })?;
-    let record = ArtifactRecord { name, size: stored.size, sha256: stored.sha256, created_ms: now_ms() };
+    let record = ArtifactRecord {
+        name,
+        size: stored.size,
+        sha256: stored.sha256,
+        created_ms: now_ms(),
+    };
     state.store.record_artifact(id, &record).await?;
     Ok(StatusCode::CREATED)
 }
@@ -624,18 +713,28 @@ struct ProductionStateView {
     updated_at: String,
 }
 
-async fn production_state_view(state: &AppState, name: &slimci_proto::RepoName) -> ApiResult<Option<ProductionStateView>> {
-    Ok(state.store.production_state(name).await?.map(|production| ProductionStateView {
-        repository: name.to_string(),
-        manifest_url: state.artifact_url(production.deploy_run_id, "manifest.json"),
-        deploy_run_id: production.deploy_run_id,
-        sha: production.sha.to_string(),
-        manifest_sha256: production.manifest_sha256,
-        updated_at: time(production.updated_ms),
-    }))
+async fn production_state_view(
+    state: &AppState,
+    name: &slimci_proto::RepoName,
+) -> ApiResult<Option<ProductionStateView>> {
+    Ok(state
+        .store
+        .production_state(name)
+        .await?
+        .map(|production| ProductionStateView {
+            repository: name.to_string(),
+            manifest_url: state.artifact_url(production.deploy_run_id, "manifest.json"),
+            deploy_run_id: production.deploy_run_id,
+            sha: production.sha.to_string(),
+            manifest_sha256: production.manifest_sha256,
+            updated_at: time(production.updated_ms),
+        }))
 }
 
-async fn list_repositories(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+async fn list_repositories(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
     require_user(&state, &headers)?;
     let mut repositories = Vec::new();
     for repository in &state.config.repositories {
@@ -660,28 +759,42 @@ async fn get_production_state(
         .config
         .repository(&name)
         .ok_or_else(|| ApiError::NotFound(format!("unknown repository `{name}`")))?;
-    production_state_view(&state, &repository.name).await?.map(Json).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "repository `{name}` has no production state yet; run `slimci deploy --repo {name}`"
-        ))
-    })
+    production_state_view(&state, &repository.name)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "repository `{name}` has no production state yet; run `slimci deploy --repo {name}`"
+            ))
+        })
 }
 
 // ---- agents ----
 
-async fn claim(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<ClaimResponse>> {
+async fn claim(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<ClaimResponse>> {
     require_agent(&state, &headers)?;
-    let request: ClaimRequest = slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let request: ClaimRequest =
+        slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let decision = state.store.claim(&request).await?;
     let _ = state.changes.send(request.run_id);
     Ok(Json(match decision {
         ClaimDecision::Grant => {
             tracing::info!(run = %request.run_id, attempt = %request.attempt, agent = %request.agent, "claim granted");
-            ClaimResponse { granted: true, reason: None }
+            ClaimResponse {
+                granted: true,
+                reason: None,
+            }
         }
         ClaimDecision::Refuse(reason) => {
             tracing::info!(run = %request.run_id, attempt = %request.attempt, agent = %request.agent, %reason, "claim refused");
-            ClaimResponse { granted: false, reason: Some(reason) }
+            ClaimResponse {
+                granted: false,
+                reason: Some(reason),
+            }
         }
     }))
 }
@@ -715,7 +828,15 @@ mod tests {
         ];
         assert_eq!(
             summarize(&nodes),
-            Summary { selected: 7, built: 2, tests_passed: 1, tests_failed: 1, warned: 1, errored: 1, skipped: 1 }
+            Summary {
+                selected: 7,
+                built: 2,
+                tests_passed: 1,
+                tests_failed: 1,
+                warned: 1,
+                errored: 1,
+                skipped: 1
+            }
         );
     }
 

@@ -10,7 +10,9 @@ use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("`{0}` is not an artifact name: use letters, digits, `.`, `_` and `-`, not starting with `.`")]
+    #[error(
+        "`{0}` is not an artifact name: use letters, digits, `.`, `_` and `-`, not starting with `.`"
+    )]
     BadName(String),
     #[error("artifact is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
@@ -23,7 +25,9 @@ pub enum ArtifactError {
 pub fn valid_name(name: &str) -> bool {
     (1..=100).contains(&name.len())
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 pub struct ArtifactStore {
@@ -47,13 +51,22 @@ impl ArtifactStore {
         Ok(self.dir.join(run.to_string()).join(name))
     }
 
-    pub async fn put<S, E>(&self, run: RunId, name: &str, mut body: S, limit: u64) -> Result<Stored, ArtifactError>
+    pub async fn put<S, E>(
+        &self,
+        run: RunId,
+        name: &str,
+        mut body: S,
+        limit: u64,
+    ) -> Result<Stored, ArtifactError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let path = self.path(run, name)?;
-        let dir = path.parent().expect("artifact path has a parent").to_owned();
+        let dir = path
+            .parent()
+            .expect("artifact path has a parent")
+            .to_owned();
         tokio::fs::create_dir_all(&dir).await?;
         let temporary = dir.join(format!(".{name}.{}.partial", uuid::Uuid::new_v4()));
         let result = async {
@@ -71,7 +84,10 @@ impl ArtifactStore {
             }
             file.sync_all().await?;
             tokio::fs::rename(&temporary, &path).await?;
-            Ok(Stored { size, sha256: hex::encode(hasher.finalize()) })
+            Ok(Stored {
+                size,
+                sha256: hex::encode(hasher.finalize()),
+            })
         }
         .await;
         if result.is_err() {
@@ -99,13 +115,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::new(dir.path().to_owned());
         let run = RunId::new();
-        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 10]))]);
-        assert!(matches!(store.put(run, "big.json", body, 5).await, Err(ArtifactError::TooLarge { limit: 5 })));
-        let leftovers = std::fs::read_dir(dir.path().join(run.to_string())).unwrap().count();
+        let body =
+            futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+                0u8;
+                10
+            ]))]);
+        assert!(matches!(
+            store.put(run, "big.json", body, 5).await,
+            Err(ArtifactError::TooLarge { limit: 5 })
+        ));
+        let leftovers = std::fs::read_dir(dir.path().join(run.to_string()))
+            .unwrap()
+            .count();
         assert_eq!(leftovers, 0);
-        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{}"))]);
+        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"{}",
+        ))]);
         let stored = store.put(run, "ok.json", body, 5).await.unwrap();
         assert_eq!(stored.size, 2);
-        assert_eq!(stored.sha256, "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a");
+        assert_eq!(
+            stored.sha256,
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
     }
 }

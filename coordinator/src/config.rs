@@ -130,9 +130,15 @@ fn default_branch() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid coordinator configuration: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -154,7 +160,10 @@ impl std::fmt::Debug for Secrets {
 fn read_secret(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map(|text| text.trim().to_owned())
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })
+        .map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn inline_or_file(
@@ -163,7 +172,9 @@ fn inline_or_file(
     file: &Option<PathBuf>,
 ) -> Result<Option<String>, ConfigError> {
     match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!("set `{what}` or `{what}_file`, not both"))),
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "set `{what}` or `{what}_file`, not both"
+        ))),
         (Some(value), None) => Ok(Some(value.clone())),
         (None, Some(path)) => read_secret(path).map(Some),
         (None, None) => Ok(None),
@@ -172,10 +183,14 @@ fn inline_or_file(
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: Config =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -193,7 +208,10 @@ impl Config {
                 )));
             }
             if repository.clone_url.trim().is_empty() {
-                return Err(ConfigError::Invalid(format!("repository `{}` has an empty clone_url", repository.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "repository `{}` has an empty clone_url",
+                    repository.name
+                )));
             }
             if repository.project_dir.split('/').any(|part| part == "..") {
                 return Err(ConfigError::Invalid(format!(
@@ -203,7 +221,11 @@ impl Config {
             }
         }
         let prefix_ok = !self.amqp.prefix.is_empty()
-            && self.amqp.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && self
+                .amqp
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !prefix_ok {
             return Err(ConfigError::Invalid(format!(
                 "amqp.prefix `{}` must be letters, digits, `-`, `_` or `.`",
@@ -216,17 +238,35 @@ impl Config {
     pub fn secrets(&self) -> Result<Secrets, ConfigError> {
         let amqp_url = inline_or_file("amqp.url", &self.amqp.url, &self.amqp.url_file)?
             .ok_or_else(|| ConfigError::Invalid("set amqp.url or amqp.url_file".to_owned()))?;
-        let agent_token = inline_or_file("auth.agent_token", &self.auth.agent_token, &self.auth.agent_token_file)?
-            .ok_or_else(|| ConfigError::Invalid("set auth.agent_token or auth.agent_token_file".to_owned()))?;
+        let agent_token = inline_or_file(
+            "auth.agent_token",
+            &self.auth.agent_token,
+            &self.auth.agent_token_file,
+        )?
+        .ok_or_else(|| {
+            ConfigError::Invalid("set auth.agent_token or auth.agent_token_file".to_owned())
+        })?;
         if agent_token.len() < 16 {
-            return Err(ConfigError::Invalid("auth.agent_token must be at least 16 characters".to_owned()));
+            return Err(ConfigError::Invalid(
+                "auth.agent_token must be at least 16 characters".to_owned(),
+            ));
         }
-        let api_token = inline_or_file("auth.api_token", &self.auth.api_token, &self.auth.api_token_file)?;
-        Ok(Secrets { amqp_url, agent_token, api_token })
+        let api_token = inline_or_file(
+            "auth.api_token",
+            &self.auth.api_token,
+            &self.auth.api_token_file,
+        )?;
+        Ok(Secrets {
+            amqp_url,
+            agent_token,
+            api_token,
+        })
     }
 
     pub fn repository(&self, name: &str) -> Option<&RepositoryConfig> {
-        self.repositories.iter().find(|repository| repository.name.as_str() == name)
+        self.repositories
+            .iter()
+            .find(|repository| repository.name.as_str() == name)
     }
 }
 
@@ -235,8 +275,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: "test.toml".into(), source })?;
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "test.toml".into(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -251,7 +293,10 @@ mod tests {
 
     #[test]
     fn minimal_config_has_defaults() {
-        let config = parse(&format!("{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"/srv/shop.git\"\n")).unwrap();
+        let config = parse(&format!(
+            "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"/srv/shop.git\"\n"
+        ))
+        .unwrap();
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.amqp.prefix, "slimci");
         assert_eq!(config.repositories[0].production_branch, "main");

@@ -31,11 +31,17 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
     #[error("cannot write {path}: {source}")]
-    AddressFile { path: std::path::PathBuf, source: std::io::Error },
+    AddressFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the coordinator until `shutdown` fires, then stops accepting requests, lets the
@@ -45,7 +51,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     let store = Store::open(&config.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| CoordinatorError::Listen { address: config.listen, source })?;
+        .map_err(|source| CoordinatorError::Listen {
+            address: config.listen,
+            source,
+        })?;
     let address = listener.local_addr().map_err(CoordinatorError::Serve)?;
     let public_url = config
         .public_url
@@ -54,14 +63,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         .trim_end_matches('/')
         .to_owned();
     let address_file = config.data_dir.join("http.addr");
-    std::fs::write(&address_file, format!("{address}\n"))
-        .map_err(|source| CoordinatorError::AddressFile { path: address_file.clone(), source })?;
+    std::fs::write(&address_file, format!("{address}\n")).map_err(|source| {
+        CoordinatorError::AddressFile {
+            path: address_file.clone(),
+            source,
+        }
+    })?;
     tracing::info!(%address, %public_url, active_runs = store.count_active().await?, "coordinator listening");
 
     let topology = Topology::new(&config.amqp.prefix);
     let (changes, _) = broadcast::channel(4096);
     let state = Arc::new(AppState {
-        logs: Arc::new(logs::LogStore::new(config.data_dir.join("logs"), config.limits.max_log_bytes)),
+        logs: Arc::new(logs::LogStore::new(
+            config.data_dir.join("logs"),
+            config.limits.max_log_bytes,
+        )),
         artifacts: artifacts::ArtifactStore::new(config.data_dir.join("artifacts")),
         config: Arc::new(config),
         secrets: secrets.clone(),
@@ -72,8 +88,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     });
 
     let tasks = TaskTracker::new();
-    tasks.spawn(queue::publisher_loop(state.clone(), secrets.amqp_url.clone(), topology.clone(), shutdown.clone()));
-    tasks.spawn(queue::events_loop(state.clone(), secrets.amqp_url.clone(), topology, shutdown.clone()));
+    tasks.spawn(queue::publisher_loop(
+        state.clone(),
+        secrets.amqp_url.clone(),
+        topology.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(queue::events_loop(
+        state.clone(),
+        secrets.amqp_url.clone(),
+        topology,
+        shutdown.clone(),
+    ));
     tasks.close();
 
     let served = axum::serve(listener, api::router(state))

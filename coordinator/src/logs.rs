@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use slimci_proto::{Attempt, RunId};
 
 /// Written once when a run's log reaches its cap.
-pub const TRUNCATION_MARKER: &str = "[slimci] log truncated: this run printed more than the configured log limit";
+pub const TRUNCATION_MARKER: &str =
+    "[slimci] log truncated: this run printed more than the configured log limit";
 
 #[derive(Debug, thiserror::Error)]
 #[error("log file {path}: {source}")]
@@ -36,17 +37,25 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn new(dir: PathBuf, max_bytes_per_attempt: u64) -> LogStore {
-        LogStore { dir, max_bytes_per_attempt, open: Mutex::new(HashMap::new()) }
+        LogStore {
+            dir,
+            max_bytes_per_attempt,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn path(&self, run: RunId, attempt: Attempt) -> PathBuf {
-        self.dir.join(run.to_string()).join(format!("{attempt}.log"))
+        self.dir
+            .join(run.to_string())
+            .join(format!("{attempt}.log"))
     }
 
     fn state_of(path: &Path) -> std::io::Result<FileState> {
         let file = match std::fs::File::open(path) {
             Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(FileState::default()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(FileState::default());
+            }
             Err(error) => return Err(error),
         };
         let mut state = FileState::default();
@@ -64,9 +73,18 @@ impl LogStore {
 
     /// Appends the lines of a batch that starts at line `first_line`, skipping those already
     /// written. Returns how many lines were new.
-    pub fn append(&self, run: RunId, attempt: Attempt, first_line: u64, lines: &[String]) -> Result<usize, LogError> {
+    pub fn append(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        first_line: u64,
+        lines: &[String],
+    ) -> Result<usize, LogError> {
         let path = self.path(run, attempt);
-        let error = |source| LogError { path: path.clone(), source };
+        let error = |source| LogError {
+            path: path.clone(),
+            source,
+        };
         let mut open = self.open.lock().expect("log state lock");
         if !open.contains_key(&(run, attempt)) {
             let state = Self::state_of(&path).map_err(error)?;
@@ -80,7 +98,11 @@ impl LogStore {
             return Ok(0);
         }
         std::fs::create_dir_all(path.parent().expect("log path has a parent")).map_err(error)?;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(error)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(error)?;
         let mut buffer = Vec::new();
         let mut written = 0;
         for line in &lines[skip..] {
@@ -103,23 +125,41 @@ impl LogStore {
 
     /// Forgets cached counters of a finished attempt.
     pub fn close(&self, run: RunId, attempt: Attempt) {
-        self.open.lock().expect("log state lock").remove(&(run, attempt));
+        self.open
+            .lock()
+            .expect("log state lock")
+            .remove(&(run, attempt));
     }
 
     /// The bytes of an attempt's log from `offset` on (only whole lines), and the new offset.
-    pub fn read_from(&self, run: RunId, attempt: Attempt, offset: u64) -> Result<(Vec<String>, u64), LogError> {
+    pub fn read_from(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        offset: u64,
+    ) -> Result<(Vec<String>, u64), LogError> {
         use std::io::{Read, Seek, SeekFrom};
         let path = self.path(run, attempt);
-        let error = |source| LogError { path: path.clone(), source };
+        let error = |source| LogError {
+            path: path.clone(),
+            source,
+        };
         let mut file = match std::fs::File::open(&path) {
             Ok(file) => file,
-            Err(source) if source.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), offset)),
+            Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), offset));
+            }
             Err(source) => return Err(error(source)),
         };
         file.seek(SeekFrom::Start(offset)).map_err(error)?;
         let mut bytes = Vec::new();
-        file.take(4 * 1024 * 1024).read_to_end(&mut bytes).map_err(error)?;
-        let complete = bytes.iter().rposition(|&byte| byte == b'\n').map_or(0, |at| at + 1);
+        file.take(4 * 1024 * 1024)
+            .read_to_end(&mut bytes)
+            .map_err(error)?;
+        let complete = bytes
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |at| at + 1);
         let lines = bytes[..complete]
             .split_inclusive(|&byte| byte == b'\n')
             .map(|line| String::from_utf8_lossy(&line[..line.len() - 1]).into_owned())
@@ -144,20 +184,35 @@ mod tests {
         assert_eq!(logs.append(run, Attempt(1), 0, &lines(0..3)).unwrap(), 3);
         assert_eq!(logs.append(run, Attempt(1), 0, &lines(0..3)).unwrap(), 0);
         assert_eq!(logs.append(run, Attempt(1), 2, &lines(2..5)).unwrap(), 2);
-        assert_eq!(logs.append(run, Attempt(1), 9, &lines(9..10)).unwrap(), 0, "a gap is not written");
+        assert_eq!(
+            logs.append(run, Attempt(1), 9, &lines(9..10)).unwrap(),
+            0,
+            "a gap is not written"
+        );
         let (read, offset) = logs.read_from(run, Attempt(1), 0).unwrap();
         assert_eq!(read, lines(0..5));
-        assert_eq!(logs.read_from(run, Attempt(1), offset).unwrap().0, Vec::<String>::new());
+        assert_eq!(
+            logs.read_from(run, Attempt(1), offset).unwrap().0,
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn counters_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunId::new();
-        LogStore::new(dir.path().to_owned(), 1 << 20).append(run, Attempt(1), 0, &lines(0..4)).unwrap();
+        LogStore::new(dir.path().to_owned(), 1 << 20)
+            .append(run, Attempt(1), 0, &lines(0..4))
+            .unwrap();
         let reopened = LogStore::new(dir.path().to_owned(), 1 << 20);
-        assert_eq!(reopened.append(run, Attempt(1), 2, &lines(2..6)).unwrap(), 2);
-        assert_eq!(reopened.read_from(run, Attempt(1), 0).unwrap().0, lines(0..6));
+        assert_eq!(
+            reopened.append(run, Attempt(1), 2, &lines(2..6)).unwrap(),
+            2
+        );
+        assert_eq!(
+            reopened.read_from(run, Attempt(1), 0).unwrap().0,
+            lines(0..6)
+        );
     }
 
     #[test]
@@ -169,7 +224,12 @@ mod tests {
         logs.append(run, Attempt(1), 10, &lines(10..20)).unwrap();
         let (read, _) = logs.read_from(run, Attempt(1), 0).unwrap();
         assert_eq!(read.last().unwrap(), TRUNCATION_MARKER);
-        assert_eq!(read.iter().filter(|line| line.as_str() == TRUNCATION_MARKER).count(), 1);
+        assert_eq!(
+            read.iter()
+                .filter(|line| line.as_str() == TRUNCATION_MARKER)
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -177,7 +237,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::new(dir.path().to_owned(), 1 << 20);
         let run = RunId::new();
-        logs.append(run, Attempt(1), 0, &["a\nb\r".to_owned()]).unwrap();
-        assert_eq!(logs.read_from(run, Attempt(1), 0).unwrap().0, vec!["a b ".to_owned()]);
+        logs.append(run, Attempt(1), 0, &["a\nb\r".to_owned()])
+            .unwrap();
+        assert_eq!(
+            logs.read_from(run, Attempt(1), 0).unwrap().0,
+            vec!["a b ".to_owned()]
+        );
     }
 }

@@ -9,7 +9,12 @@ use tokio_util::sync::CancellationToken;
 #[command(version)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "SLIMCI_COORDINATOR_CONFIG", default_value = "/etc/slimci/coordinator.toml")]
+    #[arg(
+        long,
+        short,
+        env = "SLIMCI_COORDINATOR_CONFIG",
+        default_value = "/etc/slimci/coordinator.toml"
+    )]
     config: PathBuf,
 }
 
@@ -17,14 +22,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
         )
         .init();
     let args = Args::parse();
     let config = slimci_coordinator::config::Config::load(&args.config)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    slimci_coordinator::run(config, shutdown).await.context("coordinator stopped")
+    slimci_coordinator::run(config, shutdown)
+        .await
+        .context("coordinator stopped")
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -11,7 +11,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use slimci_broker::{BrokerError, ConfirmedPublisher};
 use slimci_proto::{
-    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId, ToAgentMessage, Topology,
+    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId,
+    ToAgentMessage, Topology,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +27,10 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
         (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(ProductionStateRef {
             deploy_run_id,
             sha: sha.clone(),
-            manifest_url: format!("{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json", state.public_url),
+            manifest_url: format!(
+                "{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json",
+                state.public_url
+            ),
             manifest_sha256: manifest_sha256.clone(),
         }),
         _ => None,
@@ -38,7 +42,10 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
         repository: run.repository.clone(),
         clone_url: repository.clone_url.clone(),
         project_dir: repository.project_dir.clone(),
-        git: GitTarget { sha: run.sha.clone(), fetch_ref: run.fetch_ref.clone() },
+        git: GitTarget {
+            sha: run.sha.clone(),
+            fetch_ref: run.fetch_ref.clone(),
+        },
         pr_number: run.pr,
         isolation: run.isolation.clone(),
         production_state,
@@ -56,7 +63,12 @@ async fn backoff(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
 }
 
 /// Publishes the outbox until shutdown, reconnecting as needed.
-pub async fn publisher_loop(state: Arc<AppState>, amqp_url: String, topology: Topology, shutdown: CancellationToken) {
+pub async fn publisher_loop(
+    state: Arc<AppState>,
+    amqp_url: String,
+    topology: Topology,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match publish_session(&state, &amqp_url, &topology, &shutdown).await {
@@ -76,7 +88,8 @@ async fn publish_session(
     topology: &Topology,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection = slimci_broker::connect(amqp_url, "slimci-coordinator publisher", shutdown).await?;
+    let connection =
+        slimci_broker::connect(amqp_url, "slimci-coordinator publisher", shutdown).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     slimci_broker::declare_topology(publisher.channel(), topology).await?;
     tracing::info!("job publisher connected");
@@ -91,12 +104,17 @@ async fn publish_session(
         for run in runs.unwrap_or_default() {
             let Some(job) = job_for(state, &run) else {
                 let message = format!("repository `{}` is no longer configured", run.repository);
-                let _ = state.store.end_queued(run.id, RunStatus::Error, &message).await;
+                let _ = state
+                    .store
+                    .end_queued(run.id, RunStatus::Error, &message)
+                    .await;
                 let _ = state.changes.send(run.id);
                 continue;
             };
             let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
-            publisher.publish_to_queue(&topology.jobs_queue(), &payload).await?;
+            publisher
+                .publish_to_queue(&topology.jobs_queue(), &payload)
+                .await?;
             if let Err(error) = state.store.mark_published(run.id).await {
                 tracing::error!(%error, run = %run.id, "published, but could not mark it; it may be published twice (claims are fenced)");
             }
@@ -106,9 +124,17 @@ async fn publish_session(
             if cancels_sent.contains(&run) {
                 continue;
             }
-            let message = ControlMessage::Cancel { run_id: run, reason: "cancelled by user".to_owned() };
+            let message = ControlMessage::Cancel {
+                run_id: run,
+                reason: "cancelled by user".to_owned(),
+            };
             publisher
-                .publish(&topology.control_exchange(), "", &slimci_proto::encode(&message), FieldTable::default())
+                .publish(
+                    &topology.control_exchange(),
+                    "",
+                    &slimci_proto::encode(&message),
+                    FieldTable::default(),
+                )
                 .await?;
             cancels_sent.insert(run);
             tracing::info!(%run, "cancel sent to agents");
@@ -125,7 +151,12 @@ async fn publish_session(
 }
 
 /// Consumes agent events until shutdown, reconnecting as needed.
-pub async fn events_loop(state: Arc<AppState>, amqp_url: String, topology: Topology, shutdown: CancellationToken) {
+pub async fn events_loop(
+    state: Arc<AppState>,
+    amqp_url: String,
+    topology: Topology,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match events_session(&state, &amqp_url, &topology, &shutdown).await {
@@ -144,7 +175,8 @@ async fn events_session(
     topology: &Topology,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection = slimci_broker::connect(amqp_url, "slimci-coordinator events", shutdown).await?;
+    let connection =
+        slimci_broker::connect(amqp_url, "slimci-coordinator events", shutdown).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     slimci_broker::declare_topology(publisher.channel(), topology).await?;
     let channel = connection.create_channel().await?;
@@ -173,7 +205,14 @@ async fn events_session(
             Err(error) => {
                 let reason = format!("coordinator refused an agent event: {error}");
                 tracing::warn!(%reason, "dead-lettering event");
-                slimci_broker::dead_letter(&publisher, topology, &topology.events_dead_queue(), &delivery, &reason).await?;
+                slimci_broker::dead_letter(
+                    &publisher,
+                    topology,
+                    &topology.events_dead_queue(),
+                    &delivery,
+                    &reason,
+                )
+                .await?;
                 continue;
             }
         };
@@ -184,7 +223,12 @@ async fn events_session(
             Err(error) => {
                 // Our own storage failed: keep the event for a retry rather than lose it.
                 tracing::error!(%error, run = %event.run_id, "cannot record an agent event; requeueing it");
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -210,7 +254,9 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
         return Ok(());
     }
     if let EventBody::Log { first_line, lines } = &event.body {
-        state.logs.append(event.run_id, event.attempt, *first_line, lines)?;
+        state
+            .logs
+            .append(event.run_id, event.attempt, *first_line, lines)?;
     }
     let applied = state.store.apply_event(event).await?;
     if let Some(status) = applied.finished {

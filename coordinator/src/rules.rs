@@ -53,7 +53,9 @@ impl RunStatus {
     }
 
     pub fn parse(text: &str) -> Option<RunStatus> {
-        RunStatus::ALL.into_iter().find(|status| status.as_str() == text)
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
     }
 
     pub fn from_result(result: RunResult) -> RunStatus {
@@ -121,28 +123,41 @@ fn valid_ref(text: &str) -> bool {
         && !text.contains("..")
         && !text.starts_with('-')
         && !text.ends_with('/')
-        && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
 }
 
 fn qualify_branch(git_ref: &str) -> String {
-    if git_ref.starts_with("refs/") { git_ref.to_owned() } else { format!("refs/heads/{git_ref}") }
+    if git_ref.starts_with("refs/") {
+        git_ref.to_owned()
+    } else {
+        format!("refs/heads/{git_ref}")
+    }
 }
 
 /// Resolves a request against the configuration, or says what is wrong with it.
-pub fn validate_request(config: &Config, request: &RunRequest) -> Result<ValidRequest, RequestError> {
+pub fn validate_request(
+    config: &Config,
+    request: &RunRequest,
+) -> Result<ValidRequest, RequestError> {
     let repository: &RepositoryConfig =
-        config.repository(&request.repository).ok_or_else(|| RequestError::UnknownRepository {
-            name: request.repository.clone(),
-            configured: config
-                .repositories
-                .iter()
-                .map(|repository| repository.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+        config
+            .repository(&request.repository)
+            .ok_or_else(|| RequestError::UnknownRepository {
+                name: request.repository.clone(),
+                configured: config
+                    .repositories
+                    .iter()
+                    .map(|repository| repository.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
     let kind = match request.kind.as_deref() {
         None => RunKind::Ci,
-        Some(text) => RunKind::parse(text).ok_or_else(|| RequestError::UnknownKind(text.to_owned()))?,
+        Some(text) => {
+            RunKind::parse(text).ok_or_else(|| RequestError::UnknownKind(text.to_owned()))?
+        }
     };
     let sha = request.sha.as_deref().map(Sha::parse).transpose()?;
     if let Some(git_ref) = &request.git_ref {
@@ -150,7 +165,9 @@ pub fn validate_request(config: &Config, request: &RunRequest) -> Result<ValidRe
             return Err(RequestError::BadRef(git_ref.clone()));
         }
     }
-    let timeout_secs = repository.run_timeout_secs.unwrap_or(config.limits.run_timeout_secs);
+    let timeout_secs = repository
+        .run_timeout_secs
+        .unwrap_or(config.limits.run_timeout_secs);
     match kind {
         RunKind::Ci => {
             let pr = PrNumber(request.pr.ok_or(RequestError::MissingPr)?);
@@ -176,7 +193,10 @@ pub fn validate_request(config: &Config, request: &RunRequest) -> Result<ValidRe
             if request.pr.is_some() {
                 return Err(RequestError::DeployWithPr);
             }
-            let branch = request.git_ref.as_deref().unwrap_or(&repository.production_branch);
+            let branch = request
+                .git_ref
+                .as_deref()
+                .unwrap_or(&repository.production_branch);
             Ok(ValidRequest {
                 repository: repository.name.clone(),
                 kind,
@@ -337,64 +357,136 @@ mod tests {
     #[test]
     fn bad_requests_say_what_is_wrong() {
         let config = config();
-        let unknown = RunRequest { repository: "nope".into(), ..ci(Some(1), Some(SHA)) };
+        let unknown = RunRequest {
+            repository: "nope".into(),
+            ..ci(Some(1), Some(SHA))
+        };
         assert_eq!(
             validate_request(&config, &unknown).unwrap_err().to_string(),
             "unknown repository `nope`; configured: shop"
         );
-        assert_eq!(validate_request(&config, &ci(None, Some(SHA))), Err(RequestError::MissingPr));
-        assert_eq!(validate_request(&config, &ci(Some(1), None)), Err(RequestError::MissingSha));
-        assert_eq!(validate_request(&config, &ci(Some(0), Some(SHA))), Err(RequestError::ZeroPr));
-        assert!(matches!(validate_request(&config, &ci(Some(1), Some("abc"))), Err(RequestError::Sha(_))));
-        let bad_kind = RunRequest { kind: Some("nightly".into()), ..ci(Some(1), Some(SHA)) };
-        assert_eq!(validate_request(&config, &bad_kind), Err(RequestError::UnknownKind("nightly".into())));
-        let bad_ref = RunRequest { git_ref: Some("main; rm -rf /".into()), ..ci(Some(1), Some(SHA)) };
-        assert!(matches!(validate_request(&config, &bad_ref), Err(RequestError::BadRef(_))));
+        assert_eq!(
+            validate_request(&config, &ci(None, Some(SHA))),
+            Err(RequestError::MissingPr)
+        );
+        assert_eq!(
+            validate_request(&config, &ci(Some(1), None)),
+            Err(RequestError::MissingSha)
+        );
+        assert_eq!(
+            validate_request(&config, &ci(Some(0), Some(SHA))),
+            Err(RequestError::ZeroPr)
+        );
+        assert!(matches!(
+            validate_request(&config, &ci(Some(1), Some("abc"))),
+            Err(RequestError::Sha(_))
+        ));
+        let bad_kind = RunRequest {
+            kind: Some("nightly".into()),
+            ..ci(Some(1), Some(SHA))
+        };
+        assert_eq!(
+            validate_request(&config, &bad_kind),
+            Err(RequestError::UnknownKind("nightly".into()))
+        );
+        let bad_ref = RunRequest {
+            git_ref: Some("main; rm -rf /".into()),
+            ..ci(Some(1), Some(SHA))
+        };
+        assert!(matches!(
+            validate_request(&config, &bad_ref),
+            Err(RequestError::BadRef(_))
+        ));
     }
 
     #[test]
     fn deploy_defaults_to_the_production_branch() {
-        let request = RunRequest { repository: "shop".into(), kind: Some("deploy".into()), ..Default::default() };
+        let request = RunRequest {
+            repository: "shop".into(),
+            kind: Some("deploy".into()),
+            ..Default::default()
+        };
         let valid = validate_request(&config(), &request).unwrap();
         assert_eq!(valid.fetch_ref, "refs/heads/trunk");
         assert_eq!(valid.sha, None);
         assert_eq!(valid.isolation, None);
-        let with_pr = RunRequest { pr: Some(3), ..request };
-        assert_eq!(validate_request(&config(), &with_pr), Err(RequestError::DeployWithPr));
+        let with_pr = RunRequest {
+            pr: Some(3),
+            ..request
+        };
+        assert_eq!(
+            validate_request(&config(), &with_pr),
+            Err(RequestError::DeployWithPr)
+        );
     }
 
     #[test]
     fn ci_without_production_state_is_refused_with_advice() {
         let valid = validate_request(&config(), &ci(Some(7), Some(SHA))).unwrap();
         match admit(&valid, false) {
-            Admission::Refuse(message) => assert!(message.contains("slimci deploy --repo shop"), "{message}"),
+            Admission::Refuse(message) => {
+                assert!(message.contains("slimci deploy --repo shop"), "{message}")
+            }
             Admission::Queue => panic!("queued a CI run without production state"),
         }
         assert_eq!(admit(&valid, true), Admission::Queue);
-        let deploy = ValidRequest { kind: RunKind::Deploy, ..valid };
+        let deploy = ValidRequest {
+            kind: RunKind::Deploy,
+            ..valid
+        };
         assert_eq!(admit(&deploy, false), Admission::Queue);
     }
 
     fn claim(attempt: u32) -> ClaimRequest {
-        ClaimRequest { run_id: RunId::new(), attempt: Attempt(attempt), agent: AgentName::parse("a1").unwrap() }
+        ClaimRequest {
+            run_id: RunId::new(),
+            attempt: Attempt(attempt),
+            agent: AgentName::parse("a1").unwrap(),
+        }
     }
 
     #[test]
     fn a_run_is_claimed_once_and_only_on_its_current_attempt() {
-        let queued = ClaimView { status: RunStatus::Queued, attempt: Attempt(2), agent: None };
+        let queued = ClaimView {
+            status: RunStatus::Queued,
+            attempt: Attempt(2),
+            agent: None,
+        };
         assert_eq!(decide_claim(&queued, &claim(2)), ClaimDecision::Grant);
-        assert!(matches!(decide_claim(&queued, &claim(1)), ClaimDecision::Refuse(_)));
-        let running = ClaimView { status: RunStatus::Running, attempt: Attempt(2), agent: Some("a0".into()) };
-        assert_eq!(decide_claim(&running, &claim(2)), ClaimDecision::Refuse("already claimed by a0".into()));
-        let cancelled = ClaimView { status: RunStatus::Cancelled, ..queued };
-        assert_eq!(decide_claim(&cancelled, &claim(2)), ClaimDecision::Refuse("the run is already cancelled".into()));
+        assert!(matches!(
+            decide_claim(&queued, &claim(1)),
+            ClaimDecision::Refuse(_)
+        ));
+        let running = ClaimView {
+            status: RunStatus::Running,
+            attempt: Attempt(2),
+            agent: Some("a0".into()),
+        };
+        assert_eq!(
+            decide_claim(&running, &claim(2)),
+            ClaimDecision::Refuse("already claimed by a0".into())
+        );
+        let cancelled = ClaimView {
+            status: RunStatus::Cancelled,
+            ..queued
+        };
+        assert_eq!(
+            decide_claim(&cancelled, &claim(2)),
+            ClaimDecision::Refuse("the run is already cancelled".into())
+        );
     }
 
     #[test]
     fn cancel_depends_on_where_the_run_is() {
         assert_eq!(decide_cancel(RunStatus::Queued), CancelDecision::EndNow);
-        assert_eq!(decide_cancel(RunStatus::Running), CancelDecision::SignalAgents);
-        assert_eq!(decide_cancel(RunStatus::Failed), CancelDecision::AlreadyFinished(RunStatus::Failed));
+        assert_eq!(
+            decide_cancel(RunStatus::Running),
+            CancelDecision::SignalAgents
+        );
+        assert_eq!(
+            decide_cancel(RunStatus::Failed),
+            CancelDecision::AlreadyFinished(RunStatus::Failed)
+        );
     }
 
     #[test]
@@ -403,8 +495,14 @@ mod tests {
         let run = |status| event_disposition(status, Attempt(2), 5, Attempt(2), 6);
         assert_eq!(run(RunStatus::Running), Apply);
         assert_eq!(run(RunStatus::Success), RunEnded);
-        assert_eq!(event_disposition(RunStatus::Running, Attempt(2), 5, Attempt(2), 5), Duplicate);
-        assert_eq!(event_disposition(RunStatus::Running, Attempt(2), 5, Attempt(1), 9), StaleAttempt);
+        assert_eq!(
+            event_disposition(RunStatus::Running, Attempt(2), 5, Attempt(2), 5),
+            Duplicate
+        );
+        assert_eq!(
+            event_disposition(RunStatus::Running, Attempt(2), 5, Attempt(1), 9),
+            StaleAttempt
+        );
     }
 
     #[test]
@@ -412,6 +510,12 @@ mod tests {
         for status in RunStatus::ALL {
             assert_eq!(RunStatus::parse(status.as_str()), Some(status));
         }
-        assert_eq!(RunStatus::ALL.iter().filter(|status| !status.is_terminal()).count(), 2);
+        assert_eq!(
+            RunStatus::ALL
+                .iter()
+                .filter(|status| !status.is_terminal())
+                .count(),
+            2
+        );
     }
 }

@@ -12,7 +12,9 @@ use slimci_proto::{
     AgentEvent, Attempt, ClaimRequest, EventBody, IsolationName, NodeResult, Outcome, Phase,
     PrNumber, RepoName, RunId, RunKind, RunResult, Sha,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use crate::rules::{self, ClaimDecision, ClaimView, EventDisposition, RunStatus};
@@ -22,7 +24,10 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the database holds a value this build cannot read: {0}")]
     Corrupt(String),
 }
@@ -195,7 +200,8 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 }
 
 fn run_from_row(row: &SqliteRow) -> Result<Run> {
-    let text = |column: &str| -> Result<Option<String>> { Ok(row.try_get::<Option<String>, _>(column)?) };
+    let text =
+        |column: &str| -> Result<Option<String>> { Ok(row.try_get::<Option<String>, _>(column)?) };
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     let kind: String = row.try_get("kind")?;
@@ -204,8 +210,13 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         id: RunId::parse(&id).map_err(corrupt)?,
         repository: RepoName::parse(&repository).map_err(corrupt)?,
         kind: RunKind::parse(&kind).ok_or_else(|| corrupt(format!("run kind {kind}")))?,
-        pr: row.try_get::<Option<i64>, _>("pr_number")?.map(|n| PrNumber(n as u64)),
-        sha: text("sha")?.map(|sha| Sha::parse(&sha)).transpose().map_err(corrupt)?,
+        pr: row
+            .try_get::<Option<i64>, _>("pr_number")?
+            .map(|n| PrNumber(n as u64)),
+        sha: text("sha")?
+            .map(|sha| Sha::parse(&sha))
+            .transpose()
+            .map_err(corrupt)?,
         fetch_ref: row.try_get("fetch_ref")?,
         isolation: text("isolation")?
             .map(|name| serde_json::from_value(serde_json::Value::String(name)))
@@ -219,14 +230,22 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         started_ms: row.try_get("started_ms")?,
         finished_ms: row.try_get("finished_ms")?,
         timeout_secs: row.try_get::<i64, _>("timeout_secs")? as u64,
-        state_run_id: text("state_run_id")?.map(|id| RunId::parse(&id)).transpose().map_err(corrupt)?,
-        state_sha: text("state_sha")?.map(|sha| Sha::parse(&sha)).transpose().map_err(corrupt)?,
+        state_run_id: text("state_run_id")?
+            .map(|id| RunId::parse(&id))
+            .transpose()
+            .map_err(corrupt)?,
+        state_sha: text("state_sha")?
+            .map(|sha| Sha::parse(&sha))
+            .transpose()
+            .map_err(corrupt)?,
         state_manifest_sha256: text("state_manifest_sha256")?,
         progress_done: row.try_get::<i64, _>("progress_done")? as u32,
         progress_total: row.try_get::<i64, _>("progress_total")? as u32,
         last_seq: row.try_get::<i64, _>("last_seq")? as u64,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-        dbt_exit_code: row.try_get::<Option<i64>, _>("dbt_exit_code")?.map(|code| code as i32),
+        dbt_exit_code: row
+            .try_get::<Option<i64>, _>("dbt_exit_code")?
+            .map(|code| code as i32),
     })
 }
 
@@ -249,7 +268,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         let store = Store { pool };
         store.migrate().await?;
         Ok(store)
@@ -261,10 +283,11 @@ impl Store {
             .await?;
         for (version, sql) in MIGRATIONS {
             let mut transaction = self.pool.begin().await?;
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
-                .bind(version)
-                .fetch_optional(&mut *transaction)
-                .await?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                    .bind(version)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
             if done.is_some() {
                 continue;
             }
@@ -411,9 +434,16 @@ impl Store {
     /// Grants or refuses an agent's claim, atomically: at most one claim of an attempt wins.
     pub async fn claim(&self, claim: &ClaimRequest) -> Result<ClaimDecision> {
         let Some(run) = self.run(claim.run_id).await? else {
-            return Ok(ClaimDecision::Refuse(format!("unknown run {}", claim.run_id)));
+            return Ok(ClaimDecision::Refuse(format!(
+                "unknown run {}",
+                claim.run_id
+            )));
         };
-        let view = ClaimView { status: run.status, attempt: run.attempt, agent: run.agent.clone() };
+        let view = ClaimView {
+            status: run.status,
+            attempt: run.attempt,
+            agent: run.agent.clone(),
+        };
         if let ClaimDecision::Refuse(reason) = rules::decide_claim(&view, claim) {
             return Ok(ClaimDecision::Refuse(reason));
         }
@@ -430,7 +460,9 @@ impl Store {
         if updated.rows_affected() == 1 {
             Ok(ClaimDecision::Grant)
         } else {
-            Ok(ClaimDecision::Refuse("claimed concurrently by another agent".to_owned()))
+            Ok(ClaimDecision::Refuse(
+                "claimed concurrently by another agent".to_owned(),
+            ))
         }
     }
 
@@ -462,7 +494,13 @@ impl Store {
         let Some(run) = self.run(event.run_id).await? else {
             return Ok(None);
         };
-        Ok(Some(rules::event_disposition(run.status, run.attempt, run.last_seq, event.attempt, event.seq)))
+        Ok(Some(rules::event_disposition(
+            run.status,
+            run.attempt,
+            run.last_seq,
+            event.attempt,
+            event.seq,
+        )))
     }
 
     /// Applies an agent event whose log lines (if any) are already on disk.
@@ -474,12 +512,23 @@ impl Store {
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(run) = row.as_ref().map(run_from_row).transpose()? else {
-            return Ok(Applied { disposition: EventDisposition::StaleAttempt, finished: None });
+            return Ok(Applied {
+                disposition: EventDisposition::StaleAttempt,
+                finished: None,
+            });
         };
-        let disposition =
-            rules::event_disposition(run.status, run.attempt, run.last_seq, event.attempt, event.seq);
+        let disposition = rules::event_disposition(
+            run.status,
+            run.attempt,
+            run.last_seq,
+            event.attempt,
+            event.seq,
+        );
         if disposition != EventDisposition::Apply {
-            return Ok(Applied { disposition, finished: None });
+            return Ok(Applied {
+                disposition,
+                finished: None,
+            });
         }
         let at = event.at.timestamp_millis();
         let attempt = event.attempt.0 as i64;
@@ -538,7 +587,10 @@ impl Store {
             .execute(&mut *transaction)
             .await?;
         transaction.commit().await?;
-        Ok(Applied { disposition, finished })
+        Ok(Applied {
+            disposition,
+            finished,
+        })
     }
 
     async fn finish(
@@ -568,11 +620,12 @@ impl Store {
         let mut status = RunStatus::from_result(outcome.result);
         let mut message = outcome.message.clone();
         if run.kind == RunKind::Deploy && outcome.result == RunResult::Success {
-            let manifest: Option<String> =
-                sqlx::query_scalar("SELECT sha256 FROM artifacts WHERE run_id = ? AND name = 'manifest.json'")
-                    .bind(&run_id)
-                    .fetch_optional(&mut **transaction)
-                    .await?;
+            let manifest: Option<String> = sqlx::query_scalar(
+                "SELECT sha256 FROM artifacts WHERE run_id = ? AND name = 'manifest.json'",
+            )
+            .bind(&run_id)
+            .fetch_optional(&mut **transaction)
+            .await?;
             // The agent reports the commit it built before it finishes; a deploy without one
             // cannot become production state.
             let sha: Option<String> = sqlx::query_scalar("SELECT sha FROM runs WHERE id = ?")
@@ -631,10 +684,12 @@ impl Store {
     }
 
     pub async fn artifacts(&self, id: RunId) -> Result<Vec<ArtifactRecord>> {
-        let rows = sqlx::query("SELECT name, size, sha256, created_ms FROM artifacts WHERE run_id = ? ORDER BY name")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT name, size, sha256, created_ms FROM artifacts WHERE run_id = ? ORDER BY name",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(ArtifactRecord {
@@ -649,27 +704,39 @@ impl Store {
 
     /// Running runs a user asked to cancel; the publisher tells the agents.
     pub async fn cancel_pending_runs(&self) -> Result<Vec<RunId>> {
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM runs WHERE status = 'running' AND cancel_requested = 1")
-                .fetch_all(&self.pool)
-                .await?;
-        ids.iter().map(|id| RunId::parse(id).map_err(corrupt)).collect()
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE status = 'running' AND cancel_requested = 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter()
+            .map(|id| RunId::parse(id).map_err(corrupt))
+            .collect()
     }
 
     /// Runs that are not terminal, for the status line at start-up.
     pub async fn count_active(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }
 
 /// `Phase` names as the store writes them, for readers that want the enum back.
 pub fn phase_order(name: &str) -> usize {
-    [Phase::Checkout, Phase::StateFetch, Phase::Deps, Phase::Profile, Phase::Build, Phase::Upload]
-        .iter()
-        .position(|phase| phase.as_str() == name)
-        .unwrap_or(usize::MAX)
+    [
+        Phase::Checkout,
+        Phase::StateFetch,
+        Phase::Deps,
+        Phase::Profile,
+        Phase::Build,
+        Phase::Upload,
+    ]
+    .iter()
+    .position(|phase| phase.as_str() == name)
+    .unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -692,7 +759,8 @@ mod tests {
             pr: (kind == RunKind::Ci).then_some(PrNumber(4)),
             sha: Some(Sha::parse(&"ab".repeat(20)).unwrap()),
             fetch_ref: "refs/heads/main".into(),
-            isolation: (kind == RunKind::Ci).then(|| IsolationName::for_pr(&repository, PrNumber(4))),
+            isolation: (kind == RunKind::Ci)
+                .then(|| IsolationName::for_pr(&repository, PrNumber(4))),
             repository,
             timeout_secs: 60,
             production_state: None,
@@ -713,7 +781,11 @@ mod tests {
     }
 
     fn claim(run: &NewRun) -> ClaimRequest {
-        ClaimRequest { run_id: run.id, attempt: Attempt(1), agent: AgentName::parse("a1").unwrap() }
+        ClaimRequest {
+            run_id: run.id,
+            attempt: Attempt(1),
+            agent: AgentName::parse("a1").unwrap(),
+        }
     }
 
     #[tokio::test]
@@ -733,7 +805,10 @@ mod tests {
         let (_dir, store) = store().await;
         let run = new_run(RunKind::Ci);
         store.insert_run(&run).await.unwrap();
-        assert_eq!(store.claim(&claim(&run)).await.unwrap(), ClaimDecision::Grant);
+        assert_eq!(
+            store.claim(&claim(&run)).await.unwrap(),
+            ClaimDecision::Grant
+        );
         assert_eq!(
             store.claim(&claim(&run)).await.unwrap(),
             ClaimDecision::Refuse("already claimed by a1".into())
@@ -747,13 +822,33 @@ mod tests {
         store.insert_run(&run).await.unwrap();
         store.claim(&claim(&run)).await.unwrap();
         store
-            .record_artifact(run.id, &ArtifactRecord { name: "manifest.json".into(), size: 2, sha256: "cafe".into(), created_ms: 0 })
+            .record_artifact(
+                run.id,
+                &ArtifactRecord {
+                    name: "manifest.json".into(),
+                    size: 2,
+                    sha256: "cafe".into(),
+                    created_ms: 0,
+                },
+            )
             .await
             .unwrap();
-        let outcome = Outcome { result: RunResult::Success, message: None, dbt_exit_code: Some(0), nodes: vec![] };
-        let applied = store.apply_event(&event(&run, 1, EventBody::Finished(outcome))).await.unwrap();
+        let outcome = Outcome {
+            result: RunResult::Success,
+            message: None,
+            dbt_exit_code: Some(0),
+            nodes: vec![],
+        };
+        let applied = store
+            .apply_event(&event(&run, 1, EventBody::Finished(outcome)))
+            .await
+            .unwrap();
         assert_eq!(applied.finished, Some(RunStatus::Success));
-        let state = store.production_state(&run.repository).await.unwrap().unwrap();
+        let state = store
+            .production_state(&run.repository)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(state.deploy_run_id, run.id);
         assert_eq!(state.manifest_sha256, "cafe");
     }
@@ -764,10 +859,24 @@ mod tests {
         let run = new_run(RunKind::Deploy);
         store.insert_run(&run).await.unwrap();
         store.claim(&claim(&run)).await.unwrap();
-        let outcome = Outcome { result: RunResult::Success, message: None, dbt_exit_code: Some(0), nodes: vec![] };
-        let applied = store.apply_event(&event(&run, 1, EventBody::Finished(outcome))).await.unwrap();
+        let outcome = Outcome {
+            result: RunResult::Success,
+            message: None,
+            dbt_exit_code: Some(0),
+            nodes: vec![],
+        };
+        let applied = store
+            .apply_event(&event(&run, 1, EventBody::Finished(outcome)))
+            .await
+            .unwrap();
         assert_eq!(applied.finished, Some(RunStatus::Error));
-        assert!(store.production_state(&run.repository).await.unwrap().is_none());
+        assert!(
+            store
+                .production_state(&run.repository)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -777,12 +886,44 @@ mod tests {
         store.insert_run(&run).await.unwrap();
         store.claim(&claim(&run)).await.unwrap();
         let progress = |seq, done| event(&run, seq, EventBody::Progress { done, total: 9 });
-        assert_eq!(store.apply_event(&progress(1, 3)).await.unwrap().disposition, EventDisposition::Apply);
-        assert_eq!(store.apply_event(&progress(1, 5)).await.unwrap().disposition, EventDisposition::Duplicate);
+        assert_eq!(
+            store
+                .apply_event(&progress(1, 3))
+                .await
+                .unwrap()
+                .disposition,
+            EventDisposition::Apply
+        );
+        assert_eq!(
+            store
+                .apply_event(&progress(1, 5))
+                .await
+                .unwrap()
+                .disposition,
+            EventDisposition::Duplicate
+        );
         assert_eq!(store.run(run.id).await.unwrap().unwrap().progress_done, 3);
-        let outcome = Outcome { result: RunResult::Failed, message: None, dbt_exit_code: Some(1), nodes: vec![] };
-        store.apply_event(&event(&run, 2, EventBody::Finished(outcome))).await.unwrap();
-        assert_eq!(store.apply_event(&progress(3, 9)).await.unwrap().disposition, EventDisposition::RunEnded);
-        assert_eq!(store.run(run.id).await.unwrap().unwrap().status, RunStatus::Failed);
+        let outcome = Outcome {
+            result: RunResult::Failed,
+            message: None,
+            dbt_exit_code: Some(1),
+            nodes: vec![],
+        };
+        store
+            .apply_event(&event(&run, 2, EventBody::Finished(outcome)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .apply_event(&progress(3, 9))
+                .await
+                .unwrap()
+                .disposition,
+            EventDisposition::RunEnded
+        );
+        assert_eq!(
+            store.run(run.id).await.unwrap().unwrap().status,
+            RunStatus::Failed
+        );
     }
 }

@@ -9,13 +9,17 @@ use uuid::Uuid;
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    #[error("`{0}` is not a commit SHA: expected 40 (SHA-1) or 64 (SHA-256) hexadecimal characters")]
+    #[error(
+        "`{0}` is not a commit SHA: expected 40 (SHA-1) or 64 (SHA-256) hexadecimal characters"
+    )]
     Sha(String),
     #[error(
         "`{0}` is not a repository name: use 1 to 100 characters of letters, digits, `-`, `_`, `.` and `/`"
     )]
     RepoName(String),
-    #[error("`{0}` is not an agent name: use 1 to 64 characters of letters, digits, `-`, `_` and `.`")]
+    #[error(
+        "`{0}` is not an agent name: use 1 to 64 characters of letters, digits, `-`, `_` and `.`"
+    )]
     AgentName(String),
     #[error("`{0}` is not a run id (expected a UUID)")]
     RunId(String),
@@ -32,7 +36,9 @@ impl RunId {
     }
 
     pub fn parse(text: &str) -> Result<RunId, IdError> {
-        Uuid::parse_str(text).map(RunId).map_err(|_| IdError::RunId(text.to_owned()))
+        Uuid::parse_str(text)
+            .map(RunId)
+            .map_err(|_| IdError::RunId(text.to_owned()))
     }
 }
 
@@ -111,7 +117,9 @@ macro_rules! validated_string {
 pub struct Sha(String);
 
 validated_string!(Sha, |text| {
-    let hex = text.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
+    let hex = text
+        .bytes()
+        .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
     if hex && (text.len() == 40 || text.len() == 64) {
         Ok(())
     } else {
@@ -147,7 +155,13 @@ impl RepoName {
     pub fn slug(&self) -> String {
         self.0
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect()
     }
 }
@@ -208,12 +222,18 @@ impl<'de> Deserialize<'de> for IsolationName {
         let text = String::deserialize(deserializer)?;
         let valid = text.starts_with("pr_")
             && text.len() <= MAX_ISOLATION_LEN
-            && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && text.rsplit_once('_').is_some_and(|(_, n)| n.parse::<u64>().is_ok());
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && text
+                .rsplit_once('_')
+                .is_some_and(|(_, n)| n.parse::<u64>().is_ok());
         if valid {
             Ok(IsolationName(text))
         } else {
-            Err(serde::de::Error::custom(format!("`{text}` is not a PR isolation name")))
+            Err(serde::de::Error::custom(format!(
+                "`{text}` is not a PR isolation name"
+            )))
         }
     }
 }
@@ -230,7 +250,10 @@ mod tests {
         assert!(Sha::parse("0123456789ABCDEF0123456789abcdef01234567").is_err());
         assert!(Sha::parse("g123456789abcdef0123456789abcdef01234567").is_err());
         let error = Sha::parse("xyz").unwrap_err().to_string();
-        assert!(error.contains("40 (SHA-1) or 64 (SHA-256) hexadecimal"), "{error}");
+        assert!(
+            error.contains("40 (SHA-1) or 64 (SHA-256) hexadecimal"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -246,7 +269,10 @@ mod tests {
         let repo = RepoName::parse("Acme/Analytics-dbt").unwrap();
         let name = IsolationName::for_pr(&repo, PrNumber(42));
         assert_eq!(name.as_str(), "pr_acme_analytics_dbt_42");
-        assert_eq!(IsolationName::pr_of(&repo, name.as_str()), Some(PrNumber(42)));
+        assert_eq!(
+            IsolationName::pr_of(&repo, name.as_str()),
+            Some(PrNumber(42))
+        );
         assert_eq!(IsolationName::pr_of(&repo, "analytics"), None);
         assert_eq!(IsolationName::pr_of(&repo, "pr_other_42"), None);
         assert_eq!(IsolationName::pr_of(&repo, "pr_acme_analytics_dbt_x"), None);
@@ -257,6 +283,9 @@ mod tests {
         let repo = RepoName::parse(&"r".repeat(100)).unwrap();
         let name = IsolationName::for_pr(&repo, PrNumber(u64::MAX));
         assert!(name.as_str().len() <= 63, "{name}");
-        assert_eq!(IsolationName::pr_of(&repo, name.as_str()), Some(PrNumber(u64::MAX)));
+        assert_eq!(
+            IsolationName::pr_of(&repo, name.as_str()),
+            Some(PrNumber(u64::MAX))
+        );
     }
 }

@@ -52,8 +52,11 @@ pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
         #[serde(flatten)]
         body: &'a T,
     }
-    serde_json::to_vec(&Out { protocol: PROTOCOL_VERSION, body })
-        .expect("protocol types always serialize")
+    serde_json::to_vec(&Out {
+        protocol: PROTOCOL_VERSION,
+        body,
+    })
+    .expect("protocol types always serialize")
 }
 
 /// Checks the version first, then decodes the body, so a peer of another version gets an error
@@ -253,14 +256,27 @@ pub struct Outcome {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventBody {
     /// Checkout is done: the exact commit being built.
-    Started { sha: Sha },
-    PhaseStarted { phase: Phase },
-    PhaseFinished { phase: Phase, ok: bool },
+    Started {
+        sha: Sha,
+    },
+    PhaseStarted {
+        phase: Phase,
+    },
+    PhaseFinished {
+        phase: Phase,
+        ok: bool,
+    },
     /// Log lines `first_line..first_line + lines.len()` of this attempt (0-based). Resending a
     /// batch is harmless: the coordinator keeps only lines it does not have.
-    Log { first_line: u64, lines: Vec<String> },
+    Log {
+        first_line: u64,
+        lines: Vec<String>,
+    },
     /// Nodes finished of nodes selected, from dbt's structured log.
-    Progress { done: u32, total: u32 },
+    Progress {
+        done: u32,
+        total: u32,
+    },
     Finished(Outcome),
 }
 
@@ -294,7 +310,10 @@ mod tests {
                 fetch_ref: "refs/pull/7/head".into(),
             },
             pr_number: Some(PrNumber(7)),
-            isolation: Some(IsolationName::for_pr(&RepoName::parse("shop").unwrap(), PrNumber(7))),
+            isolation: Some(IsolationName::for_pr(
+                &RepoName::parse("shop").unwrap(),
+                PrNumber(7),
+            )),
             production_state: None,
             timeout_secs: 3600,
         }
@@ -316,7 +335,13 @@ mod tests {
             serde_json::from_slice(&encode(&ToAgentMessage::Job(sample_job()))).unwrap();
         value["protocol"] = 99.into();
         let error = decode::<ToAgentMessage>(value.to_string().as_bytes()).unwrap_err();
-        assert!(matches!(error, DecodeError::UnsupportedVersion { found: 99, supported: 1 }));
+        assert!(matches!(
+            error,
+            DecodeError::UnsupportedVersion {
+                found: 99,
+                supported: 1
+            }
+        ));
         assert_eq!(
             error.to_string(),
             "unsupported protocol version 99; this build speaks version 1"
@@ -333,7 +358,10 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(matches!(decode::<ToAgentMessage>(b"\xff\x00garbage"), Err(DecodeError::NoVersion(_))));
+        assert!(matches!(
+            decode::<ToAgentMessage>(b"\xff\x00garbage"),
+            Err(DecodeError::NoVersion(_))
+        ));
         assert!(matches!(
             decode::<ToAgentMessage>(br#"{"protocol":1,"type":"job"}"#),
             Err(DecodeError::Malformed(_))
@@ -348,7 +376,10 @@ mod tests {
             agent: AgentName::parse("vm-1").unwrap(),
             seq: 3,
             at: Utc::now(),
-            body: EventBody::Log { first_line: 10, lines: vec!["hello".into()] },
+            body: EventBody::Log {
+                first_line: 10,
+                lines: vec!["hello".into()],
+            },
         };
         let bytes = encode(&event);
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

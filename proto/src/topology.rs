@@ -10,7 +10,9 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: &str) -> Topology {
-        Topology { prefix: prefix.to_owned() }
+        Topology {
+            prefix: prefix.to_owned(),
+        }
     }
 
     pub fn prefix(&self) -> &str {

@@ -1,0 +1,71 @@
+# Shared by scripts/demo and scripts/test: installs what is missing on a Debian machine.
+# Source it; it defines functions and sets nothing else.
+
+slimci_root() { cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd; }
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if [ $apt_updated -eq 0 ]; then
+    log "apt-get update"
+    $sudo apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_build_tools() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is not installed: install a Rust toolchain (1.88 or newer), e.g. with rustup" >&2
+    exit 1
+  fi
+  apt_install git pkg-config libssl-dev gcc
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# RabbitMQ from Debian's packages, started if nothing answers on 5672.
+ensure_rabbitmq() {
+  if port_open 127.0.0.1 5672; then return 0; fi
+  apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do
+    port_open 127.0.0.1 5672 && return 0
+    sleep 0.5
+  done
+  echo "RabbitMQ did not start listening on 127.0.0.1:5672 within 60 s" >&2
+  exit 1
+}
+
+# dbt in a virtualenv keyed by the pinned requirements, so every checkout on this machine
+# shares one install. Prints the path of the dbt executable.
+ensure_dbt() {
+  local root requirements hash venv python
+  root=$(slimci_root)
+  requirements="$root/scripts/requirements-dbt.txt"
+  hash=$(sha256sum "$requirements" | cut -c1-16)
+  venv="${SLIMCI_CACHE:-$HOME/.cache/slimci}/dbt-$hash"
+  if [ ! -f "$venv/.slimci-installed" ]; then
+    python=$(command -v python3 || true)
+    if [ -z "$python" ]; then apt_install python3; python=python3; fi
+    "$python" -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    log "installing dbt into $venv"
+    rm -rf "$venv"
+    "$python" -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements" >&2
+    touch "$venv/.slimci-installed"
+  fi
+  echo "$venv/bin/dbt"
+}
