@@ -47,8 +47,12 @@ impl Progress {
             };
         };
         let mut changed = false;
-        let total = line.data.get("total").and_then(serde_json::Value::as_u64);
-        match line.info.name.as_str() {
+        // Model, seed and snapshot results carry `total`; test results carry `num_models`.
+        let total = ["total", "num_models"]
+            .iter()
+            .find_map(|key| line.data.get(key).and_then(serde_json::Value::as_u64));
+        let name = line.info.name.as_str();
+        match name {
             "ConcurrencyLine" => {
                 if let Some(count) = line
                     .data
@@ -60,7 +64,9 @@ impl Progress {
                 }
             }
             "LogStartLine" => {}
-            _ if total.is_some() && line.data.get("index").is_some() => {
+            _ if (name.ends_with("Result") || name == "SkippingDetails")
+                && line.data.get("index").is_some() =>
+            {
                 self.done += 1;
                 self.total = self.total.max(total.unwrap_or_default() as u32);
                 changed = true;

@@ -115,8 +115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::new(dir.path().to_owned());
         let run = RunId::new();
-        let body =
-            futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
                 0u8;
                 10
             ]))]);

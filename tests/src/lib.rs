@@ -1,1 +1,616 @@
+//! Harness for the end-to-end tests: starts the real `slimci-coordinator` and `slimci-agent`
+//! binaries against the RabbitMQ on 127.0.0.1:5672 (under a queue prefix of the test's own),
+//! real dbt (`SLIMCI_DBT`, set by `scripts/test`), and a git repository of the example project
+//! made for the test. Each process logs to its own file in the test's directory; dropping the
+//! cluster kills every process group it started and deletes its queues.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
+
+/// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn dbt() -> PathBuf {
+    let path = PathBuf::from(std::env::var("SLIMCI_DBT").expect(
+        "SLIMCI_DBT must name the dbt executable; run the tests through scripts/test, which installs dbt",
+    ));
+    assert!(
+        path.is_file(),
+        "SLIMCI_DBT={} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// The Python of dbt's virtualenv, which has the duckdb module.
+pub fn python() -> PathBuf {
+    dbt().with_file_name("python")
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A process started by the harness, in its own process group.
+pub struct Process {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Process {
+    fn start(name: &str, program: &Path, args: &[&str], log: PathBuf) -> anyhow::Result<Process> {
+        use std::os::unix::process::CommandExt;
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Process {
+            name: name.to_owned(),
+            log,
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails if the process has exited: nothing here is meant to exit on its own.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited unexpectedly ({status}); log:\n{}",
+                self.name,
+                tail(&self.log)
+            );
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL the whole group.
+    pub fn stop(&mut self, grace: Duration) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=slimci-test",
+            "-c",
+            "user.email=test@example.com",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// A git repository of `examples/shop`, with `main` and pull-request refs made on demand.
+pub struct Origin {
+    pub path: PathBuf,
+}
+
+impl Origin {
+    pub fn create(path: PathBuf) -> anyhow::Result<Origin> {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(workspace_root().join("examples/shop"))
+            .arg(&path)
+            .status()?;
+        if !status.success() {
+            bail!("copying examples/shop failed");
+        }
+        git(&path, &["init", "-q", "-b", "main"])?;
+        git(&path, &["add", "."])?;
+        git(&path, &["commit", "-qm", "Shop project"])?;
+        Ok(Origin { path })
+    }
+
+    pub fn main_sha(&self) -> anyhow::Result<String> {
+        git(&self.path, &["rev-parse", "main"])
+    }
+
+    /// Commits `edits` ((file, old text, new text)) on top of main as pull request `pr`, points
+    /// `refs/pull/<pr>/head` at it, and returns its SHA. Main is left as it was.
+    pub fn pull_request(&self, pr: u64, edits: &[(&str, &str, &str)]) -> anyhow::Result<String> {
+        let branch = format!("pr-{pr}-{}", uuid::Uuid::new_v4().simple());
+        git(&self.path, &["checkout", "-qb", &branch, "main"])?;
+        for (file, old, new) in edits {
+            let path = self.path.join(file);
+            let text = std::fs::read_to_string(&path)?;
+            if !text.contains(old) {
+                bail!("{file} does not contain {old:?}");
+            }
+            std::fs::write(&path, text.replacen(old, new, 1))?;
+        }
+        git(&self.path, &["commit", "-qam", &format!("PR {pr}")])?;
+        let sha = git(&self.path, &["rev-parse", "HEAD"])?;
+        git(
+            &self.path,
+            &["update-ref", &format!("refs/pull/{pr}/head"), &sha],
+        )?;
+        git(&self.path, &["checkout", "-q", "main"])?;
+        git(&self.path, &["branch", "-qD", &branch])?;
+        Ok(sha)
+    }
+}
+
+/// The edits of `examples/shop/README.md`, all to `models/staging/stg_orders.sql`.
+pub mod edits {
+    pub const FILE: &str = "models/staging/stg_orders.sql";
+    /// Adds a column; every test still passes.
+    pub const ADD_COLUMN: (&str, &str, &str) = (
+        FILE,
+        "        cast(order_date as date) as order_date,",
+        "        cast(order_date as date) as order_date,\n        dayname(order_date) as order_day_of_week,",
+    );
+    /// Upper-cases the status, which the `accepted_values` test rejects.
+    pub const FAIL_TEST: (&str, &str, &str) =
+        (FILE, "lower(status) as status", "upper(status) as status");
+    /// A syntax error.
+    pub const BAD_SQL: (&str, &str, &str) =
+        (FILE, "lower(status) as status", "lower(status as status");
+}
+
+pub struct ClusterOptions {
+    pub agents: usize,
+    pub slots: u16,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            agents: 1,
+            slots: 1,
+        }
+    }
+}
+
+/// A coordinator, its agents and a git origin, all in one temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub origin: Origin,
+    pub url: String,
+    pub coordinator: Process,
+    pub agents: Vec<Process>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("slimci-e2e-").tempdir()?;
+        let prefix = format!("slimci-test-{}", uuid::Uuid::new_v4().simple());
+        let origin = Origin::create(dir.path().join("origin"))?;
+        write_coordinator_config(dir.path(), &prefix, &origin.path)?;
+        let coordinator = start_coordinator(dir.path(), "coordinator")?;
+        let url = wait_for_address(dir.path(), &coordinator).await?;
+        let mut cluster = Cluster {
+            dir,
+            prefix,
+            origin,
+            url,
+            coordinator,
+            agents: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        for index in 0..options.agents {
+            cluster.start_agent(&format!("agent-{index}"), options.slots)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn start_agent(&mut self, name: &str, slots: u16) -> anyhow::Result<()> {
+        let dir = self.dir.path();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "{name}"
+slots = {slots}
+work_dir = "{work}"
+dbt = "{dbt}"
+cancel_grace_secs = 5
+
+[amqp]
+url = "{AMQP_URL}"
+prefix = "{prefix}"
+
+[coordinator]
+url = "{url}"
+token = "{AGENT_TOKEN}"
+
+[warehouse]
+type = "duckdb"
+root = "{warehouse}"
+threads = 4
+"#,
+                work = dir.join(name).display(),
+                dbt = dbt().display(),
+                prefix = self.prefix,
+                url = self.url,
+                warehouse = self.warehouse().display(),
+            ),
+        )?;
+        let process = Process::start(
+            name,
+            &binary("slimci-agent"),
+            &["--config", config.to_str().expect("utf-8 path")],
+            dir.join(format!("{name}.log")),
+        )?;
+        self.agents.push(process);
+        Ok(())
+    }
+
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.path().join("warehouse")
+    }
+
+    pub fn production_database(&self) -> PathBuf {
+        self.warehouse().join("shop/current/prod.duckdb")
+    }
+
+    pub fn pr_database(&self, pr: u64) -> PathBuf {
+        self.warehouse()
+            .join(format!("shop/pr/pr_shop_{pr}.duckdb"))
+    }
+
+    /// Stops the coordinator and starts it again on the same data directory.
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.coordinator.stop(Duration::from_secs(10));
+        let _ = std::fs::remove_file(self.dir.path().join("coordinator/http.addr"));
+        // Listen where the agents expect the coordinator to be.
+        let address = self.url.trim_start_matches("http://").to_owned();
+        let config = self.dir.path().join("coordinator.toml");
+        let text = std::fs::read_to_string(&config)?.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{address}\""),
+        );
+        std::fs::write(&config, text)?;
+        self.coordinator = start_coordinator(self.dir.path(), "coordinator-restarted")?;
+        self.url = wait_for_address(self.dir.path(), &self.coordinator).await?;
+        Ok(())
+    }
+
+    pub fn assert_all_alive(&mut self) {
+        self.coordinator.assert_alive();
+        for agent in &mut self.agents {
+            agent.assert_alive();
+        }
+    }
+
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(binary("slimci"));
+        command
+            .env("SLIMCI_COORDINATOR", &self.url)
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub async fn post_run(&self, body: Value) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/runs", self.url))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
+    pub async fn run(&self, id: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/runs/{id}", self.url))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("GET run {id}: HTTP {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
+    pub async fn runs(&self) -> anyhow::Result<Vec<Value>> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/runs?limit=1000", self.url))
+            .send()
+            .await?;
+        Ok(response.json().await?)
+    }
+
+    pub async fn log(&self, id: &str) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/api/v1/runs/{id}/logs", self.url))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Waits until the run is terminal and returns it.
+    pub async fn wait_for_run(&mut self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let result = wait_for(&format!("run {id} to end"), timeout, || async {
+            let run = self.run(id).await?;
+            Ok((!matches!(run["status"].as_str(), Some("queued" | "running"))).then_some(run))
+        })
+        .await;
+        if result.is_err() {
+            self.assert_all_alive();
+            eprintln!("coordinator log:\n{}", tail(&self.coordinator.log));
+            for agent in &self.agents {
+                eprintln!("{} log:\n{}", agent.name, tail(&agent.log));
+            }
+        }
+        result
+    }
+
+    /// Deploys main and waits for it to succeed; returns the run.
+    pub async fn deploy(&mut self) -> anyhow::Result<Value> {
+        let (status, run) = self
+            .post_run(serde_json::json!({ "repository": "shop", "kind": "deploy" }))
+            .await?;
+        anyhow::ensure!(status == 201, "deploy request answered {status}: {run}");
+        let run = self
+            .wait_for_run(
+                run["id"].as_str().unwrap_or_default(),
+                Duration::from_secs(180),
+            )
+            .await?;
+        anyhow::ensure!(
+            run["status"] == "success",
+            "deploy ended {}: {}",
+            run["status"],
+            run["message"]
+        );
+        Ok(run)
+    }
+
+    /// Messages waiting in one of this cluster's queues.
+    pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let connection =
+            lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                format!("{}.{queue}", self.prefix).as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let _ = connection.close(200, "bye".into()).await;
+        Ok(declared.message_count())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        self.coordinator.signal(nix::sys::signal::Signal::SIGKILL);
+        // Delete this test's queues and exchanges, on a thread of its own: we may be inside a
+        // runtime here.
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let connection =
+                    lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                        .await
+                        .ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                for queue in ["jobs", "events", "jobs.dead", "events.dead"] {
+                    let _ = channel
+                        .queue_delete(
+                            format!("{prefix}.{queue}").as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                for exchange in ["control", "dead-letter"] {
+                    let _ = channel
+                        .exchange_delete(
+                            format!("{prefix}.{exchange}").as_str().into(),
+                            lapin::options::ExchangeDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                let _ = connection.close(200, "bye".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+fn write_coordinator_config(dir: &Path, prefix: &str, origin: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("coordinator.toml"),
+        format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[amqp]
+url = "{AMQP_URL}"
+prefix = "{prefix}"
+
+[auth]
+agent_token = "{AGENT_TOKEN}"
+
+[[repository]]
+name = "shop"
+clone_url = "{origin}"
+production_branch = "main"
+"#,
+            data = dir.join("coordinator").display(),
+            origin = origin.display(),
+        ),
+    )?;
+    Ok(())
+}
+
+fn start_coordinator(dir: &Path, name: &str) -> anyhow::Result<Process> {
+    let config = dir.join("coordinator.toml");
+    Process::start(
+        name,
+        &binary("slimci-coordinator"),
+        &["--config", config.to_str().expect("utf-8 path")],
+        dir.join(format!("{name}.log")),
+    )
+}
+
+async fn wait_for_address(dir: &Path, coordinator: &Process) -> anyhow::Result<String> {
+    let file = dir.join("coordinator/http.addr");
+    let address = wait_for(
+        "the coordinator to listen",
+        Duration::from_secs(30),
+        || async {
+            Ok(std::fs::read_to_string(&file)
+                .ok()
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty()))
+        },
+    )
+    .await
+    .with_context(|| tail(&coordinator.log))?;
+    let url = format!("http://{address}");
+    let client = reqwest::Client::new();
+    wait_for(
+        "the coordinator to answer",
+        Duration::from_secs(30),
+        || async {
+            Ok(client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    Ok(url)
+}
+
+/// Reads every table and view of a DuckDB database (attaching production as `prod`, as the PR
+/// profile does) through dbt's own Python: `{ "schema.name": [rows as text] }`.
+pub fn dump_database(database: &Path, production: Option<&Path>) -> anyhow::Result<Value> {
+    let script = r#"
+import json, sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+if len(sys.argv) > 2:
+    con.execute(f"ATTACH '{sys.argv[2]}' AS prod (READ_ONLY)")
+catalog = con.execute("select current_database()").fetchone()[0]
+out = {}
+for schema, name, kind in con.execute(
+    "select table_schema, table_name, table_type from information_schema.tables where table_catalog = ? order by 1, 2", [catalog]
+).fetchall():
+    rows = con.execute(f'select * from "{schema}"."{name}"').fetchall()
+    columns = [d[0] for d in con.description]
+    out[f"{schema}.{name}"] = {"kind": kind, "columns": columns, "rows": sorted(repr(r) for r in rows)}
+print(json.dumps(out))
+"#;
+    let mut command = Command::new(python());
+    command.arg("-c").arg(script).arg(database);
+    if let Some(production) = production {
+        command.arg(production);
+    }
+    let output = command.output()?;
+    if !output.status.success() {
+        bail!(
+            "reading {}: {}",
+            database.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
