@@ -98,11 +98,11 @@ impl GitCache {
             Ok(repo) => repo,
             Err(_) => Repository::init_bare(&bare)?,
         };
-        if let Some(sha) = &target.sha {
-            if repo.find_commit(Oid::from_str(sha.as_str())?).is_ok() {
-                tracing::debug!(%sha, "commit already cached; no fetch");
-                return Ok(sha.clone());
-            }
+        if let Some(sha) = &target.sha
+            && repo.find_commit(Oid::from_str(sha.as_str())?).is_ok()
+        {
+            tracing::debug!(%sha, "commit already cached; no fetch");
+            return Ok(sha.clone());
         }
         let local_ref = format!(
             "refs/slimci/{}",
@@ -115,16 +115,14 @@ impl GitCache {
             None,
         );
         match (&target.sha, fetched) {
-            (None, Err(source)) => {
-                return Err(GitError::Fetch {
-                    fetch_ref: target.fetch_ref.clone(),
-                    url: clone_url.to_owned(),
-                    source,
-                });
-            }
+            (None, Err(source)) => Err(GitError::Fetch {
+                fetch_ref: target.fetch_ref.clone(),
+                url: clone_url.to_owned(),
+                source,
+            }),
             (None, Ok(())) => {
                 let oid = repo.refname_to_id(&local_ref)?;
-                return Ok(Sha::parse(&oid.to_string()).expect("git object ids are hex"));
+                Ok(Sha::parse(&oid.to_string()).expect("git object ids are hex"))
             }
             (Some(sha), result) => {
                 if let Err(error) = result {

@@ -154,10 +154,10 @@ pub async fn execute(
         }
     };
     attempt.log.flush();
-    if let Err(error) = std::fs::remove_dir_all(&attempt.run_dir) {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(%error, dir = %attempt.run_dir.display(), "could not remove the run directory");
-        }
+    if let Err(error) = std::fs::remove_dir_all(&attempt.run_dir)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, dir = %attempt.run_dir.display(), "could not remove the run directory");
     }
     outcome
 }

@@ -86,9 +86,9 @@ impl LogStore {
             source,
         };
         let mut open = self.open.lock().expect("log state lock");
-        if !open.contains_key(&(run, attempt)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = open.entry((run, attempt)) {
             let state = Self::state_of(&path).map_err(error)?;
-            open.insert((run, attempt), state);
+            e.insert(state);
         }
         let state = open.get_mut(&(run, attempt)).expect("inserted above");
         let skip = state.lines.saturating_sub(first_line) as usize;

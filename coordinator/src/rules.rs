@@ -160,10 +160,10 @@ pub fn validate_request(
         }
     };
     let sha = request.sha.as_deref().map(Sha::parse).transpose()?;
-    if let Some(git_ref) = &request.git_ref {
-        if !valid_ref(git_ref) {
-            return Err(RequestError::BadRef(git_ref.clone()));
-        }
+    if let Some(git_ref) = &request.git_ref
+        && !valid_ref(git_ref)
+    {
+        return Err(RequestError::BadRef(git_ref.clone()));
     }
     let timeout_secs = repository
         .run_timeout_secs
