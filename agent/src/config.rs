@@ -42,7 +42,7 @@ fn default_grace() -> u64 {
     10
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
     pub url: Option<String>,
@@ -55,13 +55,33 @@ fn default_prefix() -> String {
     "slimci".to_owned()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(slimci_broker::mask_url))
+            .field("url_file", &self.url_file)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// Base URL of the coordinator, e.g. `http://10.0.1.5:8080`.
     pub url: String,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for CoordinatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorConfig")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<masked>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 #[derive(Clone, Default, Deserialize)]
@@ -160,6 +180,34 @@ fn inline_or_file(
     }
 }
 
+/// The absolute path of `program`: as given when it has a slash, else looked up in the agent's
+/// own PATH. dbt's PATH is built from this directory, never from a relative entry, so a
+/// checkout can never shadow it.
+fn resolve_executable(program: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.components().count() > 1 {
+        Some(std::path::absolute(program).unwrap_or_else(|_| program.to_owned()))
+            .filter(|path| executable(path))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .filter(|dir| dir.is_absolute())
+                .map(|dir| dir.join(program))
+                .find(|path| executable(path))
+        })
+    };
+    found.ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "dbt executable `{}` not found or not executable; set `dbt` to the dbt inside your virtualenv",
+            program.display()
+        ))
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -173,7 +221,8 @@ impl Config {
         if config.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".to_owned()));
         }
-        Ok(config)
+        let dbt = resolve_executable(&config.dbt)?;
+        Ok(Config { dbt, ..config })
     }
 
     pub fn secrets(&self) -> Result<Secrets, ConfigError> {

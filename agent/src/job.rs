@@ -319,7 +319,14 @@ impl Attempt<'_> {
             dbt_exit_code,
             nodes,
         };
+        let has_manifest = self.run_dir.join("target").join("manifest.json").is_file();
         match (&target, result, uploaded) {
+            (Target::Deploy { .. }, RunResult::Success, Ok(())) if !has_manifest => {
+                self.discard(&target);
+                return Err(Stop::error(
+                    "dbt succeeded but wrote no manifest.json; production was left as it was",
+                ));
+            }
             (Target::Deploy { .. }, RunResult::Success, Ok(())) => {
                 self.services
                     .warehouse
@@ -378,7 +385,18 @@ impl Attempt<'_> {
             self.job.repository,
             started.elapsed().as_secs_f64()
         ));
-        let project = source.join(&self.job.project_dir);
+        let project_dir = Path::new(&self.job.project_dir);
+        if project_dir.is_absolute()
+            || project_dir
+                .components()
+                .any(|part| matches!(part, std::path::Component::ParentDir))
+        {
+            return Err(Stop::error(format!(
+                "project_dir `{}` must be a path inside the repository",
+                self.job.project_dir
+            )));
+        }
+        let project = source.join(project_dir);
         if !project.join("dbt_project.yml").is_file() {
             let location = if self.job.project_dir.is_empty() {
                 "the repository root".to_owned()
@@ -438,8 +456,13 @@ impl Attempt<'_> {
         }
         .map_err(|error| Stop::error(error.to_string()))?;
         let path = self.run_dir.join("profiles").join("profiles.yml");
-        std::fs::write(&path, warehouse.profile_yaml(&name, &target))
-            .map_err(|error| Stop::error(format!("cannot write {}: {error}", path.display())))?;
+        if let Err(error) = std::fs::write(&path, warehouse.profile_yaml(&name, &target)) {
+            self.discard(&target);
+            return Err(Stop::error(format!(
+                "cannot write {}: {error}",
+                path.display()
+            )));
+        }
         match &target {
             Target::Deploy { database } => self.log.slimci(format_args!(
                 "building production into a copy at {}",

@@ -278,14 +278,27 @@ impl Worker {
                 response.text().await.unwrap_or_default()
             ));
         }
-        response
-            .json::<ClaimResponse>()
-            .await
-            .map_err(|error| error.to_string())
+        let body = response.bytes().await.map_err(|error| error.to_string())?;
+        slimci_proto::decode::<ClaimResponse>(&body).map_err(|error| error.to_string())
     }
 
     async fn take_job(&self, job: Job) -> Settle {
-        let claim = match self.claim(&job).await {
+        // Registered before the claim, so a cancel that arrives right after the grant is not lost.
+        let cancel = self.abort.child_token();
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(job.run_id, cancel.clone());
+        let settle = self.claim_and_build(&job, cancel).await;
+        self.running
+            .lock()
+            .expect("running lock")
+            .remove(&job.run_id);
+        settle
+    }
+
+    async fn claim_and_build(&self, job: &Job, cancel: CancellationToken) -> Settle {
+        let claim = match self.claim(job).await {
             Ok(claim) => claim,
             Err(error) => {
                 tracing::warn!(run = %job.run_id, %error, "cannot reach the coordinator to claim; returning the job to the queue");
@@ -298,17 +311,8 @@ impl Worker {
             return Settle::Ack;
         }
         tracing::info!(run = %job.run_id, attempt = %job.attempt, kind = job.kind.as_str(), repository = %job.repository, "building");
-        let cancel = self.abort.child_token();
-        self.running
-            .lock()
-            .expect("running lock")
-            .insert(job.run_id, cancel.clone());
         let reporter = self.events.reporter(job.run_id, job.attempt);
-        let outcome = job::execute(&self.services, &job, &reporter, &cancel).await;
-        self.running
-            .lock()
-            .expect("running lock")
-            .remove(&job.run_id);
+        let outcome = job::execute(&self.services, job, &reporter, &cancel).await;
         tracing::info!(run = %job.run_id, result = ?outcome.result, "finished");
         reporter.send_confirmed(EventBody::Finished(outcome)).await;
         Settle::Ack

@@ -123,7 +123,8 @@ impl DuckDbWarehouse {
         // Run ids are UUIDv7: their text order is their creation order.
         let mut names: Vec<String> = entries
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .filter(|name| RunId::parse(name).is_ok() && *name != current.to_string())
+            // Newer ones may be deploys still building.
+            .filter(|name| RunId::parse(name).is_ok() && *name < current.to_string())
             .collect();
         names.sort();
         let excess = names.len().saturating_sub(self.keep_deploys);

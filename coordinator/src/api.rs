@@ -40,6 +40,8 @@ pub struct AppState {
     /// Wakes the publisher: a run is waiting in the outbox, or a cancel was requested.
     pub outbox: Arc<Notify>,
     pub public_url: String,
+    /// Fires at shutdown; open log streams end so the server can stop.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An error as the API reports it.
@@ -599,6 +601,7 @@ fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoRe
                 tokio::select! {
                     () = &mut deadline => break,
                     () = sender.closed() => return,
+                    () = state.shutdown.cancelled() => return,
                     change = changes.recv() => match change {
                         Ok(changed) if changed != id => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
@@ -775,13 +778,13 @@ async fn claim(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<Json<ClaimResponse>> {
+) -> ApiResult<Response> {
     require_agent(&state, &headers)?;
     let request: ClaimRequest =
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let decision = state.store.claim(&request).await?;
     let _ = state.changes.send(request.run_id);
-    Ok(Json(match decision {
+    let response = match decision {
         ClaimDecision::Grant => {
             tracing::info!(run = %request.run_id, attempt = %request.attempt, agent = %request.agent, "claim granted");
             ClaimResponse {
@@ -796,7 +799,12 @@ async fn claim(
                 reason: Some(reason),
             }
         }
-    }))
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        slimci_proto::encode(&response),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

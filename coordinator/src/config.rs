@@ -30,7 +30,7 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:5672/%2f`; or leave it out and set `url_file`.
@@ -44,6 +44,16 @@ pub struct AmqpConfig {
 
 fn default_prefix() -> String {
     "slimci".to_owned()
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(slimci_broker::mask_url))
+            .field("url_file", &self.url_file)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -213,7 +223,19 @@ impl Config {
                     repository.name
                 )));
             }
-            if repository.project_dir.split('/').any(|part| part == "..") {
+            let url = repository.clone_url.as_str();
+            if url
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or_default().contains('@'))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "repository `{}`: clone_url carries credentials; jobs would carry them to every agent. Give agents a token in their own configuration ([git] https_token_file) instead",
+                    repository.name
+                )));
+            }
+            if repository.project_dir.starts_with('/')
+                || repository.project_dir.split('/').any(|part| part == "..")
+            {
                 return Err(ConfigError::Invalid(format!(
                     "repository `{}`: project_dir must stay inside the repository",
                     repository.name
@@ -310,6 +332,26 @@ mod tests {
         );
         let error = parse(&text).unwrap_err().to_string();
         assert!(error.contains("would share PR isolation names"), "{error}");
+    }
+
+    #[test]
+    fn credentials_in_clone_urls_are_refused() {
+        let text = format!(
+            "{BASE}\n[[repository]]\nname = \"a\"\nclone_url = \"https://x:ghp_secret@github.com/acme/a.git\"\n"
+        );
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("carries credentials")
+        );
+        let ssh =
+            format!("{BASE}\n[[repository]]\nname = \"a\"\nclone_url = \"/srv/git/a@2024.git\"\n");
+        assert!(parse(&ssh).is_ok(), "an @ in a path is not a credential");
+        let absolute = format!(
+            "{BASE}\n[[repository]]\nname = \"a\"\nclone_url = \"x\"\nproject_dir = \"/etc\"\n"
+        );
+        assert!(parse(&absolute).is_err());
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         changes,
         outbox: Arc::new(Notify::new()),
         public_url,
+        shutdown: shutdown.clone(),
     });
 
     let tasks = TaskTracker::new();

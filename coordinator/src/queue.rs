@@ -2,9 +2,9 @@
 //! requested cancels become control messages) and the consumer of agent events. Both reconnect
 //! with backoff; while the broker is away, runs wait in the outbox and agents buffer events.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::rules::{EventDisposition, RunStatus};
 use crate::store::Run;
+
+/// How often a cancel is broadcast again while its run is still building.
+const CANCEL_RESEND: Duration = Duration::from_secs(10);
 
 /// The job message for the current attempt of a queued run.
 pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
@@ -93,8 +96,9 @@ async fn publish_session(
     let publisher = ConfirmedPublisher::open(&connection).await?;
     slimci_broker::declare_topology(publisher.channel(), topology).await?;
     tracing::info!("job publisher connected");
-    // Cancels already sent on this connection; a reconnect sends the pending ones again.
-    let mut cancels_sent: HashSet<RunId> = HashSet::new();
+    // When each pending cancel was last broadcast. An agent whose control link was down when it
+    // went out gets it again; agents ignore cancels of runs they are not building.
+    let mut cancels_sent: HashMap<RunId, Instant> = HashMap::new();
     loop {
         let notified = state.outbox.notified();
         let runs = state.store.unpublished_runs(100).await.map_err(|error| {
@@ -120,8 +124,13 @@ async fn publish_session(
             }
             tracing::info!(run = %run.id, attempt = %run.attempt, "job queued");
         }
-        for run in state.store.cancel_pending_runs().await.unwrap_or_default() {
-            if cancels_sent.contains(&run) {
+        let pending = state.store.cancel_pending_runs().await.unwrap_or_default();
+        cancels_sent.retain(|run, _| pending.contains(run));
+        for run in pending {
+            if cancels_sent
+                .get(&run)
+                .is_some_and(|sent| sent.elapsed() < CANCEL_RESEND)
+            {
                 continue;
             }
             let message = ControlMessage::Cancel {
@@ -136,7 +145,7 @@ async fn publish_session(
                     FieldTable::default(),
                 )
                 .await?;
-            cancels_sent.insert(run);
+            cancels_sent.insert(run, Instant::now());
             tracing::info!(%run, "cancel sent to agents");
         }
         tokio::select! {
@@ -216,22 +225,27 @@ async fn events_session(
                 continue;
             }
         };
-        match handle_event(state, &event).await {
-            Ok(()) => {
-                delivery.ack(BasicAckOptions::default()).await?;
-            }
-            Err(error) => {
-                // Our own storage failed: keep the event for a retry rather than lose it.
-                tracing::error!(%error, run = %event.run_id, "cannot record an agent event; requeueing it");
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        // Events of one attempt must be applied in order (log lines are numbered, sequence
+        // numbers drop duplicates), so a storage failure is retried in place, never requeued
+        // behind later events.
+        let mut retry = Duration::from_millis(200);
+        loop {
+            match handle_event(state, &event).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(%error, run = %event.run_id, retry_in = ?retry, "cannot record an agent event; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => {
+                            delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(10));
+                }
             }
         }
+        delivery.ack(BasicAckOptions::default()).await?;
     }
 }
 
