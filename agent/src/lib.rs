@@ -284,16 +284,26 @@ impl Worker {
 
     async fn take_job(&self, job: Job) -> Settle {
         // Registered before the claim, so a cancel that arrives right after the grant is not lost.
+        // A redelivery of a run this agent is already building (its channel was closed) must
+        // not touch the running build's entry; its claim is refused anyway.
         let cancel = self.abort.child_token();
-        self.running
-            .lock()
-            .expect("running lock")
-            .insert(job.run_id, cancel.clone());
+        let registered = {
+            let mut running = self.running.lock().expect("running lock");
+            match running.entry(job.run_id) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(cancel.clone());
+                    true
+                }
+            }
+        };
         let settle = self.claim_and_build(&job, cancel).await;
-        self.running
-            .lock()
-            .expect("running lock")
-            .remove(&job.run_id);
+        if registered {
+            self.running
+                .lock()
+                .expect("running lock")
+                .remove(&job.run_id);
+        }
         settle
     }
 

@@ -676,3 +676,54 @@ async fn runs_logs_and_production_state_survive_a_coordinator_restart() {
     assert_eq!(second["status"], "success");
     cluster.assert_all_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deploy_leaves_production_and_its_state_as_they_were() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
+    let good = cluster.deploy().await.unwrap();
+    let production_before = dump_database(&cluster.production_database(), None).unwrap();
+
+    // Break main: a deploy of it fails a test after building models into its copy.
+    let broken = cluster
+        .origin
+        .pull_request(99, &[edits::FAIL_TEST])
+        .unwrap();
+    let (status, run) = cluster
+        .post_run(json!({ "repository": "shop", "kind": "deploy", "sha": broken, "ref": "refs/pull/99/head" }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{run}");
+    let failed = cluster
+        .wait_for_run(run["id"].as_str().unwrap(), RUN_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["sha"], broken.as_str());
+
+    let production_after = dump_database(&cluster.production_database(), None).unwrap();
+    assert_eq!(
+        production_after, production_before,
+        "production data is untouched"
+    );
+    let state: Value = cluster
+        .http
+        .get(format!(
+            "{}/api/v1/repositories/shop/production-state",
+            cluster.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        state["deploy_run_id"], good["id"],
+        "production state still points at the good deploy"
+    );
+    let deploys = std::fs::read_dir(cluster.warehouse().join("shop/deploys"))
+        .unwrap()
+        .count();
+    assert_eq!(deploys, 1, "the failed deploy's copy was removed");
+    cluster.assert_all_alive();
+}
