@@ -245,3 +245,49 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_is_a_valid_configuration() {
+        let example: Config = toml::from_str(include_str!("../../examples/agent.toml")).unwrap();
+        assert!(example.slots >= 1);
+        assert!(format!("{example:?}").contains("Duckdb"));
+    }
+
+    #[test]
+    fn dbt_is_resolved_to_an_absolute_path() {
+        let resolved = resolve_executable(Path::new("sh")).unwrap();
+        assert!(resolved.is_absolute(), "{}", resolved.display());
+        let error = resolve_executable(Path::new("no-such-dbt-anywhere")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("set `dbt` to the dbt inside your virtualenv")
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config: Config = toml::from_str(
+            r#"
+            name = "a"
+            work_dir = "/tmp/w"
+            [amqp]
+            url = "amqp://guest:hunter2@localhost/"
+            [coordinator]
+            url = "http://c"
+            token = "tok-hunter2"
+            [git]
+            https_token = "ghp-hunter2"
+            [warehouse]
+            type = "duckdb"
+            root = "/tmp/r"
+            "#,
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
+    }
+}

@@ -355,6 +355,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_a_valid_configuration() {
+        let example: Config =
+            toml::from_str(include_str!("../../examples/coordinator.toml")).unwrap();
+        example.validate().unwrap();
+        assert!(!example.repositories.is_empty());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(parse(&format!("{BASE}\nlisten_addr = \"x\"\n")).is_err());
     }
