@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use slimci_broker::AmqpConfig;
 use slimci_proto::AgentName;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,29 +41,6 @@ fn default_dbt() -> PathBuf {
 
 fn default_grace() -> u64 {
     10
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
-    pub url: Option<String>,
-    pub url_file: Option<PathBuf>,
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-}
-
-fn default_prefix() -> String {
-    "slimci".to_owned()
-}
-
-impl std::fmt::Debug for AmqpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &self.url.as_deref().map(slimci_broker::mask_url))
-            .field("url_file", &self.url_file)
-            .field("prefix", &self.prefix)
-            .finish()
-    }
 }
 
 #[derive(Clone, Deserialize)]

@@ -142,31 +142,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn backoff(delay: &mut Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => return false,
-        () = tokio::time::sleep(*delay) => {}
-    }
-    *delay = (*delay * 2).min(Duration::from_secs(10));
-    true
-}
-
 async fn consume_loop(
     worker: &Arc<Worker>,
     amqp_url: &str,
     jobs: &TaskTracker,
     drain: &CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match consume_session(worker, amqp_url, jobs, drain).await {
-            Ok(()) | Err(BrokerError::Cancelled) => return,
-            Err(error) => tracing::warn!(%error, "job consumer lost the broker; reconnecting"),
-        }
-        if !backoff(&mut delay, drain).await {
-            return;
-        }
-    }
+    slimci_broker::keep_connected("job consumer", drain, || {
+        consume_session(worker, amqp_url, jobs, drain)
+    })
+    .await;
 }
 
 async fn consume_session(
@@ -331,16 +316,10 @@ impl Worker {
 
 /// Listens for cancels on a private queue bound to the control exchange.
 async fn control_loop(worker: Arc<Worker>, amqp_url: String, stop: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match control_session(&worker, &amqp_url, &stop).await {
-            Ok(()) | Err(BrokerError::Cancelled) => return,
-            Err(error) => tracing::warn!(%error, "control listener lost the broker; reconnecting"),
-        }
-        if !backoff(&mut delay, &stop).await {
-            return;
-        }
-    }
+    slimci_broker::keep_connected("control listener", &stop, || {
+        control_session(&worker, &amqp_url, &stop)
+    })
+    .await;
 }
 
 async fn control_session(

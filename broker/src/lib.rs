@@ -17,6 +17,34 @@ use lapin::{
 use slimci_proto::{DEAD_REASON_HEADER, Topology};
 use tokio_util::sync::CancellationToken;
 
+/// The `[amqp]` section both processes' configurations share.
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:5672/%2f`; or leave it out and set `url_file`.
+    pub url: Option<String>,
+    /// A file holding the URL, so the password stays out of the config file.
+    pub url_file: Option<std::path::PathBuf>,
+    /// Prefix of every queue and exchange name; deployments sharing a broker use distinct
+    /// ones, and a coordinator and its agents must use the same.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "slimci".to_owned()
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(mask_url))
+            .field("url_file", &self.url_file)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -46,6 +74,35 @@ pub fn mask_url(url: &str) -> String {
             format!("{scheme}://{user}:<masked>@{host}")
         }
         None => url.to_owned(),
+    }
+}
+
+/// Runs `session` again after every broker failure, waiting 200 ms at first and twice as long
+/// after each quick failure (at most 10 s), until it ends cleanly, returns
+/// [`BrokerError::Cancelled`], or `stop` fires. `what` names the loop in the log.
+pub async fn keep_connected<F, Fut>(what: &str, stop: &CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let started = std::time::Instant::now();
+        match session().await {
+            Ok(()) | Err(BrokerError::Cancelled) => return,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?delay, "{what} lost the broker; reconnecting")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            // It had been connected a while: this is a new outage, start again from short waits.
+            delay = Duration::from_millis(200);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use slimci_broker::AmqpConfig;
 use slimci_proto::RepoName;
 
 /// Everything `slimci-coordinator` reads at start.
@@ -28,32 +29,6 @@ pub struct Config {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
-    /// `amqp://user:password@host:5672/%2f`; or leave it out and set `url_file`.
-    pub url: Option<String>,
-    /// A file holding the URL, so the password stays out of the config file.
-    pub url_file: Option<PathBuf>,
-    /// Prefix of every queue and exchange name; deployments sharing a broker use distinct ones.
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-}
-
-fn default_prefix() -> String {
-    "slimci".to_owned()
-}
-
-impl std::fmt::Debug for AmqpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &self.url.as_deref().map(slimci_broker::mask_url))
-            .field("url_file", &self.url_file)
-            .field("prefix", &self.prefix)
-            .finish()
-    }
 }
 
 #[derive(Clone, Deserialize)]

@@ -56,15 +56,6 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
     })
 }
 
-async fn backoff(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => return false,
-        () = tokio::time::sleep(*delay) => {}
-    }
-    *delay = (*delay * 2).min(Duration::from_secs(10));
-    true
-}
-
 /// Publishes the outbox until shutdown, reconnecting as needed.
 pub async fn publisher_loop(
     state: Arc<AppState>,
@@ -72,17 +63,10 @@ pub async fn publisher_loop(
     topology: Topology,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match publish_session(&state, &amqp_url, &topology, &shutdown).await {
-            Ok(()) => return,
-            Err(BrokerError::Cancelled) => return,
-            Err(error) => tracing::warn!(%error, "job publisher lost the broker; reconnecting"),
-        }
-        if !backoff(&mut delay, &shutdown).await {
-            return;
-        }
-    }
+    slimci_broker::keep_connected("job publisher", &shutdown, || {
+        publish_session(&state, &amqp_url, &topology, &shutdown)
+    })
+    .await;
 }
 
 async fn publish_session(
@@ -166,16 +150,10 @@ pub async fn events_loop(
     topology: Topology,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match events_session(&state, &amqp_url, &topology, &shutdown).await {
-            Ok(()) | Err(BrokerError::Cancelled) => return,
-            Err(error) => tracing::warn!(%error, "event consumer lost the broker; reconnecting"),
-        }
-        if !backoff(&mut delay, &shutdown).await {
-            return;
-        }
-    }
+    slimci_broker::keep_connected("event consumer", &shutdown, || {
+        events_session(&state, &amqp_url, &topology, &shutdown)
+    })
+    .await;
 }
 
 async fn events_session(

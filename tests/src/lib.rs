@@ -391,6 +391,24 @@ threads = 4
         Ok(response.json().await?)
     }
 
+    /// `GET /api/v1/repositories/shop/production-state`.
+    pub async fn production_state(&self) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(format!(
+                "{}/api/v1/repositories/shop/production-state",
+                self.url
+            ))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "production state: HTTP {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
     pub async fn runs(&self) -> anyhow::Result<Vec<Value>> {
         let response = self
             .http

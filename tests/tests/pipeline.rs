@@ -44,18 +44,7 @@ async fn a_pr_builds_only_what_it_changed_deferring_the_rest_to_production() {
     let deploy = cluster.deploy().await.unwrap();
     let deploy_id = deploy["id"].as_str().unwrap();
     assert_eq!(deploy["sha"], cluster.origin.main_sha().unwrap());
-    let state: Value = cluster
-        .http
-        .get(format!(
-            "{}/api/v1/repositories/shop/production-state",
-            cluster.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = cluster.production_state().await.unwrap();
     assert_eq!(state["deploy_run_id"], deploy_id);
     let production_before = dump_database(&cluster.production_database(), None).unwrap();
     assert!(
@@ -646,18 +635,7 @@ async fn runs_logs_and_production_state_survive_a_coordinator_restart() {
         log_before
     );
     assert_eq!(cluster.runs().await.unwrap().len(), 2);
-    let state: Value = cluster
-        .http
-        .get(format!(
-            "{}/api/v1/repositories/shop/production-state",
-            cluster.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = cluster.production_state().await.unwrap();
     assert_eq!(state["deploy_run_id"], deploy["id"]);
 
     // And the restarted coordinator goes on working with the same agent.
@@ -705,18 +683,7 @@ async fn a_failed_deploy_leaves_production_and_its_state_as_they_were() {
         production_after, production_before,
         "production data is untouched"
     );
-    let state: Value = cluster
-        .http
-        .get(format!(
-            "{}/api/v1/repositories/shop/production-state",
-            cluster.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = cluster.production_state().await.unwrap();
     assert_eq!(
         state["deploy_run_id"], good["id"],
         "production state still points at the good deploy"
