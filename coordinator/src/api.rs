@@ -23,8 +23,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::config::{Config, Secrets};
 use crate::logs::LogStore;
-use crate::rules::{self, Admission, CancelDecision, ClaimDecision, RunRequest, RunStatus};
-use crate::store::{ArtifactRecord, NewRun, Run, RunFilter, Store, StoreError, now_ms};
+use crate::rules::{self, ClaimDecision, RunRequest, RunStatus};
+use crate::store::{ArtifactRecord, Run, RunFilter, Store, StoreError, now_ms};
 
 /// Largest JSON body any route accepts.
 const MAX_JSON_BODY: usize = 64 * 1024;
@@ -40,6 +40,8 @@ pub struct AppState {
     /// Wakes the publisher: a run is waiting in the outbox, or a cancel was requested.
     pub outbox: Arc<Notify>,
     pub public_url: String,
+    /// Serialises run submissions (supersede and dedupe decisions read then write).
+    pub submit_lock: tokio::sync::Mutex<()>,
     /// Fires at shutdown; open log streams end so the server can stop.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -163,7 +165,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/repositories/{name}/production-state",
             get(get_production_state),
         )
+        .route(
+            "/api/v1/repositories/{name}/pulls/{pr}/teardown",
+            post(teardown_pull_request),
+        )
         .route("/api/v1/agent/claim", post(claim))
+        .route(
+            "/webhooks/github",
+            // GitHub caps webhook payloads at 25 MB.
+            post(crate::webhook::github_webhook).layer(DefaultBodyLimit::max(25 * 1024 * 1024)),
+        )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(state)
 }
@@ -255,6 +266,11 @@ struct RunView {
     duration_s: Option<f64>,
     timeout_secs: u64,
     cancel_requested: bool,
+    /// Position among runs waiting to start (1 = next), while queued.
+    queue_position: Option<u32>,
+    superseded_by: Option<RunId>,
+    /// Parents read from production instead of being built.
+    deferred: Vec<String>,
     production_state: Option<StateView>,
     progress: serde_json::Value,
     dbt_exit_code: Option<i32>,
@@ -305,6 +321,9 @@ impl AppState {
                 .map(|start| seconds(start, run.finished_ms.unwrap_or_else(now_ms))),
             timeout_secs: run.timeout_secs,
             cancel_requested: run.cancel_requested,
+            queue_position: None,
+            superseded_by: run.superseded_by,
+            deferred: run.deferred,
             production_state,
             progress: serde_json::json!({ "done": run.progress_done, "total": run.progress_total }),
             dbt_exit_code: run.dbt_exit_code,
@@ -321,7 +340,9 @@ impl AppState {
         phases.sort_by_key(|phase| (phase.attempt, crate::store::phase_order(&phase.phase)));
         let nodes = self.store.nodes(id).await?;
         let artifacts = self.store.artifacts(id).await?;
+        let queue_position = self.store.queue_position(&run).await?;
         let mut view = self.run_view(run);
+        view.queue_position = queue_position;
         view.summary = Some(summarize(&nodes));
         view.phases = Some(
             phases
@@ -363,39 +384,14 @@ async fn create_run(
     let request: RunRequest = parse_json(&body)?;
     let valid = rules::validate_request(&state.config, &request)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    let production_state = match valid.kind {
-        RunKind::Ci => state.store.production_state(&valid.repository).await?,
-        RunKind::Deploy => None,
+    let submitted = crate::runs::submit(&state, valid).await?;
+    // 201 for a new run; 200 when the same commit was already queued or building.
+    let status = if submitted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    let (status, message) = match rules::admit(&valid, production_state.is_some()) {
-        Admission::Queue => (RunStatus::Queued, None),
-        Admission::Refuse(message) => (RunStatus::Error, Some(message)),
-    };
-    let run = NewRun {
-        id: RunId::new(),
-        repository: valid.repository,
-        kind: valid.kind,
-        pr: valid.pr,
-        sha: valid.sha,
-        fetch_ref: valid.fetch_ref,
-        isolation: valid.isolation,
-        timeout_secs: valid.timeout_secs,
-        production_state,
-        status,
-        message,
-    };
-    state.store.insert_run(&run).await?;
-    tracing::info!(run = %run.id, repository = %run.repository, kind = run.kind.as_str(), status = status.as_str(), "run accepted");
-    if status == RunStatus::Queued {
-        state.outbox.notify_one();
-    }
-    let _ = state.changes.send(run.id);
-    let stored = load_run(&state, run.id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(state.full_run_view(stored).await?),
-    )
-        .into_response())
+    Ok((status, Json(state.full_run_view(submitted.run).await?)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -446,33 +442,46 @@ async fn cancel_run(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let id = parse_run_id(&id)?;
-    let run = load_run(&state, id).await?;
-    match rules::decide_cancel(run.status) {
-        CancelDecision::EndNow => {
-            if !state
-                .store
-                .end_queued(id, RunStatus::Cancelled, "cancelled before it started")
-                .await?
-            {
-                // It was claimed in the meantime: cancel it where it runs.
-                state.store.request_cancel(id).await?;
-                state.outbox.notify_one();
+    let run = crate::runs::cancel(&state, id, "cancelled by user")
+        .await
+        .map_err(|error| match error {
+            crate::runs::CancelError::Unknown(_) => ApiError::NotFound(error.to_string()),
+            crate::runs::CancelError::AlreadyFinished { .. } => {
+                ApiError::Conflict(error.to_string())
             }
-        }
-        CancelDecision::SignalAgents => {
-            state.store.request_cancel(id).await?;
-            state.outbox.notify_one();
-        }
-        CancelDecision::AlreadyFinished(status) => {
-            return Err(ApiError::Conflict(format!(
-                "run {id} already ended: {}",
-                status.as_str()
-            )));
-        }
-    }
-    let _ = state.changes.send(id);
-    let run = load_run(&state, id).await?;
+            crate::runs::CancelError::Store(error) => error.into(),
+        })?;
     Ok((StatusCode::ACCEPTED, Json(state.full_run_view(run).await?)).into_response())
+}
+
+/// `POST /api/v1/repositories/{name}/pulls/{pr}/teardown`: stop the PR's builds and drop its
+/// isolation, for CI systems other than GitHub (a closed merge request).
+async fn teardown_pull_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((name, pr)): Path<(String, u64)>,
+) -> ApiResult<Response> {
+    require_user(&state, &headers)?;
+    let repository = state
+        .config
+        .repository(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown repository `{name}`")))?
+        .clone();
+    if pr == 0 {
+        return Err(ApiError::BadRequest(
+            "pull request numbers start at 1".to_owned(),
+        ));
+    }
+    let pr = slimci_proto::PrNumber(pr);
+    crate::runs::cancel_pull_request(&state, &repository, pr, "the pull request was closed")
+        .await?;
+    let submitted = crate::runs::teardown(&state, &repository, pr).await?;
+    let status = if submitted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(state.full_run_view(submitted.run).await?)).into_response())
 }
 
 // ---- logs ----

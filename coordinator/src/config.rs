@@ -23,6 +23,12 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    /// GitHub webhooks, statuses and PR comments; leave out to use only the HTTP API and CLI.
+    pub github: Option<GitHubConfig>,
+    #[serde(default)]
+    pub sweeper: Sweeper,
     #[serde(rename = "repository", default)]
     pub repositories: Vec<RepositoryConfig>,
 }
@@ -91,6 +97,122 @@ fn default_artifact_bytes() -> u64 {
     512 * 1024 * 1024
 }
 
+/// How many runs build at once. Beyond the caps runs wait in order, with a queue position;
+/// the fleet's free slots bound it further (agents take jobs only when a slot is free).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheduling {
+    /// Runs dispatched at once across all repositories; 0 for no cap.
+    #[serde(default)]
+    pub global_cap: u32,
+}
+
+/// Drops isolations a missed `closed` webhook left behind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweeper {
+    /// How often it looks; 0 turns it off.
+    #[serde(default = "default_sweep_interval")]
+    pub interval_secs: u64,
+    /// An isolation whose last build ended longer ago than this, of a PR that is closed or
+    /// unknown, is dropped.
+    #[serde(default = "default_sweep_age")]
+    pub max_age_secs: u64,
+}
+
+impl Default for Sweeper {
+    fn default() -> Self {
+        Sweeper {
+            interval_secs: default_sweep_interval(),
+            max_age_secs: default_sweep_age(),
+        }
+    }
+}
+
+fn default_sweep_interval() -> u64 {
+    3600
+}
+
+fn default_sweep_age() -> u64 {
+    7 * 24 * 3600
+}
+
+/// GitHub (or GitHub Enterprise Server) integration.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    /// REST API base: `https://api.github.com`, or `https://HOST/api/v3` for Enterprise Server.
+    #[serde(default = "default_github_api")]
+    pub api_url: String,
+    /// Secret of the repository's or organisation's webhook (`X-Hub-Signature-256`).
+    pub webhook_secret: Option<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    /// A token with `statuses: write` and `pull_requests: write` (or `repo`)...
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// ...or a GitHub App: its id and private key (PEM); the installation is looked up per
+    /// repository unless `app_installation_id` is set.
+    pub app_id: Option<u64>,
+    pub app_private_key_file: Option<PathBuf>,
+    pub app_installation_id: Option<u64>,
+    /// Commit status context.
+    #[serde(default = "default_status_context")]
+    pub status_context: String,
+}
+
+impl std::fmt::Debug for GitHubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubConfig")
+            .field("api_url", &self.api_url)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<masked>"),
+            )
+            .field("token", &self.token.as_ref().map(|_| "<masked>"))
+            .field("app_id", &self.app_id)
+            .field("app_private_key_file", &self.app_private_key_file)
+            .field("status_context", &self.status_context)
+            .finish()
+    }
+}
+
+fn default_github_api() -> String {
+    "https://api.github.com".to_owned()
+}
+
+fn default_status_context() -> String {
+    "slimci/dbt".to_owned()
+}
+
+/// How the coordinator authenticates to GitHub.
+#[derive(Clone)]
+pub enum GitHubAuth {
+    Token(String),
+    App {
+        app_id: u64,
+        private_key_pem: Vec<u8>,
+        installation_id: Option<u64>,
+    },
+}
+
+impl std::fmt::Debug for GitHubAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GitHubAuth::Token(_) => f.write_str("Token(<masked>)"),
+            GitHubAuth::App {
+                app_id,
+                installation_id,
+                ..
+            } => {
+                write!(
+                    f,
+                    "App {{ app_id: {app_id}, installation_id: {installation_id:?}, key: <masked> }}"
+                )
+            }
+        }
+    }
+}
+
 /// One dbt repository the coordinator builds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +227,15 @@ pub struct RepositoryConfig {
     #[serde(default)]
     pub project_dir: String,
     pub run_timeout_secs: Option<u64>,
+    /// The GitHub repository (`owner/name`) whose webhooks map here and where statuses and
+    /// comments go.
+    pub github: Option<String>,
+    /// Build draft pull requests too.
+    #[serde(default)]
+    pub build_drafts: bool,
+    /// Runs of this repository dispatched at once; 0 for no cap.
+    #[serde(default)]
+    pub max_concurrent: u32,
 }
 
 fn default_branch() -> String {
@@ -134,6 +265,8 @@ pub struct Secrets {
     pub amqp_url: String,
     pub agent_token: String,
     pub api_token: Option<String>,
+    pub github_webhook_secret: Option<String>,
+    pub github_auth: Option<GitHubAuth>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -253,10 +386,48 @@ impl Config {
             &self.auth.api_token,
             &self.auth.api_token_file,
         )?;
+        let (github_webhook_secret, github_auth) = match &self.github {
+            None => (None, None),
+            Some(github) => {
+                let secret = inline_or_file(
+                    "github.webhook_secret",
+                    &github.webhook_secret,
+                    &github.webhook_secret_file,
+                )?;
+                let token = inline_or_file("github.token", &github.token, &github.token_file)?;
+                let auth = match (token, github.app_id, &github.app_private_key_file) {
+                    (Some(_), Some(_), _) => {
+                        return Err(ConfigError::Invalid(
+                            "set github.token or github.app_id, not both".to_owned(),
+                        ));
+                    }
+                    (Some(token), None, _) => Some(GitHubAuth::Token(token)),
+                    (None, Some(app_id), Some(path)) => Some(GitHubAuth::App {
+                        app_id,
+                        private_key_pem: std::fs::read(path).map_err(|source| {
+                            ConfigError::Read {
+                                path: path.clone(),
+                                source,
+                            }
+                        })?,
+                        installation_id: github.app_installation_id,
+                    }),
+                    (None, Some(_), None) => {
+                        return Err(ConfigError::Invalid(
+                            "github.app_id needs github.app_private_key_file".to_owned(),
+                        ));
+                    }
+                    (None, None, _) => None,
+                };
+                (secret, auth)
+            }
+        };
         Ok(Secrets {
             amqp_url,
             agent_token,
             api_token,
+            github_webhook_secret,
+            github_auth,
         })
     }
 
@@ -264,6 +435,16 @@ impl Config {
         self.repositories
             .iter()
             .find(|repository| repository.name.as_str() == name)
+    }
+
+    /// The repository a GitHub `owner/name` maps to (GitHub names are case-insensitive).
+    pub fn repository_for_github(&self, full_name: &str) -> Option<&RepositoryConfig> {
+        self.repositories.iter().find(|repository| {
+            repository
+                .github
+                .as_deref()
+                .is_some_and(|github| github.eq_ignore_ascii_case(full_name))
+        })
     }
 }
 

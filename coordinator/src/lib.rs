@@ -11,7 +11,9 @@ pub mod config;
 pub mod logs;
 pub mod queue;
 pub mod rules;
+pub mod runs;
 pub mod store;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -86,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         outbox: Arc::new(Notify::new()),
         public_url,
         shutdown: shutdown.clone(),
+        submit_lock: tokio::sync::Mutex::new(()),
     });
 
     let tasks = TaskTracker::new();

@@ -11,13 +11,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use slimci_broker::{BrokerError, ConfirmedPublisher};
 use slimci_proto::{
-    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId,
+    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId, RunKind,
     ToAgentMessage, Topology,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::rules::{EventDisposition, RunStatus};
+use crate::rules::{self, ActiveRun, Caps, EventDisposition, RunStatus};
 use crate::store::Run;
 
 /// How often a cancel is broadcast again while its run is still building.
@@ -56,6 +56,59 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
     })
 }
 
+/// The waiting runs the scheduling rules let go now, oldest first.
+async fn runs_to_dispatch(state: &AppState) -> Vec<Run> {
+    let active = match state.store.active_runs().await {
+        Ok(active) => active,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the runs to dispatch");
+            return Vec::new();
+        }
+    };
+    let (out, waiting): (Vec<&Run>, Vec<&Run>) = active.iter().partition(|run| run.dispatched);
+    let out: Vec<ActiveRun> = out.into_iter().map(Run::active).collect();
+    let waiting_rules: Vec<ActiveRun> = waiting.iter().map(|run| run.active()).collect();
+    let caps = Caps {
+        global: state.config.scheduling.global_cap,
+        per_repository: state
+            .config
+            .repositories
+            .iter()
+            .filter(|repository| repository.max_concurrent > 0)
+            .map(|repository| (repository.name.clone(), repository.max_concurrent))
+            .collect(),
+    };
+    let chosen = rules::dispatch(&waiting_rules, &out, &caps);
+    waiting
+        .into_iter()
+        .filter(|run| chosen.contains(&run.id))
+        .cloned()
+        .collect()
+}
+
+/// A CI run compares against the production state current when it starts: stamp it now.
+async fn prepare_dispatch(state: &AppState, run: Run) -> Option<Run> {
+    if run.kind != RunKind::Ci {
+        return Some(run);
+    }
+    let stamped = async {
+        if let Some(production) = state.store.production_state(&run.repository).await? {
+            state
+                .store
+                .stamp_production_state(run.id, &production)
+                .await?;
+        }
+        state.store.run(run.id).await
+    };
+    match stamped.await {
+        Ok(run) => run,
+        Err(error) => {
+            tracing::error!(%error, run = %run.id, "cannot stamp the production state; trying again later");
+            None
+        }
+    }
+}
+
 /// Publishes the outbox until shutdown, reconnecting as needed.
 pub async fn publisher_loop(
     state: Arc<AppState>,
@@ -85,11 +138,11 @@ async fn publish_session(
     let mut cancels_sent: HashMap<RunId, Instant> = HashMap::new();
     loop {
         let notified = state.outbox.notified();
-        let runs = state.store.unpublished_runs(100).await.map_err(|error| {
-            tracing::error!(%error, "cannot read the outbox");
-            BrokerError::Cancelled
-        });
-        for run in runs.unwrap_or_default() {
+        for run in runs_to_dispatch(state).await {
+            let run = match prepare_dispatch(state, run).await {
+                Some(run) => run,
+                None => continue,
+            };
             let Some(job) = job_for(state, &run) else {
                 let message = format!("repository `{}` is no longer configured", run.repository);
                 let _ = state
@@ -253,6 +306,8 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
     let applied = state.store.apply_event(event).await?;
     if let Some(status) = applied.finished {
         state.logs.close(event.run_id, event.attempt);
+        // A slot, an isolation or a deploy lock may have come free.
+        state.outbox.notify_one();
         tracing::info!(run = %event.run_id, status = status.as_str(), agent = %event.agent, "run finished");
     }
     let _ = state.changes.send(event.run_id);

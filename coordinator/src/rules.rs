@@ -2,9 +2,11 @@
 //! accepted, who may claim a run, what a cancel does, which agent events apply. No I/O here;
 //! the HTTP, AMQP and SQLite adapters call these and act on the answer.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::Deserialize;
 use slimci_proto::{
-    Attempt, ClaimRequest, IsolationName, PrNumber, RepoName, RunKind, RunResult, Sha,
+    Attempt, ClaimRequest, IsolationName, PrNumber, RepoName, RunId, RunKind, RunResult, Sha,
 };
 
 use crate::config::{Config, RepositoryConfig};
@@ -115,6 +117,10 @@ pub enum RequestError {
     BadRef(String),
     #[error("a deploy builds the production branch; it takes no `pr`")]
     DeployWithPr,
+    #[error(
+        "teardown runs are requested with POST /api/v1/repositories/{{name}}/pulls/{{pr}}/teardown"
+    )]
+    TeardownViaRuns,
 }
 
 fn valid_ref(text: &str) -> bool {
@@ -189,6 +195,7 @@ pub fn validate_request(
                 timeout_secs,
             })
         }
+        RunKind::Teardown => Err(RequestError::TeardownViaRuns),
         RunKind::Deploy => {
             if request.pr.is_some() {
                 return Err(RequestError::DeployWithPr);
@@ -210,6 +217,24 @@ pub fn validate_request(
     }
 }
 
+/// Dropping PR `pr`'s isolation: a run of the production branch's project (for its profile and
+/// macros) that drops nothing but `pr_<slug>_<pr>`.
+pub fn teardown_request(
+    repository: &RepositoryConfig,
+    pr: PrNumber,
+    timeout_secs: u64,
+) -> ValidRequest {
+    ValidRequest {
+        repository: repository.name.clone(),
+        kind: RunKind::Teardown,
+        pr: Some(pr),
+        sha: None,
+        fetch_ref: qualify_branch(&repository.production_branch),
+        isolation: Some(IsolationName::for_pr(&repository.name, pr)),
+        timeout_secs,
+    }
+}
+
 /// What happens to an accepted request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -228,6 +253,136 @@ pub fn admit(request: &ValidRequest, has_production_state: bool) -> Admission {
         ));
     }
     Admission::Queue
+}
+
+/// A run that has not ended, as submission and dispatch see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveRun {
+    pub id: RunId,
+    pub repository: RepoName,
+    pub kind: RunKind,
+    pub pr: Option<PrNumber>,
+    pub sha: Option<Sha>,
+    pub isolation: Option<String>,
+    pub status: RunStatus,
+    /// Its job message is on the broker (or was taken from it): an agent may hold it.
+    pub dispatched: bool,
+}
+
+/// What a new request does to the runs already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitDecision {
+    /// The same commit is already queued or building: that run answers the request.
+    Existing(RunId),
+    /// A new run; these older runs of the same PR are superseded by it.
+    Create { supersede: Vec<RunId> },
+}
+
+/// One PR, newer SHA: every unfinished run of an older SHA of that PR is superseded. The same
+/// (repository, PR, SHA) arriving twice runs once; so does the same deploy commit.
+pub fn decide_submit(request: &ValidRequest, active: &[ActiveRun]) -> SubmitDecision {
+    let same_target = |run: &&ActiveRun| {
+        run.repository == request.repository && run.kind == request.kind && run.pr == request.pr
+    };
+    let mut supersede = Vec::new();
+    for run in active.iter().filter(same_target) {
+        if request.sha.is_some() && run.sha == request.sha {
+            return SubmitDecision::Existing(run.id);
+        }
+        if request.kind == RunKind::Ci {
+            supersede.push(run.id);
+        }
+    }
+    SubmitDecision::Create { supersede }
+}
+
+/// Caps on runs dispatched at once; 0 means no cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub global: u32,
+    pub per_repository: HashMap<RepoName, u32>,
+}
+
+/// Which waiting runs (oldest first) may go to the broker now, given those already out there.
+///
+/// A run waits while another run of its isolation is out (the old one's process tree may still
+/// be writing there), while a deploy of its repository is out (deploys never overlap), or while
+/// a cap is full. Runs that may go take their place in the counts for the ones behind them.
+pub fn dispatch(waiting: &[ActiveRun], out: &[ActiveRun], caps: &Caps) -> Vec<RunId> {
+    let mut total = out.len() as u32;
+    let mut per_repository: HashMap<&RepoName, u32> = HashMap::new();
+    let mut busy_isolations: HashSet<&str> = HashSet::new();
+    let mut deploying: HashSet<&RepoName> = HashSet::new();
+    for run in out {
+        *per_repository.entry(&run.repository).or_default() += 1;
+        if let Some(isolation) = &run.isolation {
+            busy_isolations.insert(isolation);
+        }
+        if run.kind == RunKind::Deploy {
+            deploying.insert(&run.repository);
+        }
+    }
+    let mut chosen = Vec::new();
+    for run in waiting {
+        if caps.global > 0 && total >= caps.global {
+            break;
+        }
+        let repository_count = per_repository.get(&run.repository).copied().unwrap_or(0);
+        let repository_cap = caps
+            .per_repository
+            .get(&run.repository)
+            .copied()
+            .unwrap_or(0);
+        if repository_cap > 0 && repository_count >= repository_cap {
+            continue;
+        }
+        if run
+            .isolation
+            .as_deref()
+            .is_some_and(|isolation| busy_isolations.contains(isolation))
+        {
+            continue;
+        }
+        if run.kind == RunKind::Deploy && deploying.contains(&run.repository) {
+            continue;
+        }
+        chosen.push(run.id);
+        total += 1;
+        *per_repository.entry(&run.repository).or_default() += 1;
+        if let Some(isolation) = &run.isolation {
+            busy_isolations.insert(isolation);
+        }
+        if run.kind == RunKind::Deploy {
+            deploying.insert(&run.repository);
+        }
+    }
+    chosen
+}
+
+/// What a `pull_request` webhook asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullRequestAction {
+    /// Build the head commit (superseding older ones).
+    Build,
+    /// A draft, and the repository does not build drafts.
+    SkipDraft,
+    /// Stop what is in flight (it became a draft).
+    CancelInFlight,
+    /// Stop what is in flight and drop the PR's isolation.
+    Close,
+    Ignore,
+}
+
+pub fn pull_request_action(action: &str, draft: bool, build_drafts: bool) -> PullRequestAction {
+    match action {
+        "opened" | "reopened" | "synchronize" | "ready_for_review" if draft && !build_drafts => {
+            PullRequestAction::SkipDraft
+        }
+        "opened" | "reopened" | "synchronize" | "ready_for_review" => PullRequestAction::Build,
+        "converted_to_draft" if !build_drafts => PullRequestAction::CancelInFlight,
+        "closed" => PullRequestAction::Close,
+        _ => PullRequestAction::Ignore,
+    }
 }
 
 /// The parts of a run a claim is judged on.
@@ -502,6 +657,143 @@ mod tests {
         assert_eq!(
             event_disposition(RunStatus::Running, Attempt(2), 5, Attempt(1), 9),
             StaleAttempt
+        );
+    }
+
+    fn active(kind: RunKind, pr: Option<u64>, sha: char, status: RunStatus) -> ActiveRun {
+        let repository = RepoName::parse("shop").unwrap();
+        ActiveRun {
+            id: RunId::new(),
+            isolation: pr.map(|pr| IsolationName::for_pr(&repository, PrNumber(pr)).to_string()),
+            repository,
+            kind,
+            pr: pr.map(PrNumber),
+            sha: Some(Sha::parse(&sha.to_string().repeat(40)).unwrap()),
+            status,
+            dispatched: true,
+        }
+    }
+
+    #[test]
+    fn a_newer_commit_supersedes_and_the_same_commit_runs_once() {
+        let old = active(RunKind::Ci, Some(7), 'a', RunStatus::Running);
+        let other_pr = active(RunKind::Ci, Some(8), 'b', RunStatus::Queued);
+        let deploy = active(RunKind::Deploy, None, 'c', RunStatus::Running);
+        let runs = [old.clone(), other_pr, deploy.clone()];
+        let newer = validate_request(&config(), &ci(Some(7), Some(&"d".repeat(40)))).unwrap();
+        assert_eq!(
+            decide_submit(&newer, &runs),
+            SubmitDecision::Create {
+                supersede: vec![old.id]
+            }
+        );
+        let same = validate_request(&config(), &ci(Some(7), Some(&"a".repeat(40)))).unwrap();
+        assert_eq!(
+            decide_submit(&same, &runs),
+            SubmitDecision::Existing(old.id)
+        );
+        let same_deploy = RunRequest {
+            repository: "shop".into(),
+            kind: Some("deploy".into()),
+            sha: Some("c".repeat(40)),
+            ..Default::default()
+        };
+        let same_deploy = validate_request(&config(), &same_deploy).unwrap();
+        assert_eq!(
+            decide_submit(&same_deploy, &runs),
+            SubmitDecision::Existing(deploy.id)
+        );
+        let next_deploy = ValidRequest {
+            sha: None,
+            ..same_deploy
+        };
+        assert_eq!(
+            decide_submit(&next_deploy, &runs),
+            SubmitDecision::Create { supersede: vec![] },
+            "deploys queue, never supersede"
+        );
+    }
+
+    #[test]
+    fn dispatch_waits_for_the_isolation_deploys_and_caps() {
+        let building = active(RunKind::Ci, Some(7), 'a', RunStatus::Running);
+        let newer_same_pr = active(RunKind::Ci, Some(7), 'b', RunStatus::Queued);
+        let pr8 = active(RunKind::Ci, Some(8), 'c', RunStatus::Queued);
+        let pr9 = active(RunKind::Ci, Some(9), 'd', RunStatus::Queued);
+        let waiting = [newer_same_pr.clone(), pr8.clone(), pr9.clone()];
+        let no_caps = Caps::default();
+        assert_eq!(
+            dispatch(&waiting, &[building.clone()], &no_caps),
+            vec![pr8.id, pr9.id],
+            "PR 7 waits for its old tree"
+        );
+        assert_eq!(
+            dispatch(&waiting, &[], &no_caps),
+            vec![newer_same_pr.id, pr8.id, pr9.id]
+        );
+        let global = Caps {
+            global: 2,
+            ..Caps::default()
+        };
+        assert_eq!(
+            dispatch(&waiting, &[building.clone()], &global),
+            vec![pr8.id]
+        );
+        let per_repository = Caps {
+            global: 0,
+            per_repository: HashMap::from([(RepoName::parse("shop").unwrap(), 1)]),
+        };
+        assert_eq!(
+            dispatch(&waiting, &[], &per_repository),
+            vec![newer_same_pr.id]
+        );
+
+        let deploying = active(RunKind::Deploy, None, 'e', RunStatus::Running);
+        let next_deploy = active(RunKind::Deploy, None, 'f', RunStatus::Queued);
+        let later_deploy = active(RunKind::Deploy, None, '9', RunStatus::Queued);
+        assert_eq!(
+            dispatch(&[next_deploy.clone(), pr8.clone()], &[deploying], &no_caps),
+            vec![pr8.id]
+        );
+        assert_eq!(
+            dispatch(&[next_deploy.clone(), later_deploy], &[], &no_caps),
+            vec![next_deploy.id],
+            "two waiting deploys never go out together"
+        );
+    }
+
+    #[test]
+    fn pull_request_actions() {
+        use PullRequestAction::*;
+        assert_eq!(pull_request_action("opened", false, false), Build);
+        assert_eq!(pull_request_action("synchronize", true, false), SkipDraft);
+        assert_eq!(pull_request_action("synchronize", true, true), Build);
+        assert_eq!(pull_request_action("ready_for_review", false, false), Build);
+        assert_eq!(
+            pull_request_action("converted_to_draft", true, false),
+            CancelInFlight
+        );
+        assert_eq!(
+            pull_request_action("converted_to_draft", true, true),
+            Ignore
+        );
+        assert_eq!(pull_request_action("closed", false, false), Close);
+        assert_eq!(pull_request_action("labeled", false, false), Ignore);
+    }
+
+    #[test]
+    fn teardown_targets_only_the_prs_isolation() {
+        let config = config();
+        let request = teardown_request(&config.repositories[0], PrNumber(12), 600);
+        assert_eq!(request.isolation.unwrap().as_str(), "pr_shop_12");
+        assert_eq!(request.fetch_ref, "refs/heads/trunk");
+        let via_runs = RunRequest {
+            kind: Some("teardown".into()),
+            ..ci(Some(12), Some(SHA))
+        };
+        assert_eq!(
+            validate_request(&config, &via_runs),
+            Err(RequestError::TeardownViaRuns)
         );
     }
 

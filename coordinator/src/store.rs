@@ -35,9 +35,10 @@ pub enum StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Ordered schema changes. Append only; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
     CREATE TABLE runs (
         id TEXT PRIMARY KEY,
         repository TEXT NOT NULL,
@@ -102,7 +103,38 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         updated_ms INTEGER NOT NULL
     );
     "#,
-)];
+    ),
+    (
+        2,
+        r#"
+    ALTER TABLE runs ADD COLUMN superseded_by TEXT;
+    ALTER TABLE runs ADD COLUMN deferred TEXT;
+    ALTER TABLE runs ADD COLUMN github_reported TEXT;
+    CREATE INDEX runs_by_status ON runs (status, created_ms);
+    CREATE INDEX runs_by_pr ON runs (repository, pr_number, kind);
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    CREATE TABLE pull_requests (
+        repository TEXT NOT NULL,
+        pr INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        draft INTEGER NOT NULL,
+        head_sha TEXT,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (repository, pr)
+    );
+    CREATE TABLE pr_comments (
+        repository TEXT NOT NULL,
+        pr INTEGER NOT NULL,
+        comment_id INTEGER NOT NULL,
+        PRIMARY KEY (repository, pr)
+    );
+    "#,
+    ),
+];
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -116,6 +148,17 @@ pub struct ProductionState {
     pub sha: Sha,
     pub manifest_sha256: String,
     pub updated_ms: i64,
+}
+
+/// What the coordinator knows of a pull request from webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequest {
+    pub repository: RepoName,
+    pub pr: PrNumber,
+    /// `open` or `closed`.
+    pub state: String,
+    pub draft: bool,
+    pub head_sha: Option<Sha>,
 }
 
 /// A run to insert.
@@ -161,6 +204,31 @@ pub struct Run {
     pub last_seq: u64,
     pub cancel_requested: bool,
     pub dbt_exit_code: Option<i32>,
+    /// The newer run of the same PR that replaces this one; set while this one's tree is
+    /// being stopped, and it ends `superseded`.
+    pub superseded_by: Option<RunId>,
+    /// Parents read from production instead of being built (CI runs).
+    pub deferred: Vec<String>,
+    /// The status last reported to GitHub.
+    pub github_reported: Option<String>,
+    /// Its job message went to the broker.
+    pub dispatched: bool,
+}
+
+impl Run {
+    /// The run as the scheduling rules see it.
+    pub fn active(&self) -> rules::ActiveRun {
+        rules::ActiveRun {
+            id: self.id,
+            repository: self.repository.clone(),
+            kind: self.kind,
+            pr: self.pr,
+            sha: self.sha.clone(),
+            isolation: self.isolation.as_ref().map(ToString::to_string),
+            status: self.status,
+            dispatched: self.dispatched,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +314,17 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         dbt_exit_code: row
             .try_get::<Option<i64>, _>("dbt_exit_code")?
             .map(|code| code as i32),
+        superseded_by: text("superseded_by")?
+            .map(|id| RunId::parse(&id))
+            .transpose()
+            .map_err(corrupt)?,
+        deferred: text("deferred")?
+            .map(|json| serde_json::from_str(&json))
+            .transpose()
+            .map_err(corrupt)?
+            .unwrap_or_default(),
+        github_reported: text("github_reported")?,
+        dispatched: row.try_get::<i64, _>("published")? != 0,
     })
 }
 
@@ -410,17 +489,6 @@ impl Store {
             })
         })
         .transpose()
-    }
-
-    /// Queued runs whose job message has not been confirmed by the broker yet (the outbox).
-    pub async fn unpublished_runs(&self, limit: u32) -> Result<Vec<Run>> {
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE published = 0 AND status = 'queued' ORDER BY created_ms LIMIT ?",
-        )
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(run_from_row).collect()
     }
 
     pub async fn mark_published(&self, id: RunId) -> Result<()> {
@@ -619,6 +687,26 @@ impl Store {
         }
         let mut status = RunStatus::from_result(outcome.result);
         let mut message = outcome.message.clone();
+        if let Some(newer) = run.superseded_by {
+            // Its tree is gone now; the newer run of the PR may start.
+            message = Some(match outcome.result {
+                RunResult::Cancelled => {
+                    format!("superseded by run {newer}, a newer commit of the PR")
+                }
+                other => format!(
+                    "superseded by run {newer}, a newer commit of the PR (this build had ended {})",
+                    RunStatus::from_result(other).as_str()
+                ),
+            });
+            status = RunStatus::Superseded;
+        }
+        if !outcome.deferred.is_empty() {
+            sqlx::query("UPDATE runs SET deferred = ? WHERE id = ?")
+                .bind(serde_json::to_string(&outcome.deferred).expect("strings serialize"))
+                .bind(&run_id)
+                .execute(&mut **transaction)
+                .await?;
+        }
         if run.kind == RunKind::Deploy && outcome.result == RunResult::Success {
             let manifest: Option<String> = sqlx::query_scalar(
                 "SELECT sha256 FROM artifacts WHERE run_id = ? AND name = 'manifest.json'",
@@ -711,6 +799,208 @@ impl Store {
         .await?;
         ids.iter()
             .map(|id| RunId::parse(id).map_err(corrupt))
+            .collect()
+    }
+
+    /// Every run that has not ended: the input of submission and dispatch decisions.
+    pub async fn active_runs(&self) -> Result<Vec<Run>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE status IN ('queued', 'running') ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// Stamps the production state a CI run compares against, as it is dispatched.
+    pub async fn stamp_production_state(&self, id: RunId, state: &ProductionState) -> Result<()> {
+        sqlx::query("UPDATE runs SET state_run_id = ?, state_sha = ?, state_manifest_sha256 = ? WHERE id = ? AND status = 'queued'")
+            .bind(state.deploy_run_id.to_string())
+            .bind(state.sha.as_str())
+            .bind(&state.manifest_sha256)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Supersedes `old` by `newer`: a run that has not started ends now; a running one is
+    /// marked, and ends `superseded` when its agent reports the tree gone. Returns whether the
+    /// agents must be told to stop it.
+    pub async fn supersede(&self, old: RunId, newer: RunId) -> Result<bool> {
+        let message = format!("superseded by run {newer}, a newer commit of the PR");
+        if self
+            .end_queued(old, RunStatus::Superseded, &message)
+            .await?
+        {
+            return Ok(false);
+        }
+        let updated = sqlx::query(
+            "UPDATE runs SET superseded_by = ?, cancel_requested = 1 WHERE id = ? AND status = 'running'",
+        )
+        .bind(newer.to_string())
+        .bind(old.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// 1 for the next queued run to start, 2 for the one after, ...; none once it started.
+    pub async fn queue_position(&self, run: &Run) -> Result<Option<u32>> {
+        if run.status != RunStatus::Queued {
+            return Ok(None);
+        }
+        let ahead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status = 'queued' AND (created_ms < ?1 OR (created_ms = ?1 AND id < ?2))",
+        )
+        .bind(run.created_ms)
+        .bind(run.id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(ahead as u32 + 1))
+    }
+
+    /// Records a webhook delivery id; false if it was seen before (a replay).
+    pub async fn record_delivery(&self, id: &str, event: &str) -> Result<bool> {
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO webhook_deliveries (id, event, received_ms) VALUES (?, ?, ?)",
+        )
+        .bind(id)
+        .bind(event)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    pub async fn upsert_pull_request(&self, pull: &PullRequest) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO pull_requests (repository, pr, state, draft, head_sha, updated_ms) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (repository, pr) DO UPDATE SET state = excluded.state, draft = excluded.draft,
+                head_sha = excluded.head_sha, updated_ms = excluded.updated_ms",
+        )
+        .bind(pull.repository.as_str())
+        .bind(pull.pr.0 as i64)
+        .bind(&pull.state)
+        .bind(pull.draft as i64)
+        .bind(pull.head_sha.as_ref().map(Sha::as_str))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn pull_request(
+        &self,
+        repository: &RepoName,
+        pr: PrNumber,
+    ) -> Result<Option<PullRequest>> {
+        let row = sqlx::query("SELECT * FROM pull_requests WHERE repository = ? AND pr = ?")
+            .bind(repository.as_str())
+            .bind(pr.0 as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(PullRequest {
+                repository: repository.clone(),
+                pr,
+                state: row.try_get("state")?,
+                draft: row.try_get::<i64, _>("draft")? != 0,
+                head_sha: row
+                    .try_get::<Option<String>, _>("head_sha")?
+                    .map(|sha| Sha::parse(&sha))
+                    .transpose()
+                    .map_err(corrupt)?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn comment_id(&self, repository: &RepoName, pr: PrNumber) -> Result<Option<u64>> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT comment_id FROM pr_comments WHERE repository = ? AND pr = ?",
+        )
+        .bind(repository.as_str())
+        .bind(pr.0 as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(|id| id as u64))
+    }
+
+    pub async fn set_comment_id(
+        &self,
+        repository: &RepoName,
+        pr: PrNumber,
+        comment_id: Option<u64>,
+    ) -> Result<()> {
+        match comment_id {
+            Some(comment_id) => {
+                sqlx::query("INSERT OR REPLACE INTO pr_comments (repository, pr, comment_id) VALUES (?, ?, ?)")
+                    .bind(repository.as_str())
+                    .bind(pr.0 as i64)
+                    .bind(comment_id as i64)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM pr_comments WHERE repository = ? AND pr = ?")
+                    .bind(repository.as_str())
+                    .bind(pr.0 as i64)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs whose status differs from what GitHub was last told, oldest first.
+    pub async fn runs_to_report(&self, limit: u32) -> Result<Vec<Run>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE kind IN ('ci', 'deploy') AND sha IS NOT NULL
+               AND (github_reported IS NULL OR github_reported != status)
+             ORDER BY created_ms LIMIT ?",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub async fn set_reported(&self, id: RunId, status: RunStatus) -> Result<()> {
+        sqlx::query("UPDATE runs SET github_reported = ? WHERE id = ?")
+            .bind(status.as_str())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// PRs whose isolation may be left behind: CI builds all ended before `cutoff_ms`, and no
+    /// teardown queued, running or succeeded since the last of them.
+    pub async fn sweep_candidates(&self, cutoff_ms: i64) -> Result<Vec<(RepoName, PrNumber, i64)>> {
+        let rows = sqlx::query(
+            "SELECT c.repository, c.pr_number, max(c.finished_ms) AS last_finished, max(c.created_ms) AS last_created
+             FROM runs c
+             WHERE c.kind = 'ci' AND c.pr_number IS NOT NULL
+             GROUP BY c.repository, c.pr_number
+             HAVING sum(c.status IN ('queued', 'running')) = 0 AND max(c.finished_ms) < ?1
+                AND NOT EXISTS (
+                    SELECT 1 FROM runs t
+                    WHERE t.kind = 'teardown' AND t.repository = c.repository AND t.pr_number = c.pr_number
+                      AND t.created_ms >= max(c.created_ms) AND t.status IN ('queued', 'running', 'success'))",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let repository: String = row.try_get("repository")?;
+                Ok((
+                    RepoName::parse(&repository).map_err(corrupt)?,
+                    PrNumber(row.try_get::<i64, _>("pr_number")? as u64),
+                    row.try_get::<i64, _>("last_finished")?,
+                ))
+            })
             .collect()
     }
 
@@ -838,6 +1128,7 @@ mod tests {
             message: None,
             dbt_exit_code: Some(0),
             nodes: vec![],
+            deferred: vec![],
         };
         let applied = store
             .apply_event(&event(&run, 1, EventBody::Finished(outcome)))
@@ -864,6 +1155,7 @@ mod tests {
             message: None,
             dbt_exit_code: Some(0),
             nodes: vec![],
+            deferred: vec![],
         };
         let applied = store
             .apply_event(&event(&run, 1, EventBody::Finished(outcome)))
@@ -908,6 +1200,7 @@ mod tests {
             message: None,
             dbt_exit_code: Some(1),
             nodes: vec![],
+            deferred: vec![],
         };
         store
             .apply_event(&event(&run, 2, EventBody::Finished(outcome)))

@@ -80,6 +80,8 @@ pub enum RunKind {
     Ci,
     /// `dbt build` of the production branch into production.
     Deploy,
+    /// `dbt run-operation` dropping a closed PR's isolation (schema or database).
+    Teardown,
 }
 
 impl RunKind {
@@ -87,6 +89,7 @@ impl RunKind {
         match self {
             RunKind::Ci => "ci",
             RunKind::Deploy => "deploy",
+            RunKind::Teardown => "teardown",
         }
     }
 
@@ -94,6 +97,7 @@ impl RunKind {
         match text {
             "ci" => Some(RunKind::Ci),
             "deploy" => Some(RunKind::Deploy),
+            "teardown" => Some(RunKind::Teardown),
             _ => None,
         }
     }
@@ -135,9 +139,10 @@ pub struct Job {
     /// The dbt project's directory inside the repository ("" for the root).
     pub project_dir: String,
     pub git: GitTarget,
-    /// Set for CI runs.
+    /// Set for CI and teardown runs.
     pub pr_number: Option<PrNumber>,
-    /// The PR's schema or database name; set for CI runs.
+    /// The PR's schema or database name; set for CI and teardown runs. An agent refuses a
+    /// job whose isolation is not `IsolationName::for_pr(repository, pr_number)`.
     pub isolation: Option<IsolationName>,
     /// Set for CI runs: what `--state` points at.
     pub production_state: Option<ProductionStateRef>,
@@ -249,6 +254,9 @@ pub struct Outcome {
     pub message: Option<String>,
     pub dbt_exit_code: Option<i32>,
     pub nodes: Vec<NodeResult>,
+    /// CI runs: parents of selected nodes that were not built but read from production.
+    #[serde(default)]
+    pub deferred: Vec<String>,
 }
 
 /// What an agent reports about an attempt.

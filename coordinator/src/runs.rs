@@ -1,0 +1,146 @@
+//! Requests that change runs, whichever door they came in by (HTTP API, CLI, GitHub webhook):
+//! submitting a run with the supersede and dedupe rules, cancelling, tearing down a PR's
+//! isolation. The decisions are `rules`; this module applies them to the store and wakes the
+//! publisher.
+
+use slimci_proto::{PrNumber, RunId, RunKind};
+
+use crate::api::AppState;
+use crate::config::RepositoryConfig;
+use crate::rules::{self, Admission, CancelDecision, RunStatus, SubmitDecision, ValidRequest};
+use crate::store::{NewRun, Run, StoreError};
+
+/// The run that answers a request, and whether it was made for it.
+pub struct Submitted {
+    pub run: Run,
+    pub created: bool,
+}
+
+/// Records a run for a valid request: refuses a CI run without production state (recorded as
+/// `error`), answers with the existing run when the same commit is already queued or building,
+/// and supersedes the PR's runs of older commits.
+pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
+    // One submission at a time, so two requests for one PR cannot both miss each other.
+    let _serial = state.submit_lock.lock().await;
+    let production_state = match request.kind {
+        RunKind::Ci => state.store.production_state(&request.repository).await?,
+        RunKind::Deploy | RunKind::Teardown => None,
+    };
+    let (status, message) = match rules::admit(&request, production_state.is_some()) {
+        Admission::Queue => (RunStatus::Queued, None),
+        Admission::Refuse(message) => (RunStatus::Error, Some(message)),
+    };
+    let active: Vec<rules::ActiveRun> = state
+        .store
+        .active_runs()
+        .await?
+        .iter()
+        .map(Run::active)
+        .collect();
+    let supersede = match rules::decide_submit(&request, &active) {
+        SubmitDecision::Existing(id) => {
+            let run = state.store.run(id).await?.expect("an active run exists");
+            tracing::info!(run = %id, "the same commit is already queued or building; answering with that run");
+            return Ok(Submitted {
+                run,
+                created: false,
+            });
+        }
+        SubmitDecision::Create { supersede } => supersede,
+    };
+    let new_run = NewRun {
+        id: RunId::new(),
+        repository: request.repository,
+        kind: request.kind,
+        pr: request.pr,
+        sha: request.sha,
+        fetch_ref: request.fetch_ref,
+        isolation: request.isolation,
+        timeout_secs: request.timeout_secs,
+        production_state,
+        status,
+        message,
+    };
+    state.store.insert_run(&new_run).await?;
+    tracing::info!(run = %new_run.id, repository = %new_run.repository, kind = new_run.kind.as_str(), pr = ?new_run.pr.map(|pr| pr.0), status = status.as_str(), "run accepted");
+    if status == RunStatus::Queued {
+        for old in supersede {
+            let signal = state.store.supersede(old, new_run.id).await?;
+            tracing::info!(run = %old, by = %new_run.id, stopping = signal, "superseded");
+            let _ = state.changes.send(old);
+        }
+    }
+    state.outbox.notify_one();
+    let _ = state.changes.send(new_run.id);
+    let run = state.store.run(new_run.id).await?.expect("just inserted");
+    Ok(Submitted { run, created: true })
+}
+
+/// Why a cancel did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no run {0}")]
+    Unknown(RunId),
+    #[error("run {id} already ended: {}", status.as_str())]
+    AlreadyFinished { id: RunId, status: RunStatus },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Cancels a run: one not started ends now; a building one is stopped by its agent and ends
+/// when the agent reports the tree gone.
+pub async fn cancel(state: &AppState, id: RunId, reason: &str) -> Result<Run, CancelError> {
+    let run = state.store.run(id).await?.ok_or(CancelError::Unknown(id))?;
+    match rules::decide_cancel(run.status) {
+        CancelDecision::EndNow => {
+            if !state
+                .store
+                .end_queued(id, RunStatus::Cancelled, reason)
+                .await?
+            {
+                // Claimed in the meantime: stop it where it runs.
+                state.store.request_cancel(id).await?;
+            }
+        }
+        CancelDecision::SignalAgents => state.store.request_cancel(id).await?,
+        CancelDecision::AlreadyFinished(status) => {
+            return Err(CancelError::AlreadyFinished { id, status });
+        }
+    }
+    tracing::info!(run = %id, %reason, "cancel requested");
+    state.outbox.notify_one();
+    let _ = state.changes.send(id);
+    Ok(state.store.run(id).await?.expect("exists"))
+}
+
+/// Cancels every unfinished CI run of one PR (it was closed or became a draft).
+pub async fn cancel_pull_request(
+    state: &AppState,
+    repository: &RepositoryConfig,
+    pr: PrNumber,
+    reason: &str,
+) -> Result<usize, StoreError> {
+    let mut cancelled = 0;
+    for run in state.store.active_runs().await? {
+        if run.repository == repository.name && run.kind == RunKind::Ci && run.pr == Some(pr) {
+            match cancel(state, run.id, reason).await {
+                Ok(_) => cancelled += 1,
+                Err(CancelError::Store(error)) => return Err(error),
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(cancelled)
+}
+
+/// Queues a teardown run that drops PR `pr`'s isolation (and nothing else).
+pub async fn teardown(
+    state: &AppState,
+    repository: &RepositoryConfig,
+    pr: PrNumber,
+) -> Result<Submitted, StoreError> {
+    let timeout = repository
+        .run_timeout_secs
+        .unwrap_or(state.config.limits.run_timeout_secs);
+    submit(state, rules::teardown_request(repository, pr, timeout)).await
+}

@@ -1,0 +1,328 @@
+//! `POST /webhooks/github`: GitHub's `pull_request`, `push` and `ping` events.
+//!
+//! The raw body is authenticated first (`X-Hub-Signature-256`, HMAC-SHA256 with the configured
+//! secret, compared in constant time); anything unsigned or forged gets 401 and changes
+//! nothing. A delivery id seen before (`X-GitHub-Delivery`) is answered without being processed
+//! again. What each action does is `rules::pull_request_action`; the runs go through
+//! `runs::submit`, so the supersede and dedupe rules are the same as for the CLI.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use slimci_proto::PrNumber;
+
+use crate::api::{ApiError, AppState};
+use crate::rules::{self, PullRequestAction, RunRequest};
+use crate::runs;
+use crate::store::PullRequest;
+
+/// Whether `signature` (the header's value, `sha256=<hex>`) is the HMAC of `body` under
+/// `secret`. The comparison is constant-time.
+pub fn signature_is_valid(secret: &[u8], body: &[u8], signature: &str) -> bool {
+    let Some(hex_digest) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_digest) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+#[derive(Deserialize)]
+struct Repository {
+    full_name: String,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    sha: String,
+}
+
+#[derive(Deserialize)]
+struct PullRequestPayload {
+    #[serde(default)]
+    draft: bool,
+    state: String,
+    head: Head,
+}
+
+#[derive(Deserialize)]
+struct PullRequestEvent {
+    action: String,
+    number: u64,
+    pull_request: PullRequestPayload,
+    repository: Repository,
+}
+
+#[derive(Deserialize)]
+struct PushEvent {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    after: String,
+    #[serde(default)]
+    deleted: bool,
+    repository: Repository,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn answer(
+    status: StatusCode,
+    message: impl Into<String>,
+    run: Option<slimci_proto::RunId>,
+) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "message": message.into(), "run": run })),
+    )
+        .into_response()
+}
+
+pub async fn github_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(secret) = &state.secrets.github_webhook_secret else {
+        return Err(ApiError::NotFound(
+            "GitHub webhooks are not configured here: set [github] webhook_secret in the coordinator's configuration".to_owned(),
+        ));
+    };
+    let delivery = header(&headers, "x-github-delivery")
+        .unwrap_or("-")
+        .to_owned();
+    let signature = header(&headers, "x-hub-signature-256");
+    if !signature.is_some_and(|signature| signature_is_valid(secret.as_bytes(), &body, signature)) {
+        tracing::warn!(%delivery, signed = signature.is_some(), "refused a GitHub webhook with a missing or wrong signature");
+        return Err(ApiError::Unauthorized);
+    }
+    let event = header(&headers, "x-github-event")
+        .ok_or_else(|| ApiError::BadRequest("missing X-GitHub-Event header".to_owned()))?
+        .to_owned();
+    if delivery == "-" {
+        return Err(ApiError::BadRequest(
+            "missing X-GitHub-Delivery header".to_owned(),
+        ));
+    }
+    if !state.store.record_delivery(&delivery, &event).await? {
+        tracing::info!(%delivery, %event, "replayed webhook delivery; not processed again");
+        return Ok(answer(
+            StatusCode::OK,
+            format!("delivery {delivery} was already processed"),
+            None,
+        ));
+    }
+    let handled = match event.as_str() {
+        "ping" => Ok(answer(StatusCode::OK, "pong", None)),
+        "pull_request" => pull_request(&state, &body).await,
+        "push" => push(&state, &body).await,
+        other => Ok(answer(
+            StatusCode::ACCEPTED,
+            format!("`{other}` events are not used by slimci; nothing done"),
+            None,
+        )),
+    };
+    tracing::info!(%delivery, %event, ok = handled.is_ok(), "GitHub webhook");
+    handled
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], event: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("not a GitHub `{event}` payload: {error}")))
+}
+
+fn unknown_repository(full_name: &str) -> Response {
+    answer(
+        StatusCode::ACCEPTED,
+        format!(
+            "repository `{full_name}` is not configured here (no [[repository]] with github = \"{full_name}\"); nothing queued"
+        ),
+        None,
+    )
+}
+
+async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+    let event: PullRequestEvent = parse(body, "pull_request")?;
+    let Some(repository) = state
+        .config
+        .repository_for_github(&event.repository.full_name)
+        .cloned()
+    else {
+        return Ok(unknown_repository(&event.repository.full_name));
+    };
+    let pr = PrNumber(event.number);
+    let head_sha = slimci_proto::Sha::parse(&event.pull_request.head.sha)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    state
+        .store
+        .upsert_pull_request(&PullRequest {
+            repository: repository.name.clone(),
+            pr,
+            state: event.pull_request.state.clone(),
+            draft: event.pull_request.draft,
+            head_sha: Some(head_sha.clone()),
+        })
+        .await?;
+    match rules::pull_request_action(
+        &event.action,
+        event.pull_request.draft,
+        repository.build_drafts,
+    ) {
+        PullRequestAction::Build => {
+            let request = RunRequest {
+                repository: repository.name.to_string(),
+                kind: Some("ci".to_owned()),
+                pr: Some(pr.0),
+                sha: Some(head_sha.to_string()),
+                git_ref: None,
+            };
+            let valid = rules::validate_request(&state.config, &request)
+                .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+            let submitted = runs::submit(state, valid).await?;
+            let status = if submitted.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(answer(
+                status,
+                format!("CI run of {} for PR #{pr}", head_sha.short()),
+                Some(submitted.run.id),
+            ))
+        }
+        PullRequestAction::SkipDraft => Ok(answer(
+            StatusCode::OK,
+            format!(
+                "PR #{pr} is a draft and `{}` does not build drafts; not built",
+                repository.name
+            ),
+            None,
+        )),
+        PullRequestAction::CancelInFlight => {
+            let cancelled = runs::cancel_pull_request(
+                state,
+                &repository,
+                pr,
+                "the pull request became a draft",
+            )
+            .await?;
+            Ok(answer(
+                StatusCode::OK,
+                format!("PR #{pr} became a draft; {cancelled} run(s) cancelled"),
+                None,
+            ))
+        }
+        PullRequestAction::Close => {
+            let cancelled =
+                runs::cancel_pull_request(state, &repository, pr, "the pull request was closed")
+                    .await?;
+            let teardown = runs::teardown(state, &repository, pr).await?;
+            Ok(answer(
+                StatusCode::CREATED,
+                format!(
+                    "PR #{pr} closed; {cancelled} run(s) cancelled, its isolation is being dropped"
+                ),
+                Some(teardown.run.id),
+            ))
+        }
+        PullRequestAction::Ignore => Ok(answer(
+            StatusCode::ACCEPTED,
+            format!(
+                "pull_request action `{}` needs nothing from slimci",
+                event.action
+            ),
+            None,
+        )),
+    }
+}
+
+async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+    let event: PushEvent = parse(body, "push")?;
+    let Some(repository) = state
+        .config
+        .repository_for_github(&event.repository.full_name)
+        .cloned()
+    else {
+        return Ok(unknown_repository(&event.repository.full_name));
+    };
+    let production_ref = format!("refs/heads/{}", repository.production_branch);
+    if event.git_ref != production_ref || event.deleted {
+        return Ok(answer(
+            StatusCode::ACCEPTED,
+            format!(
+                "push to `{}` is not a push to the production branch; nothing queued",
+                event.git_ref
+            ),
+            None,
+        ));
+    }
+    let request = RunRequest {
+        repository: repository.name.to_string(),
+        kind: Some("deploy".to_owned()),
+        pr: None,
+        sha: Some(event.after.clone()),
+        git_ref: Some(repository.production_branch.clone()),
+    };
+    let valid = rules::validate_request(&state.config, &request)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let submitted = runs::submit(state, valid).await?;
+    let status = if submitted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(answer(
+        status,
+        format!("deploy of {}", &event.after[..12.min(event.after.len())]),
+        Some(submitted.run.id),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &[u8], body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn signatures_are_checked_over_the_raw_body() {
+        let body = br#"{"zen":"Design for failure."}"#;
+        let good = sign(b"s3cret", body);
+        assert!(signature_is_valid(b"s3cret", body, &good));
+        assert!(!signature_is_valid(b"other", body, &good));
+        assert!(!signature_is_valid(b"s3cret", b"{}", &good));
+        assert!(!signature_is_valid(
+            b"s3cret",
+            body,
+            good.trim_start_matches("sha256=")
+        ));
+        assert!(!signature_is_valid(b"s3cret", body, "sha256=zz"));
+        assert!(!signature_is_valid(b"s3cret", body, ""));
+    }
+
+    #[test]
+    fn githubs_documented_example_verifies() {
+        // The example from GitHub's "Validating webhook deliveries" documentation.
+        let signature = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(signature_is_valid(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            signature
+        ));
+    }
+}
