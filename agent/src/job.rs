@@ -150,6 +150,7 @@ pub async fn execute(
                 message: Some(stop.message),
                 dbt_exit_code: None,
                 nodes: Vec::new(),
+                deferred: Vec::new(),
             }
         }
     };
@@ -202,6 +203,99 @@ pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, String> {
             relation: entry.relation_name,
         })
         .collect())
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    nodes: std::collections::HashMap<String, ManifestNode>,
+}
+
+#[derive(Deserialize)]
+struct ManifestNode {
+    #[serde(default)]
+    depends_on: DependsOn,
+}
+
+#[derive(Deserialize, Default)]
+struct DependsOn {
+    #[serde(default)]
+    nodes: Vec<String>,
+}
+
+/// The parents of the built nodes that were not built themselves: what `--defer` read from
+/// production. Sources are not counted; they are the same for every target.
+pub fn read_deferred(manifest: &Path, nodes: &[NodeResult]) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(manifest) else {
+        return Vec::new();
+    };
+    let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return Vec::new();
+    };
+    let selected: std::collections::HashSet<&str> =
+        nodes.iter().map(|node| node.unique_id.as_str()).collect();
+    let mut deferred: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for id in &selected {
+        let Some(node) = manifest.nodes.get(*id) else {
+            continue;
+        };
+        for parent in &node.depends_on.nodes {
+            let buildable = ["model.", "seed.", "snapshot."]
+                .iter()
+                .any(|prefix| parent.starts_with(prefix));
+            if buildable && !selected.contains(parent.as_str()) {
+                deferred.insert(parent.clone());
+            }
+        }
+    }
+    deferred.into_iter().collect()
+}
+
+/// The macro a teardown runs. It refuses any name that is not a PR isolation, and with the
+/// `database` strategy (one database per PR, as with DuckDB) refuses unless the target database
+/// is that isolation; with `schema` (one schema per PR) it drops only that schema.
+const DROP_ISOLATION_MACRO: &str = r#"{# Written by slimci for a teardown run; not part of the project. #}
+{% macro slimci_drop_isolation(name, strategy) %}
+  {% if not (name is string and name.startswith('pr_') and name | length <= 63) %}
+    {{ exceptions.raise_compiler_error("slimci refuses to drop `" ~ name ~ "`: it is not a PR isolation name") }}
+  {% endif %}
+  {% if strategy == 'schema' %}
+    {% do adapter.drop_schema(api.Relation.create(database=target.database, schema=name)) %}
+    {{ log("slimci: dropped schema " ~ name ~ " in " ~ target.database, info=True) }}
+  {% elif strategy == 'database' %}
+    {% if target.database != name %}
+      {{ exceptions.raise_compiler_error("slimci refuses to empty `" ~ target.database ~ "`: the target database is not the isolation `" ~ name ~ "`") }}
+    {% endif %}
+    {% set dropped = [] %}
+    {% for schema in adapter.list_schemas(target.database) %}
+      {% if schema not in ['information_schema', 'pg_catalog'] %}
+        {% for relation in adapter.list_relations_without_caching(api.Relation.create(database=target.database, schema=schema)) %}
+          {% do adapter.drop_relation(relation) %}
+          {% do dropped.append(schema ~ '.' ~ relation.identifier) %}
+        {% endfor %}
+      {% endif %}
+    {% endfor %}
+    {{ log("slimci: dropped " ~ (dropped | length) ~ " relations of " ~ name ~ ": " ~ (dropped | join(", ")), info=True) }}
+  {% else %}
+    {{ exceptions.raise_compiler_error("slimci_drop_isolation: unknown strategy " ~ strategy) }}
+  {% endif %}
+{% endmacro %}
+"#;
+
+/// The project's first macro directory (`macro-paths`, default `macros`).
+fn first_macro_path(project_file: &Path) -> String {
+    std::fs::read_to_string(project_file)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<serde_yaml::Value>(&text).ok())
+        .and_then(|project| {
+            project
+                .get("macro-paths")?
+                .as_sequence()?
+                .first()?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|path| !path.starts_with('/') && !path.split('/').any(|part| part == ".."))
+        .unwrap_or_else(|| "macros".to_owned())
 }
 
 fn profile_name(project_file: &Path) -> Result<String, String> {
@@ -262,7 +356,7 @@ impl Attempt<'_> {
 
         // Production state (CI only).
         let state_dir = match job.kind {
-            RunKind::Deploy => None,
+            RunKind::Deploy | RunKind::Teardown => None,
             RunKind::Ci => {
                 self.phase_started(Phase::StateFetch);
                 let fetched = self.fetch_state().await;
@@ -279,6 +373,10 @@ impl Attempt<'_> {
             self.phase_finished(Phase::Deps, deps.is_ok());
             deps?;
             self.check_cancelled()?;
+        }
+
+        if job.kind == RunKind::Teardown {
+            return self.teardown(&project).await;
         }
 
         // Profile.
@@ -313,11 +411,18 @@ impl Attempt<'_> {
                 self.log.slimci(format!("no node results: {error}"));
                 Vec::new()
             });
+        let deferred = match self.job.kind {
+            RunKind::Ci => {
+                read_deferred(&self.run_dir.join("target").join("manifest.json"), &nodes)
+            }
+            RunKind::Deploy | RunKind::Teardown => Vec::new(),
+        };
         let mut outcome = Outcome {
             result,
             message: None,
             dbt_exit_code,
             nodes,
+            deferred,
         };
         let has_manifest = self.run_dir.join("target").join("manifest.json").is_file();
         match (&target, result, uploaded) {
@@ -440,6 +545,7 @@ impl Attempt<'_> {
         let warehouse = &self.services.warehouse;
         let target = match self.job.kind {
             RunKind::Deploy => warehouse.begin_deploy(&self.job.repository, self.job.run_id),
+            RunKind::Teardown => return Err(Stop::error("a teardown job has no build profile")),
             RunKind::Ci => {
                 let isolation = self
                     .job
@@ -468,12 +574,90 @@ impl Attempt<'_> {
                 "building production into a copy at {}",
                 database.display()
             )),
-            Target::Ci { database, .. } => self.log.slimci(format_args!(
-                "building into the PR's own database {}",
-                database.display()
-            )),
+            Target::Ci { database, .. } | Target::Teardown { database } => self.log.slimci(
+                format_args!("building into the PR's own database {}", database.display()),
+            ),
         }
         Ok(target)
+    }
+
+    /// Drops the PR's isolation through dbt (`run-operation` with a macro slimci supplies, so it
+    /// works on every adapter), then removes what is left of it on disk. `Job::check` already
+    /// made sure the isolation is this repository's and this PR's.
+    async fn teardown(&mut self, project: &Path) -> Result<Outcome, Stop> {
+        let isolation = self
+            .job
+            .isolation
+            .clone()
+            .ok_or_else(|| Stop::error("a teardown job without an isolation name"))?;
+        let warehouse = self.services.warehouse.clone();
+        let Some(database) = warehouse.pr_database(&self.job.repository, &isolation) else {
+            self.log.slimci(format_args!(
+                "{isolation} does not exist on this runner; nothing to drop"
+            ));
+            return Ok(Outcome {
+                result: RunResult::Success,
+                message: Some(format!("{isolation}: nothing to drop")),
+                dbt_exit_code: None,
+                nodes: Vec::new(),
+                deferred: Vec::new(),
+            });
+        };
+        self.phase_started(Phase::Profile);
+        let prepared = (|| {
+            let name = profile_name(&project.join("dbt_project.yml"))?;
+            let target = Target::Teardown {
+                database: database.clone(),
+            };
+            let profile = self.run_dir.join("profiles").join("profiles.yml");
+            std::fs::write(&profile, warehouse.profile_yaml(&name, &target))
+                .map_err(|error| format!("cannot write {}: {error}", profile.display()))?;
+            let macros = project.join(first_macro_path(&project.join("dbt_project.yml")));
+            std::fs::create_dir_all(&macros)
+                .map_err(|error| format!("cannot create {}: {error}", macros.display()))?;
+            std::fs::write(
+                macros.join("slimci_drop_isolation.sql"),
+                DROP_ISOLATION_MACRO,
+            )
+            .map_err(|error| format!("cannot write the teardown macro: {error}"))
+        })();
+        self.phase_finished(Phase::Profile, prepared.is_ok());
+        prepared.map_err(Stop::error)?;
+
+        self.phase_started(Phase::Build);
+        let args = vec![
+            "run-operation".to_owned(),
+            "slimci_drop_isolation".to_owned(),
+            "--args".to_owned(),
+            serde_json::json!({ "name": isolation.as_str(), "strategy": "database" }).to_string(),
+            "--target".to_owned(),
+            "ci".to_owned(),
+            "--log-format".to_owned(),
+            "json".to_owned(),
+        ];
+        self.log.slimci(format_args!("dbt {}", args.join(" ")));
+        let exit = self.dbt(project, args).await;
+        let dropped = matches!(exit, Ok(Exit::Code(0)));
+        self.phase_finished(Phase::Build, dropped);
+        match exit? {
+            Exit::Code(0) => {}
+            other => return Err(self.stop_for(other, "dbt run-operation slimci_drop_isolation")),
+        }
+        warehouse
+            .remove_pr_database(&self.job.repository, &isolation)
+            .map_err(|error| {
+                Stop::error(format!(
+                    "dropped the relations but could not remove the database file: {error}"
+                ))
+            })?;
+        self.log.slimci(format_args!("dropped {isolation}"));
+        Ok(Outcome {
+            result: RunResult::Success,
+            message: Some(format!("dropped {isolation}")),
+            dbt_exit_code: Some(0),
+            nodes: Vec::new(),
+            deferred: Vec::new(),
+        })
     }
 
     fn dbt_env(&self) -> Vec<(String, String)> {

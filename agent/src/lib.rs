@@ -197,8 +197,13 @@ async fn consume_session(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(BrokerError::Disconnected),
         };
-        let job = match slimci_proto::decode::<ToAgentMessage>(&delivery.data) {
-            Ok(ToAgentMessage::Job(job)) => job,
+        let checked = slimci_proto::decode::<ToAgentMessage>(&delivery.data)
+            .map_err(|error| error.to_string())
+            .and_then(|ToAgentMessage::Job(job)| {
+                job.check().map(|()| job).map_err(|error| error.to_string())
+            });
+        let job = match checked {
+            Ok(job) => job,
             Err(error) => {
                 let reason = format!("agent {} refused a job message: {error}", config.name);
                 tracing::warn!(%reason, "dead-lettering job message");

@@ -51,6 +51,10 @@ pub enum Target {
     Deploy {
         database: PathBuf,
     },
+    /// The PR's own database, nothing attached: a teardown empties it.
+    Teardown {
+        database: PathBuf,
+    },
     Ci {
         database: PathBuf,
         production: PathBuf,
@@ -159,18 +163,49 @@ impl DuckDbWarehouse {
                 looked: format!("{} and {}", exact.display(), current.display()),
             });
         };
-        let pr_dir = self.repository_dir(repository).join("pr");
-        std::fs::create_dir_all(&pr_dir).map_err(io(&pr_dir))?;
+        let database = self.pr_database_path(repository, isolation);
+        let pr_dir = database
+            .parent()
+            .expect("a PR database lives in a directory");
+        std::fs::create_dir_all(pr_dir).map_err(io(pr_dir))?;
         Ok(Target::Ci {
-            database: pr_dir.join(format!("{isolation}.duckdb")),
+            database,
             production,
         })
+    }
+
+    fn pr_database_path(&self, repository: &RepoName, isolation: &IsolationName) -> PathBuf {
+        self.repository_dir(repository)
+            .join("pr")
+            .join(format!("{isolation}.duckdb"))
+    }
+
+    /// The PR's database file, if this runner has one.
+    pub fn pr_database(&self, repository: &RepoName, isolation: &IsolationName) -> Option<PathBuf> {
+        Some(self.pr_database_path(repository, isolation)).filter(|path| path.is_file())
+    }
+
+    /// Removes the PR's database file (and DuckDB's write-ahead log beside it).
+    pub fn remove_pr_database(
+        &self,
+        repository: &RepoName,
+        isolation: &IsolationName,
+    ) -> Result<(), WarehouseError> {
+        let path = self.pr_database_path(repository, isolation);
+        for file in [path.clone(), path.with_extension("duckdb.wal")] {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(WarehouseError::Io { path: file, source }),
+            }
+        }
+        Ok(())
     }
 
     /// The `profiles.yml` text for `profile_name` with a single output named after the target.
     pub fn profile_yaml(&self, profile_name: &str, target: &Target) -> String {
         let output = match target {
-            Target::Deploy { database } => serde_json::json!({
+            Target::Deploy { database } | Target::Teardown { database } => serde_json::json!({
                 "type": "duckdb",
                 "path": database,
                 "threads": self.threads,
@@ -187,7 +222,7 @@ impl DuckDbWarehouse {
         };
         let target_name = match target {
             Target::Deploy { .. } => "prod",
-            Target::Ci { .. } => "ci",
+            Target::Ci { .. } | Target::Teardown { .. } => "ci",
         };
         let profile = serde_json::json!({
             profile_name: { "target": target_name, "outputs": { target_name: output } }

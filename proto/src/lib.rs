@@ -150,6 +150,55 @@ pub struct Job {
     pub timeout_secs: u64,
 }
 
+/// Why a job is refused before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("a {kind} job needs a PR number and its isolation name")]
+    MissingIsolation { kind: &'static str },
+    #[error(
+        "refusing `{name}`: it is not the PR isolation of {repository} PR #{pr} (expected `{expected}`)"
+    )]
+    ForeignIsolation {
+        name: String,
+        repository: String,
+        pr: PrNumber,
+        expected: String,
+    },
+    #[error("a {kind} job needs the production state it compares against")]
+    MissingProductionState { kind: &'static str },
+}
+
+impl Job {
+    /// The checks an agent makes before it claims a job: a CI or teardown job must name the
+    /// isolation of its own repository and PR, so no job can point a build, and above all a
+    /// drop, at anything else.
+    pub fn check(&self) -> Result<(), JobError> {
+        match self.kind {
+            RunKind::Deploy => Ok(()),
+            RunKind::Ci | RunKind::Teardown => {
+                let (Some(pr), Some(isolation)) = (self.pr_number, &self.isolation) else {
+                    return Err(JobError::MissingIsolation {
+                        kind: self.kind.as_str(),
+                    });
+                };
+                let expected = IsolationName::for_pr(&self.repository, pr);
+                if &expected != isolation {
+                    return Err(JobError::ForeignIsolation {
+                        name: isolation.to_string(),
+                        repository: self.repository.to_string(),
+                        pr,
+                        expected: expected.to_string(),
+                    });
+                }
+                if self.kind == RunKind::Ci && self.production_state.is_none() {
+                    return Err(JobError::MissingProductionState { kind: "ci" });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Messages on the job queue (one consumer takes each).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -393,6 +442,32 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["event"], "log");
         assert_eq!(decode::<AgentEvent>(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn a_job_must_name_its_own_isolation() {
+        let mut job = sample_job();
+        job.production_state = Some(ProductionStateRef {
+            deploy_run_id: RunId::new(),
+            sha: Sha::parse(&"a".repeat(40)).unwrap(),
+            manifest_url: "http://c/m".into(),
+            manifest_sha256: "b".repeat(64),
+        });
+        assert_eq!(job.check(), Ok(()));
+        let mut foreign = job.clone();
+        foreign.kind = RunKind::Teardown;
+        foreign.isolation = Some(IsolationName::for_pr(
+            &RepoName::parse("other").unwrap(),
+            PrNumber(7),
+        ));
+        let error = foreign.check().unwrap_err().to_string();
+        assert!(error.contains("refusing `pr_other_7`"), "{error}");
+        let mut other_pr = job.clone();
+        other_pr.pr_number = Some(PrNumber(8));
+        assert!(other_pr.check().is_err());
+        let mut missing = job;
+        missing.isolation = None;
+        assert!(missing.check().is_err());
     }
 
     #[test]
