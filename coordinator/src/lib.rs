@@ -8,11 +8,13 @@
 pub mod api;
 pub mod artifacts;
 pub mod config;
+pub mod github;
 pub mod logs;
 pub mod queue;
 pub mod rules;
 pub mod runs;
 pub mod store;
+pub mod sweeper;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -104,6 +106,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         topology,
         shutdown.clone(),
     ));
+    if let (Some(github), Some(auth)) = (&state.config.github, &secrets.github_auth) {
+        let client = Arc::new(github::GitHub::new(
+            &github.api_url,
+            auth.clone(),
+            github.status_context.clone(),
+        ));
+        tracing::info!(api = %github.api_url, "reporting results to GitHub");
+        tasks.spawn(github::notifier_loop(
+            state.clone(),
+            client.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(sweeper::sweeper_loop(
+            state.clone(),
+            Some(client),
+            shutdown.clone(),
+        ));
+    } else {
+        tasks.spawn(sweeper::sweeper_loop(state.clone(), None, shutdown.clone()));
+    }
     tasks.close();
 
     let served = axum::serve(listener, api::router(state))

@@ -723,7 +723,7 @@ mod tests {
         let waiting = [newer_same_pr.clone(), pr8.clone(), pr9.clone()];
         let no_caps = Caps::default();
         assert_eq!(
-            dispatch(&waiting, &[building.clone()], &no_caps),
+            dispatch(&waiting, std::slice::from_ref(&building), &no_caps),
             vec![pr8.id, pr9.id],
             "PR 7 waits for its old tree"
         );
@@ -736,7 +736,7 @@ mod tests {
             ..Caps::default()
         };
         assert_eq!(
-            dispatch(&waiting, &[building.clone()], &global),
+            dispatch(&waiting, std::slice::from_ref(&building), &global),
             vec![pr8.id]
         );
         let per_repository = Caps {

@@ -860,6 +860,18 @@ impl Store {
         Ok(Some(ahead as u32 + 1))
     }
 
+    /// The newest CI run of a pull request.
+    pub async fn latest_ci_run(&self, repository: &RepoName, pr: PrNumber) -> Result<Option<Run>> {
+        let row = sqlx::query(
+            "SELECT * FROM runs WHERE repository = ? AND pr_number = ? AND kind = 'ci' ORDER BY created_ms DESC, id DESC LIMIT 1",
+        )
+        .bind(repository.as_str())
+        .bind(pr.0 as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
     /// Records a webhook delivery id; false if it was seen before (a replay).
     pub async fn record_delivery(&self, id: &str, event: &str) -> Result<bool> {
         let inserted = sqlx::query(
