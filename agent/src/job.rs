@@ -260,20 +260,24 @@ const DROP_ISOLATION_MACRO: &str = r#"{# Written by slimci for a teardown run; n
   {% endif %}
   {% if strategy == 'schema' %}
     {% do adapter.drop_schema(api.Relation.create(database=target.database, schema=name)) %}
+    {% do adapter.commit() %}
     {{ log("slimci: dropped schema " ~ name ~ " in " ~ target.database, info=True) }}
   {% elif strategy == 'database' %}
     {% if target.database != name %}
       {{ exceptions.raise_compiler_error("slimci refuses to empty `" ~ target.database ~ "`: the target database is not the isolation `" ~ name ~ "`") }}
     {% endif %}
     {% set dropped = [] %}
-    {% for schema in adapter.list_schemas(target.database) %}
-      {% if schema not in ['information_schema', 'pg_catalog'] %}
-        {% for relation in adapter.list_relations_without_caching(api.Relation.create(database=target.database, schema=schema)) %}
+    {% for row in list_schemas(target.database) %}
+      {% set schema = row[0] %}
+      {% if schema | lower not in ['information_schema', 'pg_catalog'] %}
+        {% for found in list_relations_without_caching(api.Relation.create(database=target.database, schema=schema)) %}
+          {% set relation = api.Relation.create(database=found[0], schema=found[2], identifier=found[1], type=found[3]) %}
           {% do adapter.drop_relation(relation) %}
-          {% do dropped.append(schema ~ '.' ~ relation.identifier) %}
+          {% do dropped.append(schema ~ '.' ~ found[1]) %}
         {% endfor %}
       {% endif %}
     {% endfor %}
+    {% do adapter.commit() %}
     {{ log("slimci: dropped " ~ (dropped | length) ~ " relations of " ~ name ~ ": " ~ (dropped | join(", ")), info=True) }}
   {% else %}
     {{ exceptions.raise_compiler_error("slimci_drop_isolation: unknown strategy " ~ strategy) }}

@@ -991,15 +991,17 @@ impl Store {
     /// teardown queued, running or succeeded since the last of them.
     pub async fn sweep_candidates(&self, cutoff_ms: i64) -> Result<Vec<(RepoName, PrNumber, i64)>> {
         let rows = sqlx::query(
-            "SELECT c.repository, c.pr_number, max(c.finished_ms) AS last_finished, max(c.created_ms) AS last_created
-             FROM runs c
-             WHERE c.kind = 'ci' AND c.pr_number IS NOT NULL
-             GROUP BY c.repository, c.pr_number
-             HAVING sum(c.status IN ('queued', 'running')) = 0 AND max(c.finished_ms) < ?1
-                AND NOT EXISTS (
-                    SELECT 1 FROM runs t
-                    WHERE t.kind = 'teardown' AND t.repository = c.repository AND t.pr_number = c.pr_number
-                      AND t.created_ms >= max(c.created_ms) AND t.status IN ('queued', 'running', 'success'))",
+            "WITH prs AS (
+                SELECT repository, pr_number, max(finished_ms) AS last_finished, max(created_ms) AS last_created,
+                       sum(status IN ('queued', 'running')) AS active
+                FROM runs WHERE kind = 'ci' AND pr_number IS NOT NULL
+                GROUP BY repository, pr_number)
+             SELECT repository, pr_number, last_finished FROM prs
+             WHERE active = 0 AND last_finished < ?1
+               AND NOT EXISTS (
+                   SELECT 1 FROM runs t
+                   WHERE t.kind = 'teardown' AND t.repository = prs.repository AND t.pr_number = prs.pr_number
+                     AND t.created_ms >= prs.last_created AND t.status IN ('queued', 'running', 'success'))",
         )
         .bind(cutoff_ms)
         .fetch_all(&self.pool)
@@ -1100,6 +1102,59 @@ mod tests {
         let stored = reopened.run(run.id).await.unwrap().unwrap();
         assert_eq!(stored.status, RunStatus::Queued);
         assert_eq!(stored.isolation.unwrap().as_str(), "pr_shop_4");
+    }
+
+    #[tokio::test]
+    async fn sweep_candidates_are_finished_prs_without_a_later_teardown() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        assert!(
+            store
+                .sweep_candidates(now_ms() + 1000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "still queued"
+        );
+        store.claim(&claim(&run)).await.unwrap();
+        let outcome = Outcome {
+            result: RunResult::Success,
+            message: None,
+            dbt_exit_code: Some(0),
+            nodes: vec![],
+            deferred: vec![],
+        };
+        store
+            .apply_event(&event(&run, 1, EventBody::Finished(outcome)))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .sweep_candidates(now_ms() - 60_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "too recent"
+        );
+        let candidates = store.sweep_candidates(now_ms() + 1000).await.unwrap();
+        assert_eq!(candidates.len(), 1, "{candidates:?}");
+        assert_eq!(candidates[0].1, PrNumber(4));
+        let teardown = NewRun {
+            id: RunId::new(),
+            kind: RunKind::Teardown,
+            sha: None,
+            ..new_run(RunKind::Ci)
+        };
+        store.insert_run(&teardown).await.unwrap();
+        assert!(
+            store
+                .sweep_candidates(now_ms() + 1000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a teardown is queued"
+        );
     }
 
     #[tokio::test]

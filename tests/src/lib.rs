@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+pub mod github;
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
 
@@ -228,6 +230,9 @@ pub mod edits {
     /// Upper-cases the status, which the `accepted_values` test rejects.
     pub const FAIL_TEST: (&str, &str, &str) =
         (FILE, "lower(status) as status", "upper(status) as status");
+    /// A change that keeps every test passing, for a second commit of one PR.
+    pub const RESPACE: (&str, &str, &str) =
+        (FILE, "lower(status) as status", "lower(status)  as status");
     /// A syntax error.
     pub const BAD_SQL: (&str, &str, &str) =
         (FILE, "lower(status) as status", "lower(status as status");
@@ -236,6 +241,10 @@ pub mod edits {
 pub struct ClusterOptions {
     pub agents: usize,
     pub slots: u16,
+    /// TOML tables appended to the coordinator's configuration (`[github]`, `[sweeper]`, ...).
+    pub coordinator_toml: String,
+    /// TOML keys added to the `shop` repository's `[[repository]]` table.
+    pub repository_toml: String,
 }
 
 impl Default for ClusterOptions {
@@ -243,9 +252,14 @@ impl Default for ClusterOptions {
         ClusterOptions {
             agents: 1,
             slots: 1,
+            coordinator_toml: String::new(),
+            repository_toml: String::new(),
         }
     }
 }
+
+/// The webhook secret the GitHub tests configure.
+pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 
 /// A coordinator, its agents and a git origin, all in one temporary directory.
 pub struct Cluster {
@@ -263,7 +277,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("slimci-e2e-").tempdir()?;
         let prefix = format!("slimci-test-{}", uuid::Uuid::new_v4().simple());
         let origin = Origin::create(dir.path().join("origin"))?;
-        write_coordinator_config(dir.path(), &prefix, &origin.path)?;
+        write_coordinator_config(dir.path(), &prefix, &origin.path, &options)?;
         let coordinator = start_coordinator(dir.path(), "coordinator")?;
         let url = wait_for_address(dir.path(), &coordinator).await?;
         let mut cluster = Cluster {
@@ -466,6 +480,31 @@ threads = 4
         Ok(run)
     }
 
+    /// Posts a GitHub webhook, signed with `secret` (or unsigned when none); returns the status
+    /// and the JSON answer.
+    pub async fn webhook(
+        &self,
+        event: &str,
+        delivery: &str,
+        payload: &Value,
+        secret: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let body = serde_json::to_vec(payload)?;
+        let mut request = self
+            .http
+            .post(format!("{}/webhooks/github", self.url))
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
+            .header("user-agent", "GitHub-Hookshot/e2e");
+        if let Some(secret) = secret {
+            request = request.header("x-hub-signature-256", github::sign(secret, &body));
+        }
+        let response = request.body(body).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// Messages waiting in one of this cluster's queues.
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let connection =
@@ -530,7 +569,12 @@ impl Drop for Cluster {
     }
 }
 
-fn write_coordinator_config(dir: &Path, prefix: &str, origin: &Path) -> anyhow::Result<()> {
+fn write_coordinator_config(
+    dir: &Path,
+    prefix: &str,
+    origin: &Path,
+    options: &ClusterOptions,
+) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("coordinator.toml"),
         format!(
@@ -548,9 +592,13 @@ agent_token = "{AGENT_TOKEN}"
 name = "shop"
 clone_url = "{origin}"
 production_branch = "main"
+{repository_toml}
+{coordinator_toml}
 "#,
             data = dir.join("coordinator").display(),
             origin = origin.display(),
+            repository_toml = options.repository_toml,
+            coordinator_toml = options.coordinator_toml,
         ),
     )?;
     Ok(())
