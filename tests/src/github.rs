@@ -459,7 +459,11 @@ fn app_jwt_valid(state: &Shared, headers: &HeaderMap) -> bool {
             let claims = data.claims;
             let lifetime =
                 claims["exp"].as_i64().unwrap_or(0) - claims["iat"].as_i64().unwrap_or(0);
-            claims["iss"].as_str().and_then(|iss| iss.parse::<u64>().ok()) == Some(app_id) && lifetime <= 600
+            claims["iss"]
+                .as_str()
+                .and_then(|iss| iss.parse::<u64>().ok())
+                == Some(app_id)
+                && lifetime <= 600
         }
         Err(_) => false,
     }
