@@ -89,6 +89,16 @@ enum Command {
     },
     /// Cancel a queued or running run.
     Cancel { run: String },
+    /// A pull request was closed: stop its builds and drop its schema or database, then wait
+    /// for the drop (for CI systems whose closes slimci does not hear about as webhooks).
+    Teardown {
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        pr: u64,
+        #[arg(long)]
+        no_follow: bool,
+    },
 }
 
 struct Client {
@@ -212,6 +222,39 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
                 print_summary(&run);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Teardown {
+            repo,
+            pr,
+            no_follow,
+        } => {
+            let path = format!(
+                "/repositories/{}/pulls/{pr}/teardown",
+                repo.replace('/', "%2F")
+            );
+            let run = client
+                .json(client.request(reqwest::Method::POST, &path))
+                .await?;
+            let id = run["id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("the coordinator answered without a run id"))?
+                .to_owned();
+            eprintln!(
+                "slimci: teardown run {id} {}",
+                run["status"].as_str().unwrap_or("?")
+            );
+            if no_follow || run_is_terminal(&run) {
+                println!("{id}");
+                return Ok(if run_is_terminal(&run) {
+                    exit_code(&run)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
+            follow_run(client, &id).await?;
+            let run = client.run(&id).await?;
+            print_summary(&run);
+            Ok(exit_code(&run))
         }
         Command::Cancel { run } => {
             let run = client
@@ -407,6 +450,10 @@ fn print_summary(run: &Value) {
             "ci of {} PR #{pr}",
             run["repository"].as_str().unwrap_or_default()
         ),
+        (Some("teardown"), Some(pr)) => format!(
+            "teardown of {} PR #{pr}",
+            run["repository"].as_str().unwrap_or_default()
+        ),
         _ => format!(
             "deploy of {}",
             run["repository"].as_str().unwrap_or_default()
@@ -439,6 +486,9 @@ fn print_summary(run: &Value) {
     }
     if let Some(message) = run["message"].as_str() {
         println!("{message}");
+    }
+    if let Some(position) = run["queue_position"].as_u64() {
+        println!("waiting to start: position {position} in line");
     }
     let summary = &run["summary"];
     if summary.is_object() {

@@ -695,3 +695,44 @@ async fn a_failed_deploy_leaves_production_and_its_state_as_they_were() {
     assert_eq!(deploys, 1, "the failed deploy's copy was removed");
     cluster.assert_all_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slimci_teardown_drops_a_closed_prs_database_for_any_ci_system() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
+    cluster.deploy().await.unwrap();
+    let sha = cluster
+        .origin
+        .pull_request(40, &[edits::ADD_COLUMN])
+        .unwrap();
+    let (_, run) = cluster
+        .post_run(json!({ "repository": "shop", "pr": 40, "sha": sha }))
+        .await
+        .unwrap();
+    assert_eq!(
+        cluster
+            .wait_for_run(run["id"].as_str().unwrap(), RUN_TIMEOUT)
+            .await
+            .unwrap()["status"],
+        "success"
+    );
+    assert!(cluster.pr_database(40).is_file());
+    let output = tokio::task::spawn_blocking({
+        let mut command = cluster.cli();
+        command.args(["teardown", "--repo", "shop", "--pr", "40"]);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("teardown of shop PR #40"), "{stdout}");
+    assert!(stdout.contains("dropped pr_shop_40"), "{stdout}");
+    assert!(!cluster.pr_database(40).exists());
+    assert!(cluster.production_database().is_file());
+    cluster.assert_all_alive();
+}
