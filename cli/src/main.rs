@@ -201,10 +201,7 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
         }
         Command::Logs { run, follow } => {
             if follow {
-                follow_run(client, &run).await?;
-                let run = client.run(&run).await?;
-                print_summary(&run);
-                return Ok(exit_code(&run));
+                return follow_to_the_end(client, &run).await;
             }
             let text = client
                 .send(client.request(reqwest::Method::GET, &format!("/runs/{run}/logs")))
@@ -251,10 +248,7 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
                     ExitCode::SUCCESS
                 });
             }
-            follow_run(client, &id).await?;
-            let run = client.run(&id).await?;
-            print_summary(&run);
-            Ok(exit_code(&run))
+            follow_to_the_end(client, &id).await
         }
         Command::Cancel { run } => {
             let run = client
@@ -292,8 +286,13 @@ async fn submit(client: &Client, body: Value, no_follow: bool) -> anyhow::Result
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
     }
-    follow_run(client, &id).await?;
-    let run = client.run(&id).await?;
+    follow_to_the_end(client, &id).await
+}
+
+/// Streams the run's log until it ends, prints the summary, and exits with the run's result.
+async fn follow_to_the_end(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
+    follow_run(client, id).await?;
+    let run = client.run(id).await?;
     print_summary(&run);
     Ok(exit_code(&run))
 }

@@ -289,6 +289,13 @@ impl Cluster {
             agents: Vec::new(),
             http: reqwest::Client::new(),
         };
+        // Ready means the coordinator has declared its queues, so tests may count messages.
+        wait_for(
+            "the coordinator to declare its queues",
+            Duration::from_secs(30),
+            || async { Ok(cluster.queue_depth("jobs").await.ok().map(|_| ())) },
+        )
+        .await?;
         for index in 0..options.agents {
             cluster.start_agent(&format!("agent-{index}"), options.slots)?;
         }
@@ -372,6 +379,15 @@ threads = 4
         for agent in &mut self.agents {
             agent.assert_alive();
         }
+    }
+
+    /// Runs the `slimci` CLI with `args` against this cluster, off the async runtime.
+    pub async fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        let mut command = self.cli();
+        command.args(args);
+        tokio::task::spawn_blocking(move || command.output().expect("run slimci"))
+            .await
+            .expect("the CLI task")
     }
 
     pub fn cli(&self) -> Command {

@@ -240,9 +240,8 @@ async fn a_newer_commit_supersedes_the_running_build_after_its_tree_is_gone() {
         .origin
         .pull_request(5, &[edits::ADD_COLUMN, edits::RESPACE])
         .unwrap();
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args([
+    let output = cluster
+        .run_cli(&[
             "trigger",
             "--repo",
             "shop",
@@ -250,11 +249,8 @@ async fn a_newer_commit_supersedes_the_running_build_after_its_tree_is_gone() {
             "5",
             "--sha",
             &second_sha,
-        ]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+        ])
+        .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),

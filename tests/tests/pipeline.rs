@@ -56,13 +56,9 @@ async fn a_pr_builds_only_what_it_changed_deferring_the_rest_to_production() {
         .origin
         .pull_request(1, &[edits::ADD_COLUMN])
         .unwrap();
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args(["trigger", "--repo", "shop", "--pr", "1", "--sha", &sha]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cluster
+        .run_cli(&["trigger", "--repo", "shop", "--pr", "1", "--sha", &sha])
+        .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
@@ -171,13 +167,9 @@ async fn a_pr_that_fails_a_test_fails_and_names_the_test() {
     let mut cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
     cluster.deploy().await.unwrap();
     let sha = cluster.origin.pull_request(2, &[edits::FAIL_TEST]).unwrap();
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args(["trigger", "--repo", "shop", "--pr", "2", "--sha", &sha]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cluster
+        .run_cli(&["trigger", "--repo", "shop", "--pr", "2", "--sha", &sha])
+        .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -431,13 +423,7 @@ async fn a_run_cancelled_while_queued_never_builds() {
     )
     .await
     .unwrap();
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args(["cancel", &id]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cluster.run_cli(&["cancel", &id]).await;
     assert!(
         output.status.success(),
         "{}",
@@ -716,13 +702,9 @@ async fn slimci_teardown_drops_a_closed_prs_database_for_any_ci_system() {
         "success"
     );
     assert!(cluster.pr_database(40).is_file());
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args(["teardown", "--repo", "shop", "--pr", "40"]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cluster
+        .run_cli(&["teardown", "--repo", "shop", "--pr", "40"])
+        .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
