@@ -24,6 +24,10 @@ pub struct Config {
     /// How long dbt gets between SIGTERM and SIGKILL on cancel or timeout.
     #[serde(default = "default_grace")]
     pub cancel_grace_secs: u64,
+    /// After the first SIGTERM, how long running jobs may take to finish; then they are
+    /// stopped and released, and the coordinator retries them on another agent.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
     pub amqp: AmqpConfig,
     pub coordinator: CoordinatorConfig,
     #[serde(default)]
@@ -41,6 +45,10 @@ fn default_dbt() -> PathBuf {
 
 fn default_grace() -> u64 {
     10
+}
+
+fn default_drain_timeout() -> u64 {
+    1800
 }
 
 #[derive(Clone, Deserialize)]

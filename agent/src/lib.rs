@@ -16,7 +16,7 @@ pub mod warehouse;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
@@ -26,8 +26,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use slimci_broker::{BrokerError, ConfirmedPublisher};
 use slimci_proto::{
-    ClaimRequest, ClaimResponse, ControlMessage, EventBody, Job, RunId, ToAgentMessage, Topology,
+    Attempt, ClaimRequest, ClaimResponse, ControlMessage, EventBody, HeartbeatRequest,
+    HeartbeatResponse, Job, Lease, RunId, RunResult, ToAgentMessage, Topology,
 };
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,13 +59,27 @@ pub struct Shutdown {
     pub abort: CancellationToken,
 }
 
-type Running = Arc<Mutex<HashMap<RunId, CancellationToken>>>;
+/// An attempt this agent holds.
+struct RunningJob {
+    attempt: Attempt,
+    cancel: CancellationToken,
+    /// Zero until the claim is granted.
+    lease: Duration,
+    renewed_at: Instant,
+    /// Set when the agent stopped the build because it no longer holds the lease: the attempt
+    /// is then released rather than reported cancelled.
+    fenced: Option<String>,
+}
+
+type Running = Arc<Mutex<HashMap<RunId, RunningJob>>>;
 
 struct Worker {
     services: Services,
     events: Events,
     topology: Topology,
     running: Running,
+    /// One permit per slot; the job consumer is active only while one is free.
+    slots: Arc<Semaphore>,
     abort: CancellationToken,
 }
 
@@ -115,6 +131,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         events,
         topology,
         running: Arc::default(),
+        slots: Arc::new(Semaphore::new(usize::from(config.slots))),
         abort: shutdown.abort.clone(),
     });
     tracing::info!(agent = %config.name, slots = config.slots, "agent starting");
@@ -125,14 +142,27 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         secrets.amqp_url.clone(),
         shutdown.drain.clone(),
     ));
+    let heartbeats = tokio::spawn(heartbeat_loop(worker.clone()));
     consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
     jobs.close();
+    let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
+    if tokio::time::timeout(drain_timeout, jobs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_s = config.drain_timeout_secs,
+            "running jobs outlasted the drain timeout; releasing them to be retried elsewhere"
+        );
+        shutdown.abort.cancel();
+    }
     tracing::info!(
         running = jobs.len(),
         "no longer taking jobs; waiting for running ones"
     );
     jobs.wait().await;
     control.abort();
+    heartbeats.abort();
     drop(worker);
     // Running jobs are done; give the last events a bounded time to reach the broker.
     let flush = tokio::time::timeout(Duration::from_secs(30), events_task);
@@ -170,27 +200,37 @@ async fn consume_session(
     let publisher = ConfirmedPublisher::open(&connection).await?;
     slimci_broker::declare_topology(publisher.channel(), &worker.topology).await?;
     let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(config.slots, BasicQosOptions::default())
-        .await?;
+    // One message at a time, and only while a slot is free: a job is acknowledged as soon as
+    // its claim is granted, so no message waits unacknowledged behind a long build (RabbitMQ's
+    // consumer timeout), and no job sits in this agent's buffer while another agent idles.
+    channel.basic_qos(1, BasicQosOptions::default()).await?;
     let tag = format!("slimci-agent-{}", config.name);
-    let mut consumer = channel
-        .basic_consume(
-            worker.topology.jobs_queue().as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(queue = %worker.topology.jobs_queue(), "waiting for jobs");
+    let mut consumer: Option<lapin::Consumer> = None;
+    tracing::info!(queue = %worker.topology.jobs_queue(), slots = config.slots, "waiting for jobs");
     loop {
+        let permit = tokio::select! {
+            () = drain.cancelled() => return Ok(()),
+            permit = worker.slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+        };
+        if consumer.is_none() {
+            consumer = Some(
+                channel
+                    .basic_consume(
+                        worker.topology.jobs_queue().as_str().into(),
+                        tag.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?,
+            );
+        }
+        let stream = consumer.as_mut().expect("consuming");
         let delivery = tokio::select! {
             () = drain.cancelled() => {
-                // Stop deliveries; jobs in flight keep their channel to ack on.
                 let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                 return Ok(());
             }
-            delivery = consumer.next() => delivery,
+            delivery = stream.next() => delivery,
         };
         let delivery = match delivery {
             Some(Ok(delivery)) => delivery,
@@ -218,24 +258,20 @@ async fn consume_session(
                 continue;
             }
         };
+        if worker.slots.available_permits() == 0 {
+            // Every slot is taken: pause deliveries before this one is acknowledged, so the
+            // broker hands the next job to an agent with room.
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+            consumer = None;
+        }
         let worker = worker.clone();
         jobs.spawn(async move {
-            let run_id = job.run_id;
-            let settle = worker.take_job(job).await;
-            let settled = match settle {
-                Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
-                Settle::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
-            };
-            if let Err(error) = settled {
-                tracing::warn!(%error, run = %run_id, "could not settle the job message (its channel is gone); the broker will redeliver it and the claim fence refuses it");
-            }
+            worker.take_job(job, delivery).await;
+            drop(permit);
         });
     }
-}
-
-enum Settle {
-    Ack,
-    Requeue,
 }
 
 impl Worker {
@@ -272,50 +308,201 @@ impl Worker {
         slimci_proto::decode::<ClaimResponse>(&body).map_err(|error| error.to_string())
     }
 
-    async fn take_job(&self, job: Job) -> Settle {
+    async fn heartbeat(&self, leases: Vec<Lease>) -> Result<HeartbeatResponse, String> {
+        let config = &self.services.config;
+        let request = HeartbeatRequest {
+            agent: config.name.clone(),
+            leases,
+        };
+        let url = format!(
+            "{}/api/v1/agent/heartbeat",
+            config.coordinator.url.trim_end_matches('/')
+        );
+        let response = self
+            .services
+            .http
+            .post(&url)
+            .bearer_auth(&self.services.secrets.coordinator_token)
+            .header("content-type", "application/json")
+            .body(slimci_proto::encode(&request))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let body = response.bytes().await.map_err(|error| error.to_string())?;
+        slimci_proto::decode::<HeartbeatResponse>(&body).map_err(|error| error.to_string())
+    }
+
+    /// Claims the job, acknowledges its message, builds it and reports the end.
+    async fn take_job(&self, job: Job, delivery: lapin::message::Delivery) {
         // Registered before the claim, so a cancel that arrives right after the grant is not lost.
-        // A redelivery of a run this agent is already building (its channel was closed) must
-        // not touch the running build's entry; its claim is refused anyway.
+        // A redelivery of a run this agent is already building must not touch that entry; its
+        // claim is refused anyway.
         let cancel = self.abort.child_token();
         let registered = {
             let mut running = self.running.lock().expect("running lock");
             match running.entry(job.run_id) {
                 std::collections::hash_map::Entry::Occupied(_) => false,
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    entry.insert(cancel.clone());
+                    entry.insert(RunningJob {
+                        attempt: job.attempt,
+                        cancel: cancel.clone(),
+                        lease: Duration::ZERO,
+                        renewed_at: Instant::now(),
+                        fenced: None,
+                    });
                     true
                 }
             }
         };
-        let settle = self.claim_and_build(&job, cancel).await;
+        self.claim_and_build(&job, delivery, cancel).await;
         if registered {
             self.running
                 .lock()
                 .expect("running lock")
                 .remove(&job.run_id);
         }
-        settle
     }
 
-    async fn claim_and_build(&self, job: &Job, cancel: CancellationToken) -> Settle {
+    async fn claim_and_build(
+        &self,
+        job: &Job,
+        delivery: lapin::message::Delivery,
+        cancel: CancellationToken,
+    ) {
         let claim = match self.claim(job).await {
             Ok(claim) => claim,
             Err(error) => {
                 tracing::warn!(run = %job.run_id, %error, "cannot reach the coordinator to claim; returning the job to the queue");
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                return Settle::Requeue;
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                return;
             }
         };
+        // The claim is the durable record now: from here the lease, not the message, keeps the
+        // run alive.
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(%error, run = %job.run_id, "could not acknowledge the job message (its channel is gone); a redelivery is refused by the claim fence");
+        }
         if !claim.granted {
             tracing::info!(run = %job.run_id, attempt = %job.attempt, reason = claim.reason.as_deref().unwrap_or(""), "claim refused; dropping the job");
-            return Settle::Ack;
+            return;
+        }
+        if let Some(entry) = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get_mut(&job.run_id)
+        {
+            entry.lease = Duration::from_secs(claim.lease_secs.max(1));
+            entry.renewed_at = Instant::now();
         }
         tracing::info!(run = %job.run_id, attempt = %job.attempt, kind = job.kind.as_str(), repository = %job.repository, "building");
         let reporter = self.events.reporter(job.run_id, job.attempt);
         let outcome = job::execute(&self.services, job, &reporter, &cancel).await;
-        tracing::info!(run = %job.run_id, result = ?outcome.result, "finished");
-        reporter.send_confirmed(EventBody::Finished(outcome)).await;
-        Settle::Ack
+        let fenced = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get(&job.run_id)
+            .and_then(|entry| entry.fenced.clone());
+        let released = match (&outcome.result, fenced) {
+            (RunResult::Cancelled, Some(reason)) => Some(reason),
+            (RunResult::Cancelled, None) if self.abort.is_cancelled() => {
+                Some("the agent is shutting down".to_owned())
+            }
+            _ => None,
+        };
+        match released {
+            Some(reason) => {
+                tracing::warn!(run = %job.run_id, %reason, "released the attempt; the coordinator retries it");
+                reporter
+                    .send_confirmed(EventBody::Released { reason })
+                    .await;
+            }
+            None => {
+                tracing::info!(run = %job.run_id, result = ?outcome.result, "finished");
+                reporter.send_confirmed(EventBody::Finished(outcome)).await;
+            }
+        }
+    }
+}
+
+/// Renews the leases of the attempts this agent holds, every third of a lease. An attempt the
+/// coordinator says is not ours any more, or one we could not renew for three quarters of a
+/// lease, is stopped: by then the coordinator may hand it to another agent, and two attempts of
+/// one run must never build at once.
+async fn heartbeat_loop(worker: Arc<Worker>) {
+    loop {
+        let (leases, interval) = {
+            let running = worker.running.lock().expect("running lock");
+            let leases: Vec<Lease> = running
+                .iter()
+                .filter(|(_, job)| !job.lease.is_zero())
+                .map(|(run_id, job)| Lease {
+                    run_id: *run_id,
+                    attempt: job.attempt,
+                })
+                .collect();
+            let shortest = running
+                .values()
+                .filter(|job| !job.lease.is_zero())
+                .map(|job| job.lease)
+                .min();
+            (
+                leases,
+                shortest.map_or(Duration::from_secs(1), |lease| {
+                    (lease / 3).max(Duration::from_millis(200))
+                }),
+            )
+        };
+        if !leases.is_empty() {
+            match worker.heartbeat(leases.clone()).await {
+                Ok(answer) => {
+                    let mut running = worker.running.lock().expect("running lock");
+                    for lease in &leases {
+                        let Some(job) = running.get_mut(&lease.run_id) else {
+                            continue;
+                        };
+                        if answer.lost.contains(lease) {
+                            if job.fenced.is_none() {
+                                tracing::warn!(run = %lease.run_id, attempt = %lease.attempt, "the coordinator says this attempt is not ours any more; stopping it");
+                                job.fenced = Some(
+                                    "the coordinator no longer counts this attempt as ours"
+                                        .to_owned(),
+                                );
+                                job.cancel.cancel();
+                            }
+                        } else {
+                            job.renewed_at = Instant::now();
+                            job.lease = Duration::from_secs(answer.lease_secs.max(1));
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "heartbeat failed; leases not renewed"),
+            }
+            let mut running = worker.running.lock().expect("running lock");
+            for (run_id, job) in running.iter_mut() {
+                let unrenewed = job.renewed_at.elapsed();
+                if !job.lease.is_zero() && unrenewed > job.lease * 3 / 4 && job.fenced.is_none() {
+                    tracing::warn!(run = %run_id, unrenewed_s = unrenewed.as_secs(), "could not renew the lease for three quarters of it; stopping the build before the coordinator retries it elsewhere");
+                    job.fenced = Some(format!(
+                        "the agent could not renew its lease for {} s",
+                        unrenewed.as_secs()
+                    ));
+                    job.cancel.cancel();
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -380,9 +567,9 @@ async fn control_session(
         };
         match slimci_proto::decode::<ControlMessage>(&delivery.data) {
             Ok(ControlMessage::Cancel { run_id, reason }) => {
-                if let Some(token) = worker.running.lock().expect("running lock").get(&run_id) {
+                if let Some(job) = worker.running.lock().expect("running lock").get(&run_id) {
                     tracing::info!(run = %run_id, %reason, "cancelling");
-                    token.cancel();
+                    job.cancel.cancel();
                 }
             }
             Err(error) => tracing::warn!(%error, "ignoring an unreadable control message"),

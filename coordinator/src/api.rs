@@ -40,6 +40,8 @@ pub struct AppState {
     /// Wakes the publisher: a run is waiting in the outbox, or a cancel was requested.
     pub outbox: Arc<Notify>,
     pub public_url: String,
+    /// Runs given up as poison; the publisher copies their jobs to the dead-letter queue.
+    pub dead_jobs: std::sync::Mutex<Vec<(RunId, String)>>,
     /// Serialises run submissions (supersede and dedupe decisions read then write).
     pub submit_lock: tokio::sync::Mutex<()>,
     /// Fires at shutdown; open log streams end so the server can stop.
@@ -170,6 +172,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(teardown_pull_request),
         )
         .route("/api/v1/agent/claim", post(claim))
+        .route("/api/v1/agent/heartbeat", post(heartbeat))
         .route(
             "/webhooks/github",
             // GitHub caps webhook payloads at 25 MB.
@@ -783,6 +786,36 @@ async fn get_production_state(
 
 // ---- agents ----
 
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    require_agent(&state, &headers)?;
+    let request: slimci_proto::HeartbeatRequest =
+        slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let lost = state
+        .store
+        .renew_leases(
+            request.agent.as_str(),
+            &request.leases,
+            crate::leases::lease_ms(&state),
+        )
+        .await?;
+    for lease in &lost {
+        tracing::warn!(run = %lease.run_id, attempt = %lease.attempt, agent = %request.agent, "heartbeat for an attempt the agent no longer holds; telling it to stop");
+    }
+    let response = slimci_proto::HeartbeatResponse {
+        lease_secs: state.config.reliability.lease_secs,
+        lost,
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        slimci_proto::encode(&response),
+    )
+        .into_response())
+}
+
 async fn claim(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -791,7 +824,10 @@ async fn claim(
     require_agent(&state, &headers)?;
     let request: ClaimRequest =
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    let decision = state.store.claim(&request).await?;
+    let decision = state
+        .store
+        .claim(&request, crate::leases::lease_ms(&state))
+        .await?;
     let _ = state.changes.send(request.run_id);
     let response = match decision {
         ClaimDecision::Grant => {
@@ -799,6 +835,7 @@ async fn claim(
             ClaimResponse {
                 granted: true,
                 reason: None,
+                lease_secs: state.config.reliability.lease_secs,
             }
         }
         ClaimDecision::Refuse(reason) => {
@@ -806,6 +843,7 @@ async fn claim(
             ClaimResponse {
                 granted: false,
                 reason: Some(reason),
+                lease_secs: 0,
             }
         }
     };

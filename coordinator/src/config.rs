@@ -29,6 +29,8 @@ pub struct Config {
     pub github: Option<GitHubConfig>,
     #[serde(default)]
     pub sweeper: Sweeper,
+    #[serde(default)]
+    pub reliability: Reliability,
     #[serde(rename = "repository", default)]
     pub repositories: Vec<RepositoryConfig>,
 }
@@ -105,6 +107,37 @@ pub struct Scheduling {
     /// Runs dispatched at once across all repositories; 0 for no cap.
     #[serde(default)]
     pub global_cap: u32,
+}
+
+/// Leases and retries: how a run survives its agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reliability {
+    /// A claimed attempt is a lease this long, renewed by the agent's heartbeats (every third
+    /// of it). An attempt whose lease runs out (its agent died or lost the coordinator for that
+    /// long) is retried as a new attempt; its agent stops it by itself at three quarters.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// Attempts of one run before it ends `error` and its job is dead-lettered (a poison job).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for Reliability {
+    fn default() -> Self {
+        Reliability {
+            lease_secs: default_lease_secs(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_lease_secs() -> u64 {
+    60
+}
+
+fn default_max_attempts() -> u32 {
+    3
 }
 
 /// Drops isolations a missed `closed` webhook left behind.

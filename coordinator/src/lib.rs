@@ -9,6 +9,7 @@ pub mod api;
 pub mod artifacts;
 pub mod config;
 pub mod github;
+pub mod leases;
 pub mod logs;
 pub mod queue;
 pub mod rules;
@@ -91,7 +92,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         public_url,
         shutdown: shutdown.clone(),
         submit_lock: tokio::sync::Mutex::new(()),
+        dead_jobs: std::sync::Mutex::new(Vec::new()),
     });
+    let extended = state
+        .store
+        .extend_all_leases(leases::lease_ms(&state))
+        .await?;
+    if extended > 0 {
+        tracing::info!(
+            running = extended,
+            "gave every running attempt a full lease after the restart"
+        );
+    }
 
     let tasks = TaskTracker::new();
     tasks.spawn(queue::publisher_loop(
@@ -100,6 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         topology.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(leases::reaper_loop(state.clone(), shutdown.clone()));
     tasks.spawn(queue::events_loop(
         state.clone(),
         secrets.amqp_url.clone(),

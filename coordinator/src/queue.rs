@@ -161,6 +161,39 @@ async fn publish_session(
             }
             tracing::info!(run = %run.id, attempt = %run.attempt, "job queued");
         }
+        let dead: Vec<(RunId, String)> =
+            std::mem::take(&mut *state.dead_jobs.lock().expect("dead jobs lock"));
+        for (index, (run_id, reason)) in dead.iter().enumerate() {
+            let Ok(Some(run)) = state.store.run(*run_id).await else {
+                continue;
+            };
+            let Some(job) = job_for(state, &run) else {
+                continue;
+            };
+            let mut headers = FieldTable::default();
+            headers.insert(
+                slimci_proto::DEAD_REASON_HEADER.into(),
+                lapin::types::AMQPValue::LongString(reason.as_str().into()),
+            );
+            let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
+            if let Err(error) = publisher
+                .publish(
+                    &topology.dead_letter_exchange(),
+                    &topology.jobs_dead_queue(),
+                    &payload,
+                    headers,
+                )
+                .await
+            {
+                state
+                    .dead_jobs
+                    .lock()
+                    .expect("dead jobs lock")
+                    .extend(dead[index..].iter().cloned());
+                return Err(error);
+            }
+            tracing::info!(run = %run_id, %reason, "poison job dead-lettered");
+        }
         let pending = state.store.cancel_pending_runs().await.unwrap_or_default();
         cancels_sent.retain(|run, _| pending.contains(run));
         for run in pending {
@@ -296,6 +329,11 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
     };
     if disposition != EventDisposition::Apply {
         tracing::debug!(run = %event.run_id, seq = event.seq, ?disposition, "event not applied");
+        return Ok(());
+    }
+    if let EventBody::Released { reason } = &event.body {
+        let reason = format!("agent {} released it: {reason}", event.agent);
+        crate::leases::give_up_attempt(state, event.run_id, event.attempt, &reason).await?;
         return Ok(());
     }
     if let EventBody::Log { first_line, lines } = &event.body {

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use slimci_proto::{
-    AgentEvent, Attempt, ClaimRequest, EventBody, IsolationName, NodeResult, Outcome, Phase,
+    AgentEvent, Attempt, ClaimRequest, EventBody, IsolationName, Lease, NodeResult, Outcome, Phase,
     PrNumber, RepoName, RunId, RunKind, RunResult, Sha,
 };
 use sqlx::sqlite::{
@@ -134,6 +134,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
     );
     "#,
     ),
+    (
+        4,
+        r#"
+    ALTER TABLE runs ADD COLUMN lease_expires_ms INTEGER;
+    CREATE INDEX runs_by_lease ON runs (status, lease_expires_ms);
+    "#,
+    ),
 ];
 
 pub fn now_ms() -> i64 {
@@ -148,6 +155,16 @@ pub struct ProductionState {
     pub sha: Sha,
     pub manifest_sha256: String,
     pub updated_ms: i64,
+}
+
+/// What `retry_attempt` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The attempt was not the running one (already retried or ended).
+    NotRunning,
+    Retried(Attempt),
+    /// The run ended: cancelled or superseded meanwhile, or out of attempts (`Error`).
+    Ended(RunStatus),
 }
 
 /// What the coordinator knows of a pull request from webhooks.
@@ -499,8 +516,9 @@ impl Store {
         Ok(())
     }
 
-    /// Grants or refuses an agent's claim, atomically: at most one claim of an attempt wins.
-    pub async fn claim(&self, claim: &ClaimRequest) -> Result<ClaimDecision> {
+    /// Grants or refuses an agent's claim, atomically: at most one claim of an attempt wins. A
+    /// granted claim holds a lease of `lease_ms`.
+    pub async fn claim(&self, claim: &ClaimRequest, lease_ms: i64) -> Result<ClaimDecision> {
         let Some(run) = self.run(claim.run_id).await? else {
             return Ok(ClaimDecision::Refuse(format!(
                 "unknown run {}",
@@ -516,11 +534,12 @@ impl Store {
             return Ok(ClaimDecision::Refuse(reason));
         }
         let updated = sqlx::query(
-            "UPDATE runs SET status = 'running', agent = ?, started_ms = ?
+            "UPDATE runs SET status = 'running', agent = ?, started_ms = ?, lease_expires_ms = ?
              WHERE id = ? AND attempt = ? AND status = 'queued'",
         )
         .bind(claim.agent.as_str())
         .bind(now_ms())
+        .bind(now_ms() + lease_ms)
         .bind(claim.run_id.to_string())
         .bind(claim.attempt.0 as i64)
         .execute(&self.pool)
@@ -643,7 +662,7 @@ impl Store {
                     .execute(&mut *transaction)
                     .await?;
             }
-            EventBody::Log { .. } => {}
+            EventBody::Log { .. } | EventBody::Released { .. } => {}
             EventBody::Finished(outcome) => {
                 let status = self.finish(&mut transaction, &run, outcome, at).await?;
                 finished = Some(status);
@@ -800,6 +819,109 @@ impl Store {
         ids.iter()
             .map(|id| RunId::parse(id).map_err(corrupt))
             .collect()
+    }
+
+    /// Renews the leases `agent` holds; returns the ones it does not hold any more.
+    pub async fn renew_leases(
+        &self,
+        agent: &str,
+        leases: &[Lease],
+        lease_ms: i64,
+    ) -> Result<Vec<Lease>> {
+        let mut lost = Vec::new();
+        for lease in leases {
+            let renewed = sqlx::query(
+                "UPDATE runs SET lease_expires_ms = ? WHERE id = ? AND attempt = ? AND agent = ? AND status = 'running'",
+            )
+            .bind(now_ms() + lease_ms)
+            .bind(lease.run_id.to_string())
+            .bind(lease.attempt.0 as i64)
+            .bind(agent)
+            .execute(&self.pool)
+            .await?;
+            if renewed.rows_affected() == 0 {
+                lost.push(*lease);
+            }
+        }
+        Ok(lost)
+    }
+
+    /// After a coordinator restart: every running attempt gets a full lease again, so agents
+    /// that could not reach us meanwhile are not taken for dead.
+    pub async fn extend_all_leases(&self, lease_ms: i64) -> Result<u64> {
+        let extended = sqlx::query("UPDATE runs SET lease_expires_ms = ? WHERE status = 'running'")
+            .bind(now_ms() + lease_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(extended.rows_affected())
+    }
+
+    /// Running attempts whose lease ran out.
+    pub async fn expired_leases(&self) -> Result<Vec<Run>> {
+        let rows =
+            sqlx::query("SELECT * FROM runs WHERE status = 'running' AND lease_expires_ms < ?")
+                .bind(now_ms())
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// Ends attempt `attempt` of a running run without a result (its agent died or gave it
+    /// up): retries it as the next attempt, or ends it if that was the last one allowed, or if
+    /// it was being cancelled or superseded anyway.
+    pub async fn retry_attempt(
+        &self,
+        id: RunId,
+        attempt: Attempt,
+        reason: &str,
+        max_attempts: u32,
+    ) -> Result<Retry> {
+        let mut transaction = self.pool.begin().await?;
+        let row =
+            sqlx::query("SELECT * FROM runs WHERE id = ? AND attempt = ? AND status = 'running'")
+                .bind(id.to_string())
+                .bind(attempt.0 as i64)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        let Some(run) = row.as_ref().map(run_from_row).transpose()? else {
+            return Ok(Retry::NotRunning);
+        };
+        let (status, message) = if let Some(newer) = run.superseded_by {
+            (
+                RunStatus::Superseded,
+                format!("superseded by run {newer}, a newer commit of the PR ({reason})"),
+            )
+        } else if run.cancel_requested {
+            (RunStatus::Cancelled, format!("cancelled ({reason})"))
+        } else if attempt.0 >= max_attempts {
+            (
+                RunStatus::Error,
+                format!("gave up after {} attempts; the last: {reason}", attempt.0),
+            )
+        } else {
+            let next = Attempt(attempt.0 + 1);
+            sqlx::query(
+                "UPDATE runs SET attempt = ?, status = 'queued', published = 0, agent = NULL, started_ms = NULL,
+                    lease_expires_ms = NULL, last_seq = 0, progress_done = 0, progress_total = 0, message = ?
+                 WHERE id = ?",
+            )
+            .bind(next.0 as i64)
+            .bind(format!("attempt {} failed without a result: {reason}; retrying as attempt {}", attempt.0, next.0))
+            .bind(id.to_string())
+            .execute(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            return Ok(Retry::Retried(next));
+        };
+        sqlx::query("UPDATE runs SET status = ?, message = ?, finished_ms = ?, lease_expires_ms = NULL WHERE id = ?")
+            .bind(status.as_str())
+            .bind(&message)
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(Retry::Ended(status))
     }
 
     /// Every run that has not ended: the input of submission and dispatch decisions.
@@ -1117,7 +1239,7 @@ mod tests {
                 .is_empty(),
             "still queued"
         );
-        store.claim(&claim(&run)).await.unwrap();
+        store.claim(&claim(&run), 60_000).await.unwrap();
         let outcome = Outcome {
             result: RunResult::Success,
             message: None,
@@ -1158,16 +1280,93 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lost_attempt_is_retried_then_given_up() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        store.claim(&claim(&run), -1).await.unwrap();
+        let expired = store.expired_leases().await.unwrap();
+        assert_eq!(expired.len(), 1, "a lease in the past has expired");
+        assert_eq!(
+            store
+                .retry_attempt(run.id, Attempt(1), "agent died", 2)
+                .await
+                .unwrap(),
+            Retry::Retried(Attempt(2))
+        );
+        let retried = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!(
+            (retried.status, retried.attempt, retried.dispatched),
+            (RunStatus::Queued, Attempt(2), false)
+        );
+        assert_eq!(
+            store
+                .retry_attempt(run.id, Attempt(1), "late", 2)
+                .await
+                .unwrap(),
+            Retry::NotRunning,
+            "the old attempt is fenced"
+        );
+        let second = ClaimRequest {
+            attempt: Attempt(2),
+            ..claim(&run)
+        };
+        assert_eq!(
+            store.claim(&second, 60_000).await.unwrap(),
+            ClaimDecision::Grant
+        );
+        let lost = store
+            .renew_leases(
+                "a1",
+                &[Lease {
+                    run_id: run.id,
+                    attempt: Attempt(1),
+                }],
+                60_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            lost.len(),
+            1,
+            "the agent is told attempt 1 is not its any more"
+        );
+        assert!(
+            store
+                .renew_leases(
+                    "a1",
+                    &[Lease {
+                        run_id: run.id,
+                        attempt: Attempt(2)
+                    }],
+                    60_000
+                )
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .retry_attempt(run.id, Attempt(2), "agent died again", 2)
+                .await
+                .unwrap(),
+            Retry::Ended(RunStatus::Error)
+        );
+        let ended = store.run(run.id).await.unwrap().unwrap();
+        assert!(ended.message.unwrap().contains("gave up after 2 attempts"));
+    }
+
+    #[tokio::test]
     async fn only_one_claim_wins() {
         let (_dir, store) = store().await;
         let run = new_run(RunKind::Ci);
         store.insert_run(&run).await.unwrap();
         assert_eq!(
-            store.claim(&claim(&run)).await.unwrap(),
+            store.claim(&claim(&run), 60_000).await.unwrap(),
             ClaimDecision::Grant
         );
         assert_eq!(
-            store.claim(&claim(&run)).await.unwrap(),
+            store.claim(&claim(&run), 60_000).await.unwrap(),
             ClaimDecision::Refuse("already claimed by a1".into())
         );
     }
@@ -1177,7 +1376,7 @@ mod tests {
         let (_dir, store) = store().await;
         let run = new_run(RunKind::Deploy);
         store.insert_run(&run).await.unwrap();
-        store.claim(&claim(&run)).await.unwrap();
+        store.claim(&claim(&run), 60_000).await.unwrap();
         store
             .record_artifact(
                 run.id,
@@ -1216,7 +1415,7 @@ mod tests {
         let (_dir, store) = store().await;
         let run = new_run(RunKind::Deploy);
         store.insert_run(&run).await.unwrap();
-        store.claim(&claim(&run)).await.unwrap();
+        store.claim(&claim(&run), 60_000).await.unwrap();
         let outcome = Outcome {
             result: RunResult::Success,
             message: None,
@@ -1243,7 +1442,7 @@ mod tests {
         let (_dir, store) = store().await;
         let run = new_run(RunKind::Ci);
         store.insert_run(&run).await.unwrap();
-        store.claim(&claim(&run)).await.unwrap();
+        store.claim(&claim(&run), 60_000).await.unwrap();
         let progress = |seq, done| event(&run, seq, EventBody::Progress { done, total: 9 });
         assert_eq!(
             store

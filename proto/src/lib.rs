@@ -228,6 +228,33 @@ pub struct ClaimResponse {
     pub granted: bool,
     /// Why the claim was refused, when it was.
     pub reason: Option<String>,
+    /// A granted claim is a lease of this many seconds, renewed by heartbeats. An agent that
+    /// cannot renew it stops the build before it runs out; the coordinator retries the run
+    /// elsewhere only after it ran out.
+    #[serde(default)]
+    pub lease_secs: u64,
+}
+
+/// One attempt an agent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    pub run_id: RunId,
+    pub attempt: Attempt,
+}
+
+/// An agent renews the leases of the attempts it is building (HTTP, every third of a lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub agent: AgentName,
+    pub leases: Vec<Lease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The renewed leases run this long from now.
+    pub lease_secs: u64,
+    /// Attempts this agent no longer holds (retried elsewhere, or ended): stop building them.
+    pub lost: Vec<Lease>,
 }
 
 /// The steps of a build, in order. Their timings are recorded per run.
@@ -335,6 +362,11 @@ pub enum EventBody {
         total: u32,
     },
     Finished(Outcome),
+    /// The agent gave the attempt up without a result (it is shutting down): its tree is gone,
+    /// and the run should be retried elsewhere at once.
+    Released {
+        reason: String,
+    },
 }
 
 /// Messages on the events queue: one agent's report about one attempt.
