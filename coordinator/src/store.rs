@@ -35,9 +35,10 @@ pub enum StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Ordered schema changes. Append only; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
     CREATE TABLE runs (
         id TEXT PRIMARY KEY,
         repository TEXT NOT NULL,
@@ -102,7 +103,13 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         updated_ms INTEGER NOT NULL
     );
     "#,
-)];
+    ),
+    (
+        3,
+        // The sandbox a run's build ran in (the agent's `SandboxReport`, as JSON).
+        "ALTER TABLE runs ADD COLUMN sandbox TEXT;",
+    ),
+];
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -161,6 +168,8 @@ pub struct Run {
     pub last_seq: u64,
     pub cancel_requested: bool,
     pub dbt_exit_code: Option<i32>,
+    /// The agent's `SandboxReport` as JSON, once the build started.
+    pub sandbox: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +255,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         dbt_exit_code: row
             .try_get::<Option<i64>, _>("dbt_exit_code")?
             .map(|code| code as i32),
+        sandbox: text("sandbox")?,
     })
 }
 
@@ -576,6 +586,14 @@ impl Store {
                     .await?;
             }
             EventBody::Log { .. } => {}
+            EventBody::Sandbox(report) => {
+                let json = serde_json::to_string(report).map_err(corrupt)?;
+                sqlx::query("UPDATE runs SET sandbox = ? WHERE id = ?")
+                    .bind(json)
+                    .bind(&run_id)
+                    .execute(&mut *transaction)
+                    .await?;
+            }
             EventBody::Finished(outcome) => {
                 let status = self.finish(&mut transaction, &run, outcome, at).await?;
                 finished = Some(status);
@@ -876,6 +894,37 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_report_is_stored_with_the_run() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        store.claim(&claim(&run)).await.unwrap();
+        let report = slimci_proto::SandboxReport {
+            pid_namespace: true,
+            cgroup: "v2".into(),
+            memory_limit_bytes: Some(1 << 32),
+            pids_limit: Some(512),
+            landlock: "full".into(),
+            landlock_abi: Some(6),
+            user: "slimci-build".into(),
+            uid: 998,
+            rlimit_nofile: 4096,
+            rlimit_nproc: Some(512),
+            core_dumps: false,
+            warnings: vec![],
+        };
+        store
+            .apply_event(&event(&run, 1, EventBody::Sandbox(report.clone())))
+            .await
+            .unwrap();
+        let stored = store.run(run.id).await.unwrap().unwrap().sandbox.unwrap();
+        assert_eq!(
+            serde_json::from_str::<slimci_proto::SandboxReport>(&stored).unwrap(),
+            report
         );
     }
 
