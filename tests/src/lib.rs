@@ -173,13 +173,18 @@ pub struct Origin {
 
 impl Origin {
     pub fn create(path: PathBuf) -> anyhow::Result<Origin> {
+        Origin::create_from(&workspace_root().join("examples/shop"), path)
+    }
+
+    /// A git repository of the dbt project in `project`.
+    pub fn create_from(project: &Path, path: PathBuf) -> anyhow::Result<Origin> {
         let status = Command::new("cp")
             .arg("-r")
-            .arg(workspace_root().join("examples/shop"))
+            .arg(project)
             .arg(&path)
             .status()?;
         if !status.success() {
-            bail!("copying examples/shop failed");
+            bail!("copying {} failed", project.display());
         }
         git(&path, &["init", "-q", "-b", "main"])?;
         git(&path, &["add", "."])?;
@@ -217,6 +222,8 @@ impl Origin {
 }
 
 /// The edits of `examples/shop/README.md`, all to `models/staging/stg_orders.sql`.
+pub mod sandbox;
+
 pub mod edits {
     pub const FILE: &str = "models/staging/stg_orders.sql";
     /// Adds a column; every test still passes.
@@ -236,6 +243,14 @@ pub mod edits {
 pub struct ClusterOptions {
     pub agents: usize,
     pub slots: u16,
+    /// The dbt project of the `shop` repository (default: examples/shop).
+    pub project: Option<PathBuf>,
+    /// The repository's `run_timeout_secs`.
+    pub run_timeout_secs: Option<u64>,
+    /// Lines of the agents' `[sandbox]` table.
+    pub sandbox: String,
+    /// TOML after the agents' `[warehouse]` keys (e.g. `[warehouse.secrets.x]` tables).
+    pub warehouse_extra: String,
 }
 
 impl Default for ClusterOptions {
@@ -243,6 +258,10 @@ impl Default for ClusterOptions {
         ClusterOptions {
             agents: 1,
             slots: 1,
+            project: None,
+            run_timeout_secs: None,
+            sandbox: "grace_secs = 5".to_owned(),
+            warehouse_extra: String::new(),
         }
     }
 }
@@ -250,6 +269,8 @@ impl Default for ClusterOptions {
 /// A coordinator, its agents and a git origin, all in one temporary directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    agent_sandbox: String,
+    agent_warehouse_extra: String,
     pub prefix: String,
     pub origin: Origin,
     pub url: String,
@@ -261,13 +282,23 @@ pub struct Cluster {
 impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("slimci-e2e-").tempdir()?;
+        // The agents' build user must reach their work directories and the warehouse.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
         let prefix = format!("slimci-test-{}", uuid::Uuid::new_v4().simple());
-        let origin = Origin::create(dir.path().join("origin"))?;
-        write_coordinator_config(dir.path(), &prefix, &origin.path)?;
+        let origin = match &options.project {
+            Some(project) => Origin::create_from(project, dir.path().join("origin"))?,
+            None => Origin::create(dir.path().join("origin"))?,
+        };
+        write_coordinator_config(dir.path(), &prefix, &origin.path, options.run_timeout_secs)?;
         let coordinator = start_coordinator(dir.path(), "coordinator")?;
         let url = wait_for_address(dir.path(), &coordinator).await?;
         let mut cluster = Cluster {
             dir,
+            agent_sandbox: options.sandbox,
+            agent_warehouse_extra: options.warehouse_extra,
             prefix,
             origin,
             url,
@@ -283,7 +314,8 @@ impl Cluster {
 
     pub fn start_agent(&mut self, name: &str, slots: u16) -> anyhow::Result<()> {
         let dir = self.dir.path();
-        let config = dir.join(format!("{name}.toml"));
+        let config = self.agent_config_dir(name).join("agent.toml");
+        std::fs::create_dir_all(self.agent_config_dir(name))?;
         std::fs::write(
             &config,
             format!(
@@ -291,7 +323,6 @@ impl Cluster {
 slots = {slots}
 work_dir = "{work}"
 dbt = "{dbt}"
-cancel_grace_secs = 5
 
 [amqp]
 url = "{AMQP_URL}"
@@ -305,7 +336,13 @@ token = "{AGENT_TOKEN}"
 type = "duckdb"
 root = "{warehouse}"
 threads = 4
+{warehouse_extra}
+
+[sandbox]
+{sandbox}
 "#,
+                warehouse_extra = self.agent_warehouse_extra,
+                sandbox = self.agent_sandbox,
                 work = dir.join(name).display(),
                 dbt = dbt().display(),
                 prefix = self.prefix,
@@ -323,6 +360,11 @@ threads = 4
         Ok(())
     }
 
+    /// The directory of an agent's configuration file (hidden from its builds).
+    pub fn agent_config_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}-config"))
+    }
+
     pub fn warehouse(&self) -> PathBuf {
         self.dir.path().join("warehouse")
     }
@@ -333,7 +375,7 @@ threads = 4
 
     pub fn pr_database(&self, pr: u64) -> PathBuf {
         self.warehouse()
-            .join(format!("shop/pr/pr_shop_{pr}.duckdb"))
+            .join(format!("shop/pr/pr_shop_{pr}/pr_shop_{pr}.duckdb"))
     }
 
     /// Stops the coordinator and starts it again on the same data directory.
@@ -530,7 +572,12 @@ impl Drop for Cluster {
     }
 }
 
-fn write_coordinator_config(dir: &Path, prefix: &str, origin: &Path) -> anyhow::Result<()> {
+fn write_coordinator_config(
+    dir: &Path,
+    prefix: &str,
+    origin: &Path,
+    run_timeout_secs: Option<u64>,
+) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("coordinator.toml"),
         format!(
@@ -548,9 +595,13 @@ agent_token = "{AGENT_TOKEN}"
 name = "shop"
 clone_url = "{origin}"
 production_branch = "main"
+{timeout}
 "#,
             data = dir.join("coordinator").display(),
             origin = origin.display(),
+            timeout = run_timeout_secs
+                .map(|secs| format!("run_timeout_secs = {secs}"))
+                .unwrap_or_default(),
         ),
     )?;
     Ok(())

@@ -472,6 +472,7 @@ async fn two_agents_build_four_prs_in_parallel() {
     let mut cluster = Cluster::start(ClusterOptions {
         agents: 2,
         slots: 1,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -166,6 +166,12 @@ impl Sandbox {
         system_read.extend(dbt_installation(&config.dbt));
         if let Some(user) = &user {
             check_reachable(user, &config.dbt, true)?;
+            // A virtualenv's python links to the interpreter it was made from.
+            if let Some(python) = config.dbt.parent().map(|bin| bin.join("python"))
+                && let Ok(real) = python.canonicalize()
+            {
+                check_reachable(user, &real, true)?;
+            }
             check_reachable(user, &config.work_dir, false)?;
             let crate::config::WarehouseConfig::Duckdb { root, .. } = &config.warehouse;
             check_reachable(user, root, false)?;

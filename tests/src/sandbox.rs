@@ -1,0 +1,1 @@
+//! Helpers for the sandbox tests: the hostile fixtures, processes by marker.
