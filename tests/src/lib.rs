@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
+pub const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
 
 /// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn binary(name: &str) -> PathBuf {
@@ -81,10 +81,21 @@ pub struct Process {
 
 impl Process {
     fn start(name: &str, program: &Path, args: &[&str], log: PathBuf) -> anyhow::Result<Process> {
+        Process::start_with_env(name, program, args, log, &[])
+    }
+
+    fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Process> {
         use std::os::unix::process::CommandExt;
         let file = std::fs::File::create(&log)?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "info,lapin=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -251,6 +262,8 @@ pub struct ClusterOptions {
     pub sandbox: String,
     /// TOML after the agents' `[warehouse]` keys (e.g. `[warehouse.secrets.x]` tables).
     pub warehouse_extra: String,
+    /// Extra environment of the agent processes.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -262,6 +275,7 @@ impl Default for ClusterOptions {
             run_timeout_secs: None,
             sandbox: "grace_secs = 5".to_owned(),
             warehouse_extra: String::new(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -271,6 +285,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     agent_sandbox: String,
     agent_warehouse_extra: String,
+    agent_env: Vec<(String, String)>,
     pub prefix: String,
     pub origin: Origin,
     pub url: String,
@@ -299,6 +314,7 @@ impl Cluster {
             dir,
             agent_sandbox: options.sandbox,
             agent_warehouse_extra: options.warehouse_extra,
+            agent_env: options.agent_env,
             prefix,
             origin,
             url,
@@ -350,11 +366,12 @@ threads = 4
                 warehouse = self.warehouse().display(),
             ),
         )?;
-        let process = Process::start(
+        let process = Process::start_with_env(
             name,
             &binary("slimci-agent"),
             &["--config", config.to_str().expect("utf-8 path")],
             dir.join(format!("{name}.log")),
+            &self.agent_env,
         )?;
         self.agents.push(process);
         Ok(())

@@ -132,11 +132,18 @@ impl Sandbox {
             ));
             None
         };
-        // The rlimit counts every process of the user: with a dedicated user, all slots'
-        // builds together. Without one it would count the agent's own threads too.
+        // The rlimit counts every process of the user, machine-wide: with a dedicated user, all
+        // slots' builds together (and other agents' on the same machine). It is the limit
+        // where no cgroup limits pids, and a generous backstop where one does. Without a
+        // dedicated user it would count the agent's own threads too, so none is set.
+        let per_slot = if mode.limits_memory_and_pids() {
+            settings.pids_limit.saturating_mul(8)
+        } else {
+            settings.pids_limit
+        };
         let nproc = user
             .as_ref()
-            .map(|_| settings.pids_limit.saturating_mul(u64::from(config.slots)));
+            .map(|_| per_slot.saturating_mul(u64::from(config.slots)));
 
         let mut denied: Vec<PathBuf> = config.protected_files();
         let config_path = std::path::absolute(config_path).unwrap_or(config_path.to_owned());
