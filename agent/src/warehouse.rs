@@ -236,11 +236,24 @@ impl DuckDbWarehouse {
         serde_yaml::to_string(&profile).expect("profile serializes")
     }
 
-    /// The environment variables a profile text reads with `env_var('...')`.
+    /// The environment variables a profile reads with `env_var('...')`, in any of its values.
     pub fn referenced_variables(profile: &str) -> Vec<String> {
-        let mut names: Vec<String> = profile
-            .split("env_var(")
-            .skip(1)
+        fn strings(value: &serde_yaml::Value, out: &mut Vec<String>) {
+            match value {
+                serde_yaml::Value::String(text) => out.push(text.clone()),
+                serde_yaml::Value::Sequence(items) => items.iter().for_each(|v| strings(v, out)),
+                serde_yaml::Value::Mapping(map) => map.values().for_each(|v| strings(v, out)),
+                _ => {}
+            }
+        }
+        let mut texts = Vec::new();
+        match serde_yaml::from_str::<serde_yaml::Value>(profile) {
+            Ok(parsed) => strings(&parsed, &mut texts),
+            Err(_) => texts.push(profile.to_owned()),
+        }
+        let mut names: Vec<String> = texts
+            .iter()
+            .flat_map(|text| text.split("env_var(").skip(1))
             .filter_map(|rest| {
                 let rest = rest.trim_start();
                 let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;

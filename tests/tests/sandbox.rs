@@ -25,7 +25,13 @@ fn options() -> ClusterOptions {
 
 async fn hostile_cluster(options: ClusterOptions) -> Cluster {
     let mut cluster = Cluster::start(options).await.unwrap();
-    cluster.deploy().await.unwrap();
+    if let Err(error) = cluster.deploy().await {
+        let mut logs = String::new();
+        for run in cluster.runs().await.unwrap() {
+            logs += &cluster.log(run["id"].as_str().unwrap()).await.unwrap();
+        }
+        panic!("{error}\n{logs}");
+    }
     cluster
 }
 
@@ -45,6 +51,13 @@ async fn pull_request(cluster: &Cluster, pr: u64, files: &[(&str, String)]) -> S
         .unwrap();
     assert_eq!(status, 201, "{run}");
     run["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits for the run to end; returns it with its stored log.
+async fn finish(cluster: &mut Cluster, id: &str) -> (Value, String) {
+    let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
+    let log = cluster.log(id).await.unwrap();
+    (run, log)
 }
 
 fn pr_dir(cluster: &Cluster, pr: u64) -> std::path::PathBuf {
@@ -97,8 +110,8 @@ async fn agent_credentials_never_reach_dbt() {
         ],
     )
     .await;
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "success", "{run}");
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_eq!(run["status"], "success", "{run}\n{log}");
 
     let database = dump_database(&cluster.pr_database(1), None).unwrap();
     assert_eq!(
@@ -220,8 +233,8 @@ async fn writes_outside_the_build_are_denied() {
         ],
     );
     let id = pull_request(&cluster, 3, &[("escape.py", model)]).await;
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "failed", "{run}");
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
     let message = run["message"].as_str().unwrap();
     for what in [
         "write to the agent's config directory: denied (PermissionError: Permission denied)",
@@ -232,7 +245,6 @@ async fn writes_outside_the_build_are_denied() {
         assert!(message.contains(what), "{what} not in: {message}");
     }
     assert!(!message.contains("ESCAPED"), "{message}");
-    let log = cluster.log(&id).await.unwrap();
     assert!(log.contains("sandbox probe:"), "{log}");
 
     assert!(!config_dir.join("pwned").exists());
@@ -254,13 +266,12 @@ async fn unbounded_memory_ends_as_memory_limit_and_the_agent_serves_on() {
     })
     .await;
     let id = pull_request(&cluster, 1, &[("memory.py", case("memory.py", &[]))]).await;
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "error", "{run}");
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_eq!(run["status"], "error", "{run}\n{log}");
     let message = run["message"].as_str().unwrap();
     assert!(message.starts_with("memory limit:"), "{message}");
     assert!(message.contains("512 MiB"), "{message}");
     assert_eq!(run["sandbox"]["memory_limit_bytes"], 512u64 << 20);
-    let log = cluster.log(&id).await.unwrap();
     assert!(log.contains("memory limit:"), "{log}");
 
     let next = pull_request(&cluster, 2, &[("harmless.sql", case("harmless.sql", &[]))]).await;
@@ -313,10 +324,9 @@ async fn a_fork_bomb_is_bounded() {
     }
     eprintln!("fork bomb: at most {highest} tasks in the build's cgroup (limit {PIDS_LIMIT})");
 
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_ne!(run["status"], "success", "{run}");
-    assert_ne!(run["status"], "timed_out", "{run}");
-    let log = cluster.log(&id).await.unwrap();
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_ne!(run["status"], "success", "{run}\n{log}");
+    assert_ne!(run["status"], "timed_out", "{run}\n{log}");
     assert!(
         log.contains(&format!(
             "pids limit: the build hit its limit of {PIDS_LIMIT} processes"
@@ -358,8 +368,8 @@ async fn a_build_past_its_timeout_ends_as_timed_out() {
     let id = pull_request(&cluster, 1, &[("sleep.py", model)]).await;
     wait_for_file(&started).await;
     assert!(!processes_with(&marker).is_empty(), "the child runs");
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "timed_out", "{run}");
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_eq!(run["status"], "timed_out", "{run}\n{log}");
     let duration = run["duration_s"].as_f64().unwrap();
     eprintln!(
         "timeout: the run took {duration:.2} s for a timeout of {TIMEOUT_SECS} s (grace {GRACE_SECS} s): {:.2} s past the deadline",
@@ -407,11 +417,10 @@ value = "{UNUSED}"
     })
     .await;
     let id = pull_request(&cluster, 1, &[("secret.py", case("secret.py", &[]))]).await;
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "success", "{run}");
+    let (run, log) = finish(&mut cluster, &id).await;
+    assert_eq!(run["status"], "success", "{run}\n{log}");
 
     let pem = PEM.replace("\\n", "\n");
-    let log = cluster.log(&id).await.unwrap();
     assert!(log.contains("whole secret: [redacted]"), "{log}");
     assert!(log.contains("split secret: [redacted] (end)"), "{log}");
     assert!(log.contains("multi-line secret:"), "{log}");
