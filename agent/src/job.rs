@@ -686,6 +686,14 @@ impl Attempt<'_> {
     }
 
     fn stop_for(&self, ran: &Ran, what: &str) -> Stop {
+        let mut stop = self.stop_without_note(ran, what);
+        if ran.pids_limit_hits > 0 {
+            stop.message = format!("{}; {}", stop.message, pids_limit_note(ran));
+        }
+        stop
+    }
+
+    fn stop_without_note(&self, ran: &Ran, what: &str) -> Stop {
         match ran.exit {
             Exit::TimedOut => Stop {
                 result: RunResult::TimedOut,

@@ -15,7 +15,9 @@ pub fn hostile_project() -> PathBuf {
 
 /// A case model's text with its `__PLACEHOLDERS__` filled in.
 pub fn case(name: &str, substitutions: &[(&str, &str)]) -> String {
-    let path = workspace_root().join("tests/fixtures/hostile/cases").join(name);
+    let path = workspace_root()
+        .join("tests/fixtures/hostile/cases")
+        .join(name);
     let mut text = std::fs::read_to_string(&path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     for (placeholder, value) in substitutions {
@@ -31,7 +33,10 @@ pub fn add_model(origin: &Origin, pr: u64, file: &str, content: &str) -> anyhow:
     git(&origin.path, &["checkout", "-qb", &branch, "main"])?;
     std::fs::write(origin.path.join("models").join(file), content)?;
     git(&origin.path, &["add", "."])?;
-    git(&origin.path, &["commit", "-qm", &format!("PR {pr}: {file}")])?;
+    git(
+        &origin.path,
+        &["commit", "-qm", &format!("PR {pr}: {file}")],
+    )?;
     let sha = git(&origin.path, &["rev-parse", "HEAD"])?;
     git(
         &origin.path,
