@@ -452,6 +452,146 @@ mod tests {
         let example: Config = toml::from_str(include_str!("../../examples/agent.toml")).unwrap();
         assert!(example.slots >= 1);
         assert!(format!("{example:?}").contains("Duckdb"));
+        assert_eq!(example.sandbox.user, "slimci-build");
+        assert_eq!(example.grace_secs(), 10);
+        example.validate().unwrap();
+    }
+
+    fn minimal(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            r#"
+            name = "a"
+            work_dir = "/tmp/w"
+            {extra}
+            [amqp]
+            url = "amqp://localhost/"
+            [coordinator]
+            url = "http://c"
+            token = "tok"
+            [warehouse]
+            type = "duckdb"
+            root = "/tmp/r"
+            "#
+        );
+        let config: Config = toml::from_str(&text).map_err(|error| error.to_string())?;
+        config.validate().map_err(|error| error.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_sandbox_has_safe_defaults() {
+        let config = minimal("").unwrap();
+        assert!(!config.sandbox.required);
+        assert_eq!(config.sandbox.user, "slimci-build");
+        assert_eq!(config.sandbox.memory_limit, 4 << 30);
+        assert_eq!(config.sandbox.pids_limit, 512);
+        assert_eq!(config.sandbox.nofile, 4096);
+        assert_eq!(config.grace_secs(), 10);
+    }
+
+    #[test]
+    fn the_old_grace_key_still_works_but_not_with_the_new_one() {
+        assert_eq!(minimal("cancel_grace_secs = 4").unwrap().grace_secs(), 4);
+        let config = minimal("[sandbox]\ngrace_secs = 2\nrequired = true").unwrap();
+        assert_eq!(config.grace_secs(), 2);
+        assert!(config.sandbox.required);
+        let both = "cancel_grace_secs = 4\n[sandbox]\ngrace_secs = 2";
+        assert!(
+            minimal(both)
+                .unwrap_err()
+                .contains("`cancel_grace_secs` is its old name")
+        );
+    }
+
+    #[test]
+    fn sandbox_limits_are_checked() {
+        assert!(
+            minimal("[sandbox]\npids_limit = 3")
+                .unwrap_err()
+                .contains("pids_limit")
+        );
+        assert!(
+            minimal("[sandbox]\nmemory_limit = 1000")
+                .unwrap_err()
+                .contains("64 MiB")
+        );
+        assert!(
+            minimal("[sandbox]\nnofile = 8")
+                .unwrap_err()
+                .contains("nofile")
+        );
+        assert!(
+            minimal("[sandbox]\nuser = \"\"")
+                .unwrap_err()
+                .contains("sandbox.user")
+        );
+        assert!(
+            minimal("[sandbox]\nmemory = 5")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn warehouse_secrets_are_named_resolved_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s3");
+        std::fs::write(&file, "  from-a-file-secret\n").unwrap();
+        let mut config = minimal("").unwrap();
+        let extra = format!(
+            r#"
+            [warehouse.secrets.s3_key]
+            value_file = "{}"
+            setting = "s3_secret_access_key"
+            [warehouse.secrets.other]
+            value = "inline-secret"
+            "#,
+            file.display()
+        );
+        let text = format!(
+            "name = \"a\"\nwork_dir = \"/w\"\n[amqp]\nurl = \"amqp://u:p@h/\"\n[coordinator]\nurl = \"http://c\"\ntoken = \"tok-value\"\n[warehouse]\ntype = \"duckdb\"\nroot = \"/r\"\n{extra}"
+        );
+        config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let secrets = config.secrets().unwrap();
+        let s3 = secrets
+            .warehouse
+            .iter()
+            .find(|s| s.name == "s3_key")
+            .unwrap();
+        assert_eq!(s3.value, "from-a-file-secret");
+        assert_eq!(s3.env_name(), "DBT_ENV_SECRET_S3_KEY");
+        assert_eq!(s3.setting.as_deref(), Some("s3_secret_access_key"));
+        assert_eq!(config.protected_files(), [file.clone()]);
+        let redacted = secrets.redacted_values();
+        for value in [
+            "from-a-file-secret",
+            "inline-secret",
+            "tok-value",
+            "amqp://u:p@h/",
+        ] {
+            assert!(redacted.contains(&value.to_owned()), "{value}");
+        }
+        assert!(!format!("{config:?}").contains("inline-secret"));
+
+        let short = text.replace("inline-secret", "abc");
+        let config: Config = toml::from_str(&short).unwrap();
+        assert!(
+            config
+                .secrets()
+                .unwrap_err()
+                .to_string()
+                .contains("shorter than 6")
+        );
+        let bad_name = text.replace("secrets.other", "secrets.\"bad-name\"");
+        let config: Config = toml::from_str(&bad_name).unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("bad-name")
+        );
     }
 
     #[test]

@@ -509,7 +509,11 @@ threads = 4
         let (status, run) = self
             .post_run(serde_json::json!({ "repository": "shop", "kind": "deploy" }))
             .await?;
-        anyhow::ensure!(status == 201, "deploy request answered {status}: {run}");
+        anyhow::ensure!(
+            status == 201,
+            "deploy request answered {status}: {run}\ncoordinator log:\n{}",
+            tail(&self.coordinator.log)
+        );
         let run = self
             .wait_for_run(
                 run["id"].as_str().unwrap_or_default(),

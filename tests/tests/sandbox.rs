@@ -30,7 +30,10 @@ async fn hostile_cluster(options: ClusterOptions) -> Cluster {
         for run in cluster.runs().await.unwrap() {
             logs += &cluster.log(run["id"].as_str().unwrap()).await.unwrap();
         }
-        panic!("{error}\n{logs}");
+        panic!(
+            "{error}\n{logs}\ncoordinator:\n{}",
+            slimci_tests::tail(&cluster.coordinator.log)
+        );
     }
     cluster
 }
