@@ -537,7 +537,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s3");
         std::fs::write(&file, "  from-a-file-secret\n").unwrap();
-        let mut config = minimal("").unwrap();
         let extra = format!(
             r#"
             [warehouse.secrets.s3_key]
@@ -551,7 +550,7 @@ mod tests {
         let text = format!(
             "name = \"a\"\nwork_dir = \"/w\"\n[amqp]\nurl = \"amqp://u:p@h/\"\n[coordinator]\nurl = \"http://c\"\ntoken = \"tok-value\"\n[warehouse]\ntype = \"duckdb\"\nroot = \"/r\"\n{extra}"
         );
-        config = toml::from_str(&text).unwrap();
+        let config: Config = toml::from_str(&text).unwrap();
         config.validate().unwrap();
         let secrets = config.secrets().unwrap();
         let s3 = secrets
@@ -562,7 +561,7 @@ mod tests {
         assert_eq!(s3.value, "from-a-file-secret");
         assert_eq!(s3.env_name(), "DBT_ENV_SECRET_S3_KEY");
         assert_eq!(s3.setting.as_deref(), Some("s3_secret_access_key"));
-        assert_eq!(config.protected_files(), [file.clone()]);
+        assert_eq!(config.protected_files(), std::slice::from_ref(&file));
         let redacted = secrets.redacted_values();
         for value in [
             "from-a-file-secret",

@@ -356,10 +356,10 @@ pub async fn run(
             ran.sandbox_error = Some("the sandbox wrapper exited before reporting".to_owned());
         }
         let prepared = tokio::task::spawn_blocking(move || {
-            if let Some(cgroup) = &prepared.cgroup {
-                if !cgroup.wait_empty(CGROUP_DRAIN) {
-                    tracing::warn!(?cgroup, "processes of a build survived every kill");
-                }
+            if let Some(cgroup) = &prepared.cgroup
+                && !cgroup.wait_empty(CGROUP_DRAIN)
+            {
+                tracing::warn!(?cgroup, "processes of a build survived every kill");
             }
             prepared
         })
