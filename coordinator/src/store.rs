@@ -278,13 +278,22 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // Migrate over one connection, then open the pool on the final schema: sqlx keeps each
+        // prepared statement's columns, and a connection that loaded the schema before an
+        // `ALTER TABLE` read `SELECT *` rows with the old column list (and panicked).
+        let migrating = Store {
+            pool: SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?,
+        };
+        migrating.migrate().await?;
+        migrating.pool.close().await;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let store = Store { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Store { pool })
     }
 
     async fn migrate(&self) -> Result<()> {
