@@ -530,3 +530,33 @@ async fn cancel_from_the_cli_stops_the_build_within_the_grace_period() {
     assert!(processes_with(&marker).is_empty(), "leftovers");
     cluster.assert_all_alive();
 }
+
+/// If the agent itself dies (SIGKILL, no chance to clean up), its build dies with it: the
+/// parent-death signal takes the wrapper, and with it the build's PID namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_takes_its_build_with_it() {
+    let cluster = hostile_cluster(options()).await;
+    let marker = marker();
+    let _guard = MarkerGuard(marker.clone());
+    let started = pr_dir(&cluster, 1).join("sleeping");
+    let model = case(
+        "sleep.py",
+        &[
+            ("__MARKER__", &marker),
+            ("__STARTED_FILE__", started.to_str().unwrap()),
+        ],
+    );
+    pull_request(&cluster, 1, &[("sleep.py", model)]).await;
+    wait_for_file(&started).await;
+    let build = processes_with(&marker);
+    assert!(!build.is_empty(), "the build runs");
+    cluster.agents[0].signal(nix::sys::signal::Signal::SIGKILL);
+    assert_gone(
+        "the build of a killed agent",
+        &build,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(processes_with(&marker).is_empty(), "leftovers");
+}

@@ -479,6 +479,77 @@ mod tests {
         assert_eq!(allow_except(only_etc, &[]), only_etc);
     }
 
+    fn sandbox(required: bool, mode: cgroup::Mode, user: Option<BuildUser>) -> Sandbox {
+        Sandbox {
+            required,
+            memory_limit: 1 << 30,
+            pids_limit: 100,
+            nofile: 1024,
+            nproc: None,
+            mode,
+            user,
+            system_read: vec![PathBuf::from("/usr")],
+            denied: vec![PathBuf::from("/etc/slimci")],
+            warnings: vec!["no writable cgroup".to_owned()],
+        }
+    }
+
+    #[test]
+    fn a_required_sandbox_refuses_to_build_without_limits_or_a_build_user() {
+        let user = BuildUser {
+            name: "slimci-build".into(),
+            uid: 999,
+            gid: 999,
+        };
+        let prepare = |sandbox: &Sandbox| {
+            sandbox.prepare(
+                "x",
+                Path::new("/usr/bin/dbt"),
+                &[],
+                Path::new("/tmp"),
+                &[],
+                &BuildPaths::default(),
+            )
+        };
+        let error = prepare(&sandbox(true, cgroup::Mode::None, Some(user.clone()))).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("sandbox.required is set, but this machine gives builds no cgroup memory and pids limits (cgroup none): no writable cgroup"),
+            "{error}"
+        );
+        let limits_only_for_kill = cgroup::Mode::V2 {
+            parent: PathBuf::from("/nonexistent"),
+            limits: false,
+        };
+        assert!(prepare(&sandbox(true, limits_only_for_kill, Some(user))).is_err());
+
+        // Not required: the build gets what there is, and the report says so.
+        let prepared = prepare(&sandbox(false, cgroup::Mode::None, None)).unwrap();
+        assert!(prepared.spec.cgroup_procs.is_empty());
+        assert_eq!(prepared.spec.user, None);
+        let report = prepared.report(&Applied {
+            landlock: "none".into(),
+            warnings: vec!["landlock is not available".into()],
+            ..Applied::default()
+        });
+        assert_eq!(report.cgroup, "none");
+        assert_eq!(report.memory_limit_bytes, None);
+        assert_eq!(
+            report.warnings,
+            ["no writable cgroup", "landlock is not available"]
+        );
+        assert!(
+            prepared
+                .spec
+                .landlock
+                .unwrap()
+                .read
+                .contains(&PathBuf::from("/usr")),
+            "system paths are readable"
+        );
+    }
+
     #[test]
     fn unreachable_paths_name_the_blocking_directory() {
         use std::os::unix::fs::PermissionsExt;
