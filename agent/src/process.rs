@@ -221,7 +221,14 @@ impl Tree<'_> {
         let _ = kill(Pid::from_raw(self.leader), signal);
         if let Some(cgroup) = self.sandbox.and_then(|s| s.cgroup.as_ref()) {
             if signal == Signal::SIGKILL {
-                cgroup.kill_all();
+                // The v1 freezer may take a moment to freeze a tree that forks.
+                let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread;
+                if multi_thread {
+                    tokio::task::block_in_place(|| cgroup.kill_all());
+                } else {
+                    cgroup.kill_all();
+                }
             } else {
                 cgroup.signal_all(signal);
             }

@@ -324,7 +324,8 @@ pub fn detect(warnings: &mut Vec<String>) -> Mode {
 }
 
 /// Removes build cgroups an earlier agent left empty (a crash between a build's end and its
-/// cleanup). Non-empty ones may belong to another agent sharing the cgroup; they are kept.
+/// cleanup). Non-empty ones, and ones made in the last minute (a build of another agent
+/// sharing the cgroup may be about to join it), are kept.
 pub fn remove_stale(mode: &Mode) {
     let parents: Vec<&PathBuf> = match mode {
         Mode::V2 { parent, .. } => vec![parent],
@@ -342,7 +343,13 @@ pub fn remove_stale(mode: &Mode) {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(PREFIX) && name != format!("{PREFIX}agent") {
+            let recent = entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_none_or(|age| age < Duration::from_secs(60));
+            if name.starts_with(PREFIX) && name != format!("{PREFIX}agent") && !recent {
                 let _ = std::fs::remove_dir(entry.path());
             }
         }
