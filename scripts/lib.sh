@@ -49,17 +49,48 @@ ensure_rabbitmq() {
   exit 1
 }
 
+# The unprivileged user an agent running as root runs dbt as (its `sandbox.user`).
+SLIMCI_BUILD_USER=slimci-build
+ensure_build_user() {
+  [ "$(id -u)" -ne 0 ] && return 0
+  id "$SLIMCI_BUILD_USER" >/dev/null 2>&1 && return 0
+  log "creating the build user $SLIMCI_BUILD_USER"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$SLIMCI_BUILD_USER"
+}
+
+# Where the dbt virtualenv lives. As root it must not be under /root (mode 0700): the build
+# user runs it.
+slimci_cache() {
+  if [ -n "${SLIMCI_CACHE:-}" ]; then
+    echo "$SLIMCI_CACHE"
+  elif [ "$(id -u)" -eq 0 ]; then
+    echo /var/cache/slimci
+  else
+    echo "$HOME/.cache/slimci"
+  fi
+}
+
 # dbt in a virtualenv keyed by the pinned requirements, so every checkout on this machine
 # shares one install. Prints the path of the dbt executable.
 ensure_dbt() {
-  local root requirements hash venv python
+  local root requirements hash venv python cache
   root=$(slimci_root)
   requirements="$root/scripts/requirements-dbt.txt"
   hash=$(sha256sum "$requirements" | cut -c1-16)
-  venv="${SLIMCI_CACHE:-$HOME/.cache/slimci}/dbt-$hash"
+  cache=$(slimci_cache)
+  mkdir -p "$cache"
+  chmod 755 "$cache"
+  venv="$cache/dbt-$hash"
   if [ ! -f "$venv/.slimci-installed" ]; then
-    python=$(command -v python3 || true)
-    if [ -z "$python" ]; then apt_install python3; python=python3; fi
+    if [ "$(id -u)" -eq 0 ]; then
+      # Debian's Python: the build user must be able to run the interpreter the virtualenv
+      # links to (a pyenv Python under /root is out of its reach).
+      apt_install python3 python3-venv
+      python=/usr/bin/python3
+    else
+      python=$(command -v python3 || true)
+      if [ -z "$python" ]; then apt_install python3; python=python3; fi
+    fi
     "$python" -m venv --help >/dev/null 2>&1 || apt_install python3-venv
     log "installing dbt into $venv"
     rm -rf "$venv"

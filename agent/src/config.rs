@@ -21,9 +21,9 @@ pub struct Config {
     /// The dbt executable (usually inside a virtualenv).
     #[serde(default = "default_dbt")]
     pub dbt: PathBuf,
-    /// How long dbt gets between SIGTERM and SIGKILL on cancel or timeout.
-    #[serde(default = "default_grace")]
-    pub cancel_grace_secs: u64,
+    /// Deprecated spelling of `sandbox.grace_secs`, still accepted.
+    #[serde(default)]
+    pub cancel_grace_secs: Option<u64>,
     /// After the first SIGTERM, how long running jobs may take to finish; then they are
     /// stopped and released, and the coordinator retries them on another agent.
     #[serde(default = "default_drain_timeout")]
@@ -33,6 +33,11 @@ pub struct Config {
     #[serde(default)]
     pub git: GitConfig,
     pub warehouse: WarehouseConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// The file this was loaded from (its directory is hidden from dbt).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn default_slots() -> u16 {
@@ -49,6 +54,61 @@ fn default_grace() -> u64 {
 
 fn default_drain_timeout() -> u64 {
     1800
+}
+
+/// How every dbt process is confined (see `sandbox`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Refuse to build when a protection is unavailable (landlock, cgroup limits, the PID
+    /// namespace, the build user), instead of warning and building without it.
+    #[serde(default)]
+    pub required: bool,
+    /// The user dbt runs as when the agent runs as root. Ignored (dbt runs as the agent's own
+    /// user) when the agent is not root.
+    #[serde(default = "default_build_user")]
+    pub user: String,
+    /// Memory of one dbt process tree, in bytes (cgroup `memory.max` / `memory.limit_in_bytes`).
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit: u64,
+    /// Processes and threads of one dbt process tree (cgroup `pids.max`).
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: u64,
+    /// Open files per process (`RLIMIT_NOFILE`).
+    #[serde(default = "default_nofile")]
+    pub nofile: u64,
+    /// Seconds between SIGTERM and SIGKILL of the whole tree on cancel or timeout.
+    #[serde(default = "default_grace")]
+    pub grace_secs: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            required: false,
+            user: default_build_user(),
+            memory_limit: default_memory_limit(),
+            pids_limit: default_pids_limit(),
+            nofile: default_nofile(),
+            grace_secs: default_grace(),
+        }
+    }
+}
+
+fn default_build_user() -> String {
+    "slimci-build".to_owned()
+}
+
+fn default_memory_limit() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+
+fn default_pids_limit() -> u64 {
+    512
+}
+
+fn default_nofile() -> u64 {
+    4096
 }
 
 #[derive(Clone, Deserialize)]
@@ -105,8 +165,36 @@ pub enum WarehouseConfig {
         /// an older production state.
         #[serde(default = "default_keep")]
         keep_deploys: usize,
+        /// Warehouse credentials by name. Each reaches dbt only as `DBT_ENV_SECRET_<NAME>`, and
+        /// only when the profile the agent writes references it.
+        #[serde(default)]
+        secrets: std::collections::BTreeMap<String, WarehouseSecret>,
     },
 }
+
+/// One warehouse credential: its value (inline or from a file) and where the profile uses it.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseSecret {
+    pub value: Option<String>,
+    pub value_file: Option<PathBuf>,
+    /// The DuckDB setting (`settings:` in the dbt-duckdb profile) that receives it, e.g.
+    /// `s3_secret_access_key`. A secret the profile does not use never reaches dbt.
+    pub setting: Option<String>,
+}
+
+impl std::fmt::Debug for WarehouseSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarehouseSecret")
+            .field("value", &self.value.as_ref().map(|_| "<masked>"))
+            .field("value_file", &self.value_file)
+            .field("setting", &self.setting)
+            .finish()
+    }
+}
+
+/// Shortest warehouse secret value accepted: shorter ones would redact ordinary log text.
+pub const MIN_SECRET_CHARS: usize = 6;
 
 fn default_threads() -> u32 {
     4
@@ -138,6 +226,41 @@ pub struct Secrets {
     pub amqp_url: String,
     pub coordinator_token: String,
     pub git_https_token: Option<String>,
+    /// Warehouse secrets by name, resolved.
+    pub warehouse: Vec<ResolvedSecret>,
+}
+
+/// A warehouse secret with its value read.
+#[derive(Clone)]
+pub struct ResolvedSecret {
+    pub name: String,
+    pub value: String,
+    pub setting: Option<String>,
+}
+
+impl ResolvedSecret {
+    /// The environment variable dbt reads it from: dbt scrubs `DBT_ENV_SECRET_*` values from
+    /// its own logs, and allows them only in profiles.yml and packages.yml.
+    pub fn env_name(&self) -> String {
+        format!("DBT_ENV_SECRET_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+impl Secrets {
+    /// Every value that must never appear in a stored log: the warehouse secrets and the
+    /// agent's own credentials.
+    pub fn redacted_values(&self) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .warehouse
+            .iter()
+            .map(|secret| secret.value.clone())
+            .collect();
+        values.push(self.amqp_url.clone());
+        values.push(self.coordinator_token.clone());
+        values.extend(self.git_https_token.clone());
+        values.retain(|value| !value.is_empty());
+        values
+    }
 }
 
 impl std::fmt::Debug for Secrets {
@@ -204,11 +327,85 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        if config.slots == 0 {
+        config.validate()?;
+        let dbt = resolve_executable(&config.dbt)?;
+        Ok(Config {
+            dbt,
+            source: Some(path.to_owned()),
+            ..config
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".to_owned()));
         }
-        let dbt = resolve_executable(&config.dbt)?;
-        Ok(Config { dbt, ..config })
+        if self.cancel_grace_secs.is_some() && self.sandbox.grace_secs != default_grace() {
+            return Err(ConfigError::Invalid(
+                "set `sandbox.grace_secs` only; `cancel_grace_secs` is its old name".to_owned(),
+            ));
+        }
+        if self.sandbox.pids_limit < 16 {
+            return Err(ConfigError::Invalid(
+                "sandbox.pids_limit must be at least 16: dbt alone runs a dozen threads".to_owned(),
+            ));
+        }
+        if self.sandbox.memory_limit < 64 * 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "sandbox.memory_limit must be at least 64 MiB (it is in bytes)".to_owned(),
+            ));
+        }
+        if self.sandbox.nofile < 64 {
+            return Err(ConfigError::Invalid(
+                "sandbox.nofile must be at least 64".to_owned(),
+            ));
+        }
+        if self.sandbox.user.is_empty() {
+            return Err(ConfigError::Invalid(
+                "sandbox.user must name a user".to_owned(),
+            ));
+        }
+        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
+        for (name, secret) in secrets {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ConfigError::Invalid(format!(
+                    "warehouse secret name `{name}`: use letters, digits and `_` (it becomes DBT_ENV_SECRET_{})",
+                    name.to_ascii_uppercase()
+                )));
+            }
+            if let Some(setting) = &secret.setting
+                && (setting.is_empty()
+                    || !setting
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "warehouse secret `{name}`: setting `{setting}` is not a DuckDB setting name"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Seconds between SIGTERM and SIGKILL of a build's process tree.
+    pub fn grace_secs(&self) -> u64 {
+        self.cancel_grace_secs.unwrap_or(self.sandbox.grace_secs)
+    }
+
+    /// The agent's configuration file and every secret file it names: dbt may not read them.
+    pub fn protected_files(&self) -> Vec<PathBuf> {
+        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
+        let mut files: Vec<PathBuf> = [
+            &self.amqp.url_file,
+            &self.coordinator.token_file,
+            &self.git.https_token_file,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        files.extend(secrets.values().filter_map(|s| s.value_file.clone()));
+        files
     }
 
     pub fn secrets(&self) -> Result<Secrets, ConfigError> {
@@ -228,7 +425,29 @@ impl Config {
                 &self.git.https_token,
                 &self.git.https_token_file,
             )?,
+            warehouse: self.warehouse_secrets()?,
         })
+    }
+
+    fn warehouse_secrets(&self) -> Result<Vec<ResolvedSecret>, ConfigError> {
+        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
+        let mut resolved = Vec::new();
+        for (name, secret) in secrets {
+            let what = format!("warehouse.secrets.{name}.value");
+            let value = inline_or_file(&what, &secret.value, &secret.value_file)?
+                .ok_or_else(|| ConfigError::Invalid(format!("set `{what}` or `{what}_file`")))?;
+            if value.chars().count() < MIN_SECRET_CHARS {
+                return Err(ConfigError::Invalid(format!(
+                    "warehouse secret `{name}` is shorter than {MIN_SECRET_CHARS} characters; a value that short cannot be redacted from logs without mangling them"
+                )));
+            }
+            resolved.push(ResolvedSecret {
+                name: name.clone(),
+                value,
+                setting: secret.setting.clone(),
+            });
+        }
+        Ok(resolved)
     }
 }
 
@@ -241,6 +460,145 @@ mod tests {
         let example: Config = toml::from_str(include_str!("../../examples/agent.toml")).unwrap();
         assert!(example.slots >= 1);
         assert!(format!("{example:?}").contains("Duckdb"));
+        assert_eq!(example.sandbox.user, "slimci-build");
+        assert_eq!(example.grace_secs(), 10);
+        example.validate().unwrap();
+    }
+
+    fn minimal(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            r#"
+            name = "a"
+            work_dir = "/tmp/w"
+            {extra}
+            [amqp]
+            url = "amqp://localhost/"
+            [coordinator]
+            url = "http://c"
+            token = "tok"
+            [warehouse]
+            type = "duckdb"
+            root = "/tmp/r"
+            "#
+        );
+        let config: Config = toml::from_str(&text).map_err(|error| error.to_string())?;
+        config.validate().map_err(|error| error.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_sandbox_has_safe_defaults() {
+        let config = minimal("").unwrap();
+        assert!(!config.sandbox.required);
+        assert_eq!(config.sandbox.user, "slimci-build");
+        assert_eq!(config.sandbox.memory_limit, 4 << 30);
+        assert_eq!(config.sandbox.pids_limit, 512);
+        assert_eq!(config.sandbox.nofile, 4096);
+        assert_eq!(config.grace_secs(), 10);
+    }
+
+    #[test]
+    fn the_old_grace_key_still_works_but_not_with_the_new_one() {
+        assert_eq!(minimal("cancel_grace_secs = 4").unwrap().grace_secs(), 4);
+        let config = minimal("[sandbox]\ngrace_secs = 2\nrequired = true").unwrap();
+        assert_eq!(config.grace_secs(), 2);
+        assert!(config.sandbox.required);
+        let both = "cancel_grace_secs = 4\n[sandbox]\ngrace_secs = 2";
+        assert!(
+            minimal(both)
+                .unwrap_err()
+                .contains("`cancel_grace_secs` is its old name")
+        );
+    }
+
+    #[test]
+    fn sandbox_limits_are_checked() {
+        assert!(
+            minimal("[sandbox]\npids_limit = 3")
+                .unwrap_err()
+                .contains("pids_limit")
+        );
+        assert!(
+            minimal("[sandbox]\nmemory_limit = 1000")
+                .unwrap_err()
+                .contains("64 MiB")
+        );
+        assert!(
+            minimal("[sandbox]\nnofile = 8")
+                .unwrap_err()
+                .contains("nofile")
+        );
+        assert!(
+            minimal("[sandbox]\nuser = \"\"")
+                .unwrap_err()
+                .contains("sandbox.user")
+        );
+        assert!(
+            minimal("[sandbox]\nmemory = 5")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn warehouse_secrets_are_named_resolved_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s3");
+        std::fs::write(&file, "  from-a-file-secret\n").unwrap();
+        let extra = format!(
+            r#"
+            [warehouse.secrets.s3_key]
+            value_file = "{}"
+            setting = "s3_secret_access_key"
+            [warehouse.secrets.other]
+            value = "inline-secret"
+            "#,
+            file.display()
+        );
+        let text = format!(
+            "name = \"a\"\nwork_dir = \"/w\"\n[amqp]\nurl = \"amqp://u:p@h/\"\n[coordinator]\nurl = \"http://c\"\ntoken = \"tok-value\"\n[warehouse]\ntype = \"duckdb\"\nroot = \"/r\"\n{extra}"
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let secrets = config.secrets().unwrap();
+        let s3 = secrets
+            .warehouse
+            .iter()
+            .find(|s| s.name == "s3_key")
+            .unwrap();
+        assert_eq!(s3.value, "from-a-file-secret");
+        assert_eq!(s3.env_name(), "DBT_ENV_SECRET_S3_KEY");
+        assert_eq!(s3.setting.as_deref(), Some("s3_secret_access_key"));
+        assert_eq!(config.protected_files(), std::slice::from_ref(&file));
+        let redacted = secrets.redacted_values();
+        for value in [
+            "from-a-file-secret",
+            "inline-secret",
+            "tok-value",
+            "amqp://u:p@h/",
+        ] {
+            assert!(redacted.contains(&value.to_owned()), "{value}");
+        }
+        assert!(!format!("{config:?}").contains("inline-secret"));
+
+        let short = text.replace("inline-secret", "abc");
+        let config: Config = toml::from_str(&short).unwrap();
+        assert!(
+            config
+                .secrets()
+                .unwrap_err()
+                .to_string()
+                .contains("shorter than 6")
+        );
+        let bad_name = text.replace("secrets.other", "secrets.\"bad-name\"");
+        let config: Config = toml::from_str(&bad_name).unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("bad-name")
+        );
     }
 
     #[test]

@@ -18,7 +18,9 @@ use crate::config::{Config, Secrets};
 use crate::dbtlog::Progress;
 use crate::events::Reporter;
 use crate::git::GitCache;
-use crate::process::{self, Exit, Invocation};
+use crate::process::{self, Exit, Invocation, Ran};
+use crate::redact::Redactor;
+use crate::sandbox::{BuildPaths, Sandbox};
 use crate::state::StateCache;
 use crate::warehouse::{DuckDbWarehouse, Target};
 
@@ -37,6 +39,7 @@ pub struct Services {
     pub git: Arc<GitCache>,
     pub states: StateCache,
     pub warehouse: Arc<DuckDbWarehouse>,
+    pub sandbox: Arc<Sandbox>,
 }
 
 /// A failed step: the result to report and a message for people.
@@ -54,9 +57,10 @@ impl Stop {
     }
 }
 
-/// Buffers log lines and sends them in numbered batches.
+/// Buffers log lines, redacts secrets, and sends them in numbered batches.
 struct LogSender<'a> {
     reporter: &'a Reporter,
+    redactor: Redactor,
     pending: Vec<String>,
     next_line: u64,
     bytes: u64,
@@ -64,9 +68,10 @@ struct LogSender<'a> {
 }
 
 impl<'a> LogSender<'a> {
-    fn new(reporter: &'a Reporter) -> Self {
+    fn new(reporter: &'a Reporter, redactor: Redactor) -> Self {
         LogSender {
             reporter,
+            redactor,
             pending: Vec::new(),
             next_line: 0,
             bytes: 0,
@@ -75,6 +80,20 @@ impl<'a> LogSender<'a> {
     }
 
     fn line(&mut self, text: String) {
+        for line in self.redactor.line(text) {
+            self.push(line);
+        }
+    }
+
+    /// Sends what is pending, and the lines the redactor held back: the output has ended.
+    fn finish(&mut self) {
+        for line in self.redactor.finish() {
+            self.push(line);
+        }
+        self.flush();
+    }
+
+    fn push(&mut self, text: String) {
         if self.truncated {
             return;
         }
@@ -117,6 +136,14 @@ struct Attempt<'a> {
     log: LogSender<'a>,
     run_dir: PathBuf,
     deadline: Instant,
+    /// Paths the build may use besides the run directory.
+    paths: BuildPaths,
+    /// `DBT_ENV_SECRET_*` variables the profile reads, with their values.
+    profile_secrets: Vec<(String, String)>,
+    invocations: u32,
+    last_report: Option<slimci_proto::SandboxReport>,
+    /// A limit the build hit without being stopped by it, for the run's message.
+    limit_note: Option<String>,
 }
 
 /// Runs the job and returns how it ended. Never panics on bad input; every failure becomes an
@@ -137,11 +164,16 @@ pub async fn execute(
         job,
         reporter,
         cancel,
-        log: LogSender::new(reporter),
+        log: LogSender::new(reporter, Redactor::new(services.secrets.redacted_values())),
         run_dir,
         deadline: Instant::now() + Duration::from_secs(job.timeout_secs),
+        paths: BuildPaths::default(),
+        profile_secrets: Vec::new(),
+        invocations: 0,
+        last_report: None,
+        limit_note: None,
     };
-    let outcome = match attempt.run().await {
+    let mut outcome = match attempt.run().await {
         Ok(outcome) => outcome,
         Err(stop) => {
             attempt.log.slimci(&stop.message);
@@ -154,7 +186,16 @@ pub async fn execute(
             }
         }
     };
-    attempt.log.flush();
+    attempt.log.finish();
+    // Messages are stored and shown like the log: no secret in them either.
+    let redactor = &attempt.log.redactor;
+    outcome.message = outcome.message.map(|message| redactor.redact(&message));
+    for node in &mut outcome.nodes {
+        node.message = node
+            .message
+            .as_deref()
+            .map(|message| redactor.redact(message));
+    }
     if let Err(error) = std::fs::remove_dir_all(&attempt.run_dir)
         && error.kind() != std::io::ErrorKind::NotFound
     {
@@ -356,6 +397,8 @@ impl Attempt<'_> {
         let checkout_result = self.checkout().await;
         self.phase_finished(Phase::Checkout, checkout_result.is_ok());
         let project = checkout_result?;
+        self.hand_over(&self.run_dir.clone())?;
+        self.paths.write.push(self.run_dir.clone());
         self.check_cancelled()?;
 
         // Production state (CI only).
@@ -365,7 +408,9 @@ impl Attempt<'_> {
                 self.phase_started(Phase::StateFetch);
                 let fetched = self.fetch_state().await;
                 self.phase_finished(Phase::StateFetch, fetched.is_ok());
-                Some(fetched?)
+                let fetched = fetched?;
+                self.paths.read.push(fetched.clone());
+                Some(fetched)
             }
         };
         self.check_cancelled()?;
@@ -437,6 +482,14 @@ impl Attempt<'_> {
                 ));
             }
             (Target::Deploy { .. }, RunResult::Success, Ok(())) => {
+                // Production is read by later builds, written by none.
+                self.services
+                    .sandbox
+                    .take_back(DuckDbWarehouse::writable_dir(&target))
+                    .map_err(|error| {
+                        self.discard(&target);
+                        Stop::error(format!("the build succeeded but {error}"))
+                    })?;
                 self.services
                     .warehouse
                     .publish_deploy(&job.repository, job.run_id)
@@ -461,6 +514,11 @@ impl Attempt<'_> {
                 dbt_exit_code.unwrap_or(-1)
             )),
         };
+        if result != RunResult::Success
+            && let (Some(note), Some(message)) = (&self.limit_note, &outcome.message)
+        {
+            outcome.message = Some(format!("{note}; {message}"));
+        }
         Ok(outcome)
     }
 
@@ -549,7 +607,21 @@ impl Attempt<'_> {
         let warehouse = &self.services.warehouse;
         let target = match self.job.kind {
             RunKind::Deploy => warehouse.begin_deploy(&self.job.repository, self.job.run_id),
-            RunKind::Teardown => return Err(Stop::error("a teardown job has no build profile")),
+            RunKind::Teardown => {
+                let isolation = self
+                    .job
+                    .isolation
+                    .as_ref()
+                    .ok_or_else(|| Stop::error("a teardown job without an isolation name"))?;
+                match warehouse.teardown_target(&self.job.repository, isolation) {
+                    Some(target) => Ok(target),
+                    None => {
+                        return Err(Stop::error(format!(
+                            "{isolation} does not exist on this runner"
+                        )));
+                    }
+                }
+            }
             RunKind::Ci => {
                 let isolation = self
                     .job
@@ -566,12 +638,41 @@ impl Attempt<'_> {
         }
         .map_err(|error| Stop::error(error.to_string()))?;
         let path = self.run_dir.join("profiles").join("profiles.yml");
-        if let Err(error) = std::fs::write(&path, warehouse.profile_yaml(&name, &target)) {
+        let profile = warehouse.profile_yaml(&name, &target);
+        let prepared = std::fs::write(&path, &profile)
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))
+            .and_then(|()| {
+                self.services
+                    .sandbox
+                    .hand_over(&path)
+                    .and_then(|()| {
+                        self.services
+                            .sandbox
+                            .hand_over(DuckDbWarehouse::writable_dir(&target))
+                    })
+                    .map_err(|error| error.to_string())
+            });
+        if let Err(error) = prepared {
             self.discard(&target);
-            return Err(Stop::error(format!(
-                "cannot write {}: {error}",
-                path.display()
-            )));
+            return Err(Stop::error(error));
+        }
+        // Only the secrets the profile reads reach dbt.
+        let referenced = DuckDbWarehouse::referenced_variables(&profile);
+        self.profile_secrets = self
+            .services
+            .secrets
+            .warehouse
+            .iter()
+            .filter(|secret| referenced.contains(&secret.env_name()))
+            .map(|secret| (secret.env_name(), secret.value.clone()))
+            .collect();
+        self.paths
+            .write
+            .push(DuckDbWarehouse::writable_dir(&target).to_owned());
+        if let Target::Ci { production, .. } = &target
+            && let Some(directory) = production.parent()
+        {
+            self.paths.read.push(directory.to_owned());
         }
         match &target {
             Target::Deploy { database } => self.log.slimci(format_args!(
@@ -595,7 +696,10 @@ impl Attempt<'_> {
             .clone()
             .ok_or_else(|| Stop::error("a teardown job without an isolation name"))?;
         let warehouse = self.services.warehouse.clone();
-        let Some(database) = warehouse.pr_database(&self.job.repository, &isolation) else {
+        if warehouse
+            .pr_database(&self.job.repository, &isolation)
+            .is_none()
+        {
             self.log.slimci(format_args!(
                 "{isolation} does not exist on this runner; nothing to drop"
             ));
@@ -606,27 +710,22 @@ impl Attempt<'_> {
                 nodes: Vec::new(),
                 deferred: Vec::new(),
             });
-        };
+        }
         self.phase_started(Phase::Profile);
-        let prepared = (|| {
-            let name = profile_name(&project.join("dbt_project.yml"))?;
-            let target = Target::Teardown {
-                database: database.clone(),
-            };
-            let profile = self.run_dir.join("profiles").join("profiles.yml");
-            std::fs::write(&profile, warehouse.profile_yaml(&name, &target))
-                .map_err(|error| format!("cannot write {}: {error}", profile.display()))?;
+        let prepared = self.write_profile(project).and_then(|target| {
             let macros = project.join(first_macro_path(&project.join("dbt_project.yml")));
+            let file = macros.join("slimci_drop_isolation.sql");
             std::fs::create_dir_all(&macros)
-                .map_err(|error| format!("cannot create {}: {error}", macros.display()))?;
-            std::fs::write(
-                macros.join("slimci_drop_isolation.sql"),
-                DROP_ISOLATION_MACRO,
-            )
-            .map_err(|error| format!("cannot write the teardown macro: {error}"))
-        })();
+                .and_then(|()| std::fs::write(&file, DROP_ISOLATION_MACRO))
+                .map_err(|error| {
+                    Stop::error(format!("cannot write the teardown macro: {error}"))
+                })?;
+            self.hand_over(&macros)?;
+            self.hand_over(&file)?;
+            Ok(target)
+        });
         self.phase_finished(Phase::Profile, prepared.is_ok());
-        prepared.map_err(Stop::error)?;
+        let target = prepared?;
 
         self.phase_started(Phase::Build);
         let args = vec![
@@ -640,18 +739,22 @@ impl Attempt<'_> {
             "json".to_owned(),
         ];
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
-        let exit = self.dbt(project, args).await;
-        let dropped = matches!(exit, Ok(Exit::Code(0)));
+        let ran = self.dbt(project, args).await;
+        let dropped = matches!(&ran, Ok(ran) if ran.exit == Exit::Code(0));
         self.phase_finished(Phase::Build, dropped);
-        match exit? {
-            Exit::Code(0) => {}
-            other => return Err(self.stop_for(other, "dbt run-operation slimci_drop_isolation")),
+        let ran = ran?;
+        if ran.exit != Exit::Code(0) {
+            return Err(self.stop_for(&ran, "dbt run-operation slimci_drop_isolation"));
         }
+        let _ = self
+            .services
+            .sandbox
+            .take_back(DuckDbWarehouse::writable_dir(&target));
         warehouse
             .remove_pr_database(&self.job.repository, &isolation)
             .map_err(|error| {
                 Stop::error(format!(
-                    "dropped the relations but could not remove the database file: {error}"
+                    "dropped the relations but could not remove the database: {error}"
                 ))
             })?;
         self.log.slimci(format_args!("dropped {isolation}"));
@@ -664,6 +767,14 @@ impl Attempt<'_> {
         })
     }
 
+    fn hand_over(&self, path: &Path) -> Result<(), Stop> {
+        self.services
+            .sandbox
+            .hand_over(path)
+            .map_err(|error| Stop::error(error.to_string()))
+    }
+
+    /// dbt's whole environment: an allowlist, and the secrets the profile reads.
     fn dbt_env(&self) -> Vec<(String, String)> {
         let run = |name: &str| self.run_dir.join(name).display().to_string();
         let dbt_bin = self
@@ -690,17 +801,33 @@ impl Attempt<'_> {
             ("DBT_TARGET_PATH".into(), run("target")),
             ("DBT_LOG_PATH".into(), run("logs")),
         ]
+        .into_iter()
+        .chain(self.profile_secrets.iter().cloned())
+        .collect()
     }
 
-    /// Runs dbt with `args` and streams its output; returns how it ended.
-    async fn dbt(&mut self, project: &Path, args: Vec<String>) -> Result<Exit, Stop> {
+    /// Runs dbt with `args` in the sandbox and streams its output; returns how it ended.
+    async fn dbt(&mut self, project: &Path, args: Vec<String>) -> Result<Ran, Stop> {
+        self.invocations += 1;
+        let env = self.dbt_env();
+        let program = self.services.config.dbt.clone();
+        let name = format!(
+            "{}-{}-{}",
+            self.job.run_id, self.job.attempt, self.invocations
+        );
+        let prepared = self
+            .services
+            .sandbox
+            .prepare(&name, &program, &args, project, &env, &self.paths)
+            .map_err(|error| Stop::error(error.to_string()))?;
         let invocation = Invocation {
-            program: self.services.config.dbt.clone(),
+            program,
             args,
             cwd: project.to_owned(),
-            env: self.dbt_env(),
+            env,
             deadline: self.deadline,
-            grace: Duration::from_secs(self.services.config.cancel_grace_secs),
+            grace: Duration::from_secs(self.services.config.grace_secs()),
+            sandbox: Some(prepared),
         };
         let (lines, mut incoming) = mpsc::channel(4096);
         let cancel = self.cancel.clone();
@@ -736,14 +863,42 @@ impl Attempt<'_> {
                 total: progress.total,
             });
         }
-        running
+        let ran = running
             .await
             .map_err(|error| Stop::error(format!("build task failed: {error}")))?
-            .map_err(|error| Stop::error(error.to_string()))
+            .map_err(|error| Stop::error(error.to_string()))?;
+        if let Some(report) = &ran.report
+            && self.last_report.as_ref() != Some(report)
+        {
+            if self.last_report.is_none() {
+                for warning in &report.warnings {
+                    self.log.slimci(format_args!("sandbox: {warning}"));
+                }
+            }
+            self.reporter.send(EventBody::Sandbox(report.clone()));
+            self.last_report = Some(report.clone());
+        }
+        if let Some(error) = &ran.sandbox_error {
+            return Err(Stop::error(format!(
+                "the sandbox did not start dbt: {error}"
+            )));
+        }
+        if ran.pids_limit_hits > 0 {
+            self.log.slimci(pids_limit_note(&ran));
+        }
+        Ok(ran)
     }
 
-    fn stop_for(&self, exit: Exit, what: &str) -> Stop {
-        match exit {
+    fn stop_for(&self, ran: &Ran, what: &str) -> Stop {
+        let mut stop = self.stop_without_note(ran, what);
+        if ran.pids_limit_hits > 0 {
+            stop.message = format!("{}; {}", stop.message, pids_limit_note(ran));
+        }
+        stop
+    }
+
+    fn stop_without_note(&self, ran: &Ran, what: &str) -> Stop {
+        match ran.exit {
             Exit::TimedOut => Stop {
                 result: RunResult::TimedOut,
                 message: format!(
@@ -755,21 +910,22 @@ impl Attempt<'_> {
                 result: RunResult::Cancelled,
                 message: format!("cancelled during {what}"),
             },
+            _ if ran.oom_kills > 0 => Stop::error(memory_limit_message(ran, what)),
             Exit::Signal(signal) => Stop::error(format!("{what} was killed by signal {signal}")),
             Exit::Code(code) => Stop::error(format!("{what} failed with exit code {code}")),
         }
     }
 
     async fn deps(&mut self, project: &Path) -> Result<(), Stop> {
-        let exit = self
+        let ran = self
             .dbt(
                 project,
                 vec!["deps".into(), "--log-format".into(), "json".into()],
             )
             .await?;
-        match exit {
+        match ran.exit {
             Exit::Code(0) => Ok(()),
-            other => Err(self.stop_for(other, "dbt deps")),
+            _ => Err(self.stop_for(&ran, "dbt deps")),
         }
     }
 
@@ -791,10 +947,16 @@ impl Attempt<'_> {
         }
         args.extend(["--log-format".into(), "json".into()]);
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
-        let exit = self.dbt(project, args).await?;
-        match exit {
-            Exit::Code(code) => Ok((RunResult::from_dbt_exit_code(code), Some(code))),
-            other => Err(self.stop_for(other, "dbt build")),
+        let ran = self.dbt(project, args).await?;
+        match ran.exit {
+            Exit::Code(0) => Ok((RunResult::Success, Some(0))),
+            Exit::Code(code) if ran.oom_kills == 0 => {
+                if ran.pids_limit_hits > 0 {
+                    self.limit_note = Some(pids_limit_note(&ran));
+                }
+                Ok((RunResult::from_dbt_exit_code(code), Some(code)))
+            }
+            _ => Err(self.stop_for(&ran, "dbt build")),
         }
     }
 
@@ -829,6 +991,33 @@ impl Attempt<'_> {
         }
         Ok(())
     }
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / (1024 * 1024)
+}
+
+/// The run's message when the kernel killed part of the build for its memory.
+fn memory_limit_message(ran: &Ran, what: &str) -> String {
+    let limit = ran
+        .memory_limit
+        .map(|bytes| format!(" of {} MiB", mib(bytes)))
+        .unwrap_or_default();
+    format!(
+        "memory limit: {what} used more than its memory limit{limit}, and the kernel killed {} of its processes (sandbox.memory_limit)",
+        ran.oom_kills
+    )
+}
+
+fn pids_limit_note(ran: &Ran) -> String {
+    let limit = ran
+        .pids_limit
+        .map(|limit| format!(" of {limit} processes"))
+        .unwrap_or_default();
+    format!(
+        "pids limit: the build hit its limit{limit}; {} forks were refused (sandbox.pids_limit)",
+        ran.pids_limit_hits
+    )
 }
 
 /// "2 of 21 nodes failed: test.shop.x (Got 5 results, configured to fail if != 0), ..."

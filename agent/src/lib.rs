@@ -11,10 +11,13 @@ pub mod events;
 pub mod git;
 pub mod job;
 pub mod process;
+pub mod redact;
+pub mod sandbox;
 pub mod state;
 pub mod warehouse;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,8 @@ pub enum AgentError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 /// How the agent stops.
@@ -94,11 +99,45 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         root,
         threads,
         keep_deploys,
+        ..
     } = config.warehouse.clone();
+    // Each secret with a DuckDB setting reaches the profile as an `env_var` reference.
+    let secret_settings: Vec<(String, String)> = secrets
+        .warehouse
+        .iter()
+        .filter_map(|secret| Some((secret.setting.clone()?, secret.env_name())))
+        .collect();
     std::fs::create_dir_all(&root).map_err(|source| AgentError::WorkDir {
         path: root.clone(),
         source,
     })?;
+    // Run directories belong to the build user; their parent only needs to be searchable.
+    let runs = config.work_dir.join("runs");
+    std::fs::create_dir_all(&runs)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o711))
+        })
+        .map_err(|source| AgentError::WorkDir {
+            path: runs.clone(),
+            source,
+        })?;
+    let config_path = config
+        .source
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/etc/slimci/agent.toml"));
+    let sandbox = sandbox::Sandbox::new(&config, &config_path)?;
+    for warning in &sandbox.warnings {
+        tracing::warn!("sandbox: {warning}");
+    }
+    tracing::info!(
+        cgroup = sandbox.cgroup_version(),
+        user = sandbox
+            .user()
+            .map_or("(the agent's own)", |user| user.name.as_str()),
+        required = config.sandbox.required,
+        "sandbox ready"
+    );
     let topology = Topology::new(&config.amqp.prefix);
     let events_give_up = CancellationToken::new();
     let (events, events_task) = events::start(
@@ -123,10 +162,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
                 root,
                 threads,
                 keep_deploys,
+                secret_settings,
             }),
             config: config.clone(),
             secrets: secrets.clone(),
             http,
+            sandbox: Arc::new(sandbox),
         },
         events,
         topology,

@@ -17,8 +17,23 @@ struct Args {
     config: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The sandbox stages run single-threaded: decide before any runtime starts a thread.
+    match std::env::args().nth(1).as_deref() {
+        Some(slimci_agent::sandbox::exec::WRAPPER_ARG) => {
+            slimci_agent::sandbox::exec::wrapper_main()
+        }
+        Some(slimci_agent::sandbox::exec::INIT_ARG) => slimci_agent::sandbox::exec::init_main(),
+        _ => {}
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -4,7 +4,9 @@
 //! ```text
 //! <slug>/deploys/<run id>/prod.duckdb   one per successful deploy (catalog `prod`)
 //! <slug>/current -> deploys/<run id>    the live production database
-//! <slug>/pr/<isolation>.duckdb          one per pull request (catalog = isolation name)
+//! <slug>/pr/<isolation>/<isolation>.duckdb   one per pull request (catalog = isolation
+//!                                            name), in a directory of its own: the only one
+//!                                            the PR's build may write to
 //! ```
 //! A deploy copies the current database into a new directory, builds there, and on success
 //! swaps `current` with an atomic rename; readers of the old one are never disturbed, and a
@@ -43,6 +45,9 @@ pub struct DuckDbWarehouse {
     pub root: PathBuf,
     pub threads: u32,
     pub keep_deploys: usize,
+    /// DuckDB settings that take a warehouse secret: (setting, environment variable). The
+    /// profile reads each with `env_var`, so the value itself is never written to disk.
+    pub secret_settings: Vec<(String, String)>,
 }
 
 /// What a run's profile points at.
@@ -163,48 +168,82 @@ impl DuckDbWarehouse {
                 looked: format!("{} and {}", exact.display(), current.display()),
             });
         };
-        let database = self.pr_database_path(repository, isolation);
-        let pr_dir = database
-            .parent()
-            .expect("a PR database lives in a directory");
-        std::fs::create_dir_all(pr_dir).map_err(io(pr_dir))?;
+        let pr_dir = self
+            .repository_dir(repository)
+            .join("pr")
+            .join(isolation.as_str());
+        std::fs::create_dir_all(&pr_dir).map_err(io(&pr_dir))?;
+        let database = pr_dir.join(format!("{isolation}.duckdb"));
+        // Before PR databases had directories of their own they lay in `pr/`.
+        let old = pr_dir.with_file_name(format!("{isolation}.duckdb"));
+        if old.is_file() && !database.exists() {
+            std::fs::rename(&old, &database).map_err(io(&old))?;
+            let old_wal = pr_dir.with_file_name(format!("{isolation}.duckdb.wal"));
+            if old_wal.is_file() {
+                std::fs::rename(&old_wal, pr_dir.join(format!("{isolation}.duckdb.wal")))
+                    .map_err(io(&old_wal))?;
+            }
+        }
         Ok(Target::Ci {
             database,
             production,
         })
     }
 
-    fn pr_database_path(&self, repository: &RepoName, isolation: &IsolationName) -> PathBuf {
+    fn pr_dir(&self, repository: &RepoName, isolation: &IsolationName) -> PathBuf {
         self.repository_dir(repository)
             .join("pr")
-            .join(format!("{isolation}.duckdb"))
+            .join(isolation.as_str())
     }
 
     /// The PR's database file, if this runner has one.
     pub fn pr_database(&self, repository: &RepoName, isolation: &IsolationName) -> Option<PathBuf> {
-        Some(self.pr_database_path(repository, isolation)).filter(|path| path.is_file())
+        Some(
+            self.pr_dir(repository, isolation)
+                .join(format!("{isolation}.duckdb")),
+        )
+        .filter(|path| path.is_file())
     }
 
-    /// Removes the PR's database file (and DuckDB's write-ahead log beside it).
+    /// Removes the PR's directory with its database (and DuckDB's write-ahead log).
     pub fn remove_pr_database(
         &self,
         repository: &RepoName,
         isolation: &IsolationName,
     ) -> Result<(), WarehouseError> {
-        let path = self.pr_database_path(repository, isolation);
-        for file in [path.clone(), path.with_extension("duckdb.wal")] {
-            match std::fs::remove_file(&file) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(WarehouseError::Io { path: file, source }),
-            }
+        let directory = self.pr_dir(repository, isolation);
+        match std::fs::remove_dir_all(&directory) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(WarehouseError::Io {
+                path: directory,
+                source,
+            }),
         }
-        Ok(())
+    }
+
+    /// The PR's own database, for a teardown, if this runner has one.
+    pub fn teardown_target(
+        &self,
+        repository: &RepoName,
+        isolation: &IsolationName,
+    ) -> Option<Target> {
+        self.pr_database(repository, isolation)
+            .map(|database| Target::Teardown { database })
+    }
+
+    /// The directory a build may write: the deploy's own, or the PR's own.
+    pub fn writable_dir(target: &Target) -> &Path {
+        match target {
+            Target::Deploy { database }
+            | Target::Ci { database, .. }
+            | Target::Teardown { database } => database.parent().unwrap_or(database),
+        }
     }
 
     /// The `profiles.yml` text for `profile_name` with a single output named after the target.
     pub fn profile_yaml(&self, profile_name: &str, target: &Target) -> String {
-        let output = match target {
+        let mut output = match target {
             Target::Deploy { database } | Target::Teardown { database } => serde_json::json!({
                 "type": "duckdb",
                 "path": database,
@@ -220,6 +259,19 @@ impl DuckDbWarehouse {
                 "attach": [{ "path": production, "alias": PRODUCTION_CATALOG, "read_only": true }],
             }),
         };
+        if !self.secret_settings.is_empty() {
+            let settings: serde_json::Map<String, serde_json::Value> = self
+                .secret_settings
+                .iter()
+                .map(|(setting, variable)| {
+                    (
+                        setting.clone(),
+                        serde_json::Value::String(format!("{{{{ env_var('{variable}') }}}}")),
+                    )
+                })
+                .collect();
+            output["settings"] = serde_json::Value::Object(settings);
+        }
         let target_name = match target {
             Target::Deploy { .. } => "prod",
             Target::Ci { .. } | Target::Teardown { .. } => "ci",
@@ -228,6 +280,36 @@ impl DuckDbWarehouse {
             profile_name: { "target": target_name, "outputs": { target_name: output } }
         });
         serde_yaml::to_string(&profile).expect("profile serializes")
+    }
+
+    /// The environment variables a profile reads with `env_var('...')`, in any of its values.
+    pub fn referenced_variables(profile: &str) -> Vec<String> {
+        fn strings(value: &serde_yaml::Value, out: &mut Vec<String>) {
+            match value {
+                serde_yaml::Value::String(text) => out.push(text.clone()),
+                serde_yaml::Value::Sequence(items) => items.iter().for_each(|v| strings(v, out)),
+                serde_yaml::Value::Mapping(map) => map.values().for_each(|v| strings(v, out)),
+                _ => {}
+            }
+        }
+        let mut texts = Vec::new();
+        match serde_yaml::from_str::<serde_yaml::Value>(profile) {
+            Ok(parsed) => strings(&parsed, &mut texts),
+            Err(_) => texts.push(profile.to_owned()),
+        }
+        let mut names: Vec<String> = texts
+            .iter()
+            .flat_map(|text| text.split("env_var(").skip(1))
+            .filter_map(|rest| {
+                let rest = rest.trim_start();
+                let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+                let rest = &rest[1..];
+                Some(rest[..rest.find(quote)?].to_owned())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -241,6 +323,7 @@ mod tests {
             root: root.to_owned(),
             threads: 2,
             keep_deploys: 1,
+            secret_settings: Vec::new(),
         }
     }
 
@@ -309,11 +392,66 @@ mod tests {
         else {
             panic!()
         };
-        assert!(database.ends_with("shop/pr/pr_shop_5.duckdb"));
+        assert!(database.ends_with("shop/pr/pr_shop_5/pr_shop_5.duckdb"));
+        assert_eq!(
+            DuckDbWarehouse::writable_dir(&target),
+            root.path().join("shop/pr/pr_shop_5")
+        );
         assert!(production.ends_with(format!("shop/deploys/{deploy}/prod.duckdb")));
         let yaml = warehouse.profile_yaml("shop", &target);
         assert!(yaml.contains("alias: prod"), "{yaml}");
         assert!(yaml.contains("read_only: true"), "{yaml}");
         assert!(yaml.contains("target: ci"), "{yaml}");
+        assert!(DuckDbWarehouse::referenced_variables(&yaml).is_empty());
+    }
+
+    #[test]
+    fn secrets_reach_the_profile_only_as_env_var_references() {
+        let root = tempfile::tempdir().unwrap();
+        let mut warehouse = warehouse(root.path());
+        warehouse.secret_settings =
+            vec![("http_proxy_password".into(), "DBT_ENV_SECRET_PROXY".into())];
+        let target = Target::Deploy {
+            database: root.path().join("prod.duckdb"),
+        };
+        let yaml = warehouse.profile_yaml("shop", &target);
+        assert!(
+            yaml.contains("http_proxy_password: '{{ env_var(''DBT_ENV_SECRET_PROXY'') }}'"),
+            "{yaml}"
+        );
+        assert_eq!(
+            DuckDbWarehouse::referenced_variables(&yaml),
+            ["DBT_ENV_SECRET_PROXY"]
+        );
+        assert_eq!(
+            DuckDbWarehouse::referenced_variables(
+                "a: \"{{ env_var( \"X\", 'd') }}\" env_var(broken"
+            ),
+            ["X"]
+        );
+    }
+
+    #[test]
+    fn pr_databases_move_into_their_own_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let warehouse = warehouse(root.path());
+        let repo = RepoName::parse("shop").unwrap();
+        let deploy = RunId::new();
+        warehouse.begin_deploy(&repo, deploy).unwrap();
+        std::fs::write(
+            root.path()
+                .join(format!("shop/deploys/{deploy}/prod.duckdb")),
+            "p",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.path().join("shop/pr")).unwrap();
+        std::fs::write(root.path().join("shop/pr/pr_shop_9.duckdb"), "old").unwrap();
+        let isolation = IsolationName::for_pr(&repo, PrNumber(9));
+        let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(std::fs::read_to_string(database).unwrap(), "old");
+        assert!(!root.path().join("shop/pr/pr_shop_9.duckdb").exists());
     }
 }

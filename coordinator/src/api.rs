@@ -277,6 +277,8 @@ struct RunView {
     production_state: Option<StateView>,
     progress: serde_json::Value,
     dbt_exit_code: Option<i32>,
+    /// The protections the build ran under (the agent's report), once it started.
+    sandbox: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<Summary>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -330,6 +332,10 @@ impl AppState {
             production_state,
             progress: serde_json::json!({ "done": run.progress_done, "total": run.progress_total }),
             dbt_exit_code: run.dbt_exit_code,
+            sandbox: run
+                .sandbox
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok()),
             summary: None,
             phases: None,
             nodes: None,

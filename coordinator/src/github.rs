@@ -743,6 +743,7 @@ mod tests {
             deferred: (0..38).map(|n| format!("model.shop.parent_{n}")).collect(),
             github_reported: None,
             dispatched: true,
+            sandbox: None,
         }
     }
 

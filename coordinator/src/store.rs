@@ -135,6 +135,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     "#,
     ),
     (
+        3,
+        // The sandbox a run's build ran in (the agent's `SandboxReport`, as JSON).
+        "ALTER TABLE runs ADD COLUMN sandbox TEXT;",
+    ),
+    (
         4,
         r#"
     ALTER TABLE runs ADD COLUMN lease_expires_ms INTEGER;
@@ -230,6 +235,8 @@ pub struct Run {
     pub github_reported: Option<String>,
     /// Its job message went to the broker.
     pub dispatched: bool,
+    /// The agent's `SandboxReport` as JSON, once the build started.
+    pub sandbox: Option<String>,
 }
 
 impl Run {
@@ -342,6 +349,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
             .unwrap_or_default(),
         github_reported: text("github_reported")?,
         dispatched: row.try_get::<i64, _>("published")? != 0,
+        sandbox: text("sandbox")?,
     })
 }
 
@@ -364,13 +372,22 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // Migrate over one connection, then open the pool on the final schema: sqlx keeps each
+        // prepared statement's columns, and a connection that loaded the schema before an
+        // `ALTER TABLE` read `SELECT *` rows with the old column list (and panicked).
+        let migrating = Store {
+            pool: SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?,
+        };
+        migrating.migrate().await?;
+        migrating.pool.close().await;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let store = Store { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Store { pool })
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -663,6 +680,14 @@ impl Store {
                     .await?;
             }
             EventBody::Log { .. } | EventBody::Released { .. } => {}
+            EventBody::Sandbox(report) => {
+                let json = serde_json::to_string(report).map_err(corrupt)?;
+                sqlx::query("UPDATE runs SET sandbox = ? WHERE id = ?")
+                    .bind(json)
+                    .bind(&run_id)
+                    .execute(&mut *transaction)
+                    .await?;
+            }
             EventBody::Finished(outcome) => {
                 let status = self.finish(&mut transaction, &run, outcome, at).await?;
                 finished = Some(status);
@@ -1434,6 +1459,37 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_report_is_stored_with_the_run() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        store.claim(&claim(&run), 60_000).await.unwrap();
+        let report = slimci_proto::SandboxReport {
+            pid_namespace: true,
+            cgroup: "v2".into(),
+            memory_limit_bytes: Some(1 << 32),
+            pids_limit: Some(512),
+            landlock: "full".into(),
+            landlock_abi: Some(6),
+            user: "slimci-build".into(),
+            uid: 998,
+            rlimit_nofile: 4096,
+            rlimit_nproc: Some(512),
+            core_dumps: false,
+            warnings: vec![],
+        };
+        store
+            .apply_event(&event(&run, 1, EventBody::Sandbox(report.clone())))
+            .await
+            .unwrap();
+        let stored = store.run(run.id).await.unwrap().unwrap().sandbox.unwrap();
+        assert_eq!(
+            serde_json::from_str::<slimci_proto::SandboxReport>(&stored).unwrap(),
+            report
         );
     }
 

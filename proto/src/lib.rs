@@ -335,6 +335,31 @@ pub struct Outcome {
     pub deferred: Vec<String>,
 }
 
+/// The protections a build ran under, as the agent applied them: what the fleet really
+/// enforces, per run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    /// dbt ran in a PID namespace of its own (its init's end kills every process in it).
+    pub pid_namespace: bool,
+    /// `v2`, `v1` or `none`.
+    pub cgroup: String,
+    pub memory_limit_bytes: Option<u64>,
+    pub pids_limit: Option<u64>,
+    /// `full`, `partial` or `none`.
+    pub landlock: String,
+    /// The kernel's landlock ABI, when a ruleset was enforced.
+    pub landlock_abi: Option<u32>,
+    /// The user dbt ran as.
+    pub user: String,
+    pub uid: u32,
+    pub rlimit_nofile: u64,
+    pub rlimit_nproc: Option<u64>,
+    pub core_dumps: bool,
+    /// What could not be applied, for people.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
 /// What an agent reports about an attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -361,6 +386,8 @@ pub enum EventBody {
         done: u32,
         total: u32,
     },
+    /// The sandbox a dbt invocation of this attempt ran in.
+    Sandbox(SandboxReport),
     Finished(Outcome),
     /// The agent gave the attempt up without a result (it is shutting down): its tree is gone,
     /// and the run should be retried elsewhere at once.
@@ -500,6 +527,36 @@ mod tests {
         let mut missing = job;
         missing.isolation = None;
         assert!(missing.check().is_err());
+    }
+
+    #[test]
+    fn sandbox_reports_round_trip() {
+        let event = AgentEvent {
+            run_id: RunId::new(),
+            attempt: Attempt(1),
+            agent: AgentName::parse("vm-1").unwrap(),
+            seq: 4,
+            at: Utc::now(),
+            body: EventBody::Sandbox(SandboxReport {
+                pid_namespace: true,
+                cgroup: "v1".into(),
+                memory_limit_bytes: Some(1 << 30),
+                pids_limit: Some(512),
+                landlock: "full".into(),
+                landlock_abi: Some(7),
+                user: "slimci-build".into(),
+                uid: 999,
+                rlimit_nofile: 4096,
+                rlimit_nproc: Some(512),
+                core_dumps: false,
+                warnings: vec![],
+            }),
+        };
+        let bytes = encode(&event);
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["event"], "sandbox");
+        assert_eq!(value["landlock_abi"], 7);
+        assert_eq!(decode::<AgentEvent>(&bytes).unwrap(), event);
     }
 
     #[test]

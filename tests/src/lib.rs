@@ -14,7 +14,7 @@ use serde_json::Value;
 pub mod github;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
+pub const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
 
 /// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn binary(name: &str) -> PathBuf {
@@ -83,10 +83,21 @@ pub struct Process {
 
 impl Process {
     fn start(name: &str, program: &Path, args: &[&str], log: PathBuf) -> anyhow::Result<Process> {
+        Process::start_with_env(name, program, args, log, &[])
+    }
+
+    fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Process> {
         use std::os::unix::process::CommandExt;
         let file = std::fs::File::create(&log)?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "info,lapin=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -175,13 +186,18 @@ pub struct Origin {
 
 impl Origin {
     pub fn create(path: PathBuf) -> anyhow::Result<Origin> {
+        Origin::create_from(&workspace_root().join("examples/shop"), path)
+    }
+
+    /// A git repository of the dbt project in `project`.
+    pub fn create_from(project: &Path, path: PathBuf) -> anyhow::Result<Origin> {
         let status = Command::new("cp")
             .arg("-r")
-            .arg(workspace_root().join("examples/shop"))
+            .arg(project)
             .arg(&path)
             .status()?;
         if !status.success() {
-            bail!("copying examples/shop failed");
+            bail!("copying {} failed", project.display());
         }
         git(&path, &["init", "-q", "-b", "main"])?;
         git(&path, &["add", "."])?;
@@ -219,6 +235,8 @@ impl Origin {
 }
 
 /// The edits of `examples/shop/README.md`, all to `models/staging/stg_orders.sql`.
+pub mod sandbox;
+
 pub mod edits {
     pub const FILE: &str = "models/staging/stg_orders.sql";
     /// Adds a column; every test still passes.
@@ -245,6 +263,16 @@ pub struct ClusterOptions {
     pub coordinator_toml: String,
     /// TOML keys added to the `shop` repository's `[[repository]]` table.
     pub repository_toml: String,
+    /// The dbt project of the `shop` repository (default: examples/shop).
+    pub project: Option<PathBuf>,
+    /// The repository's `run_timeout_secs`.
+    pub run_timeout_secs: Option<u64>,
+    /// Lines of the agents' `[sandbox]` table.
+    pub sandbox: String,
+    /// TOML after the agents' `[warehouse]` keys (e.g. `[warehouse.secrets.x]` tables).
+    pub warehouse_extra: String,
+    /// Extra environment of the agent processes.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -254,6 +282,11 @@ impl Default for ClusterOptions {
             slots: 1,
             coordinator_toml: String::new(),
             repository_toml: String::new(),
+            project: None,
+            run_timeout_secs: None,
+            sandbox: "grace_secs = 5".to_owned(),
+            warehouse_extra: String::new(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -264,6 +297,9 @@ pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 /// A coordinator, its agents and a git origin, all in one temporary directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    agent_sandbox: String,
+    agent_warehouse_extra: String,
+    agent_env: Vec<(String, String)>,
     pub prefix: String,
     pub origin: Origin,
     pub url: String,
@@ -275,13 +311,24 @@ pub struct Cluster {
 impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("slimci-e2e-").tempdir()?;
+        // The agents' build user must reach their work directories and the warehouse.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
         let prefix = format!("slimci-test-{}", uuid::Uuid::new_v4().simple());
-        let origin = Origin::create(dir.path().join("origin"))?;
+        let origin = match &options.project {
+            Some(project) => Origin::create_from(project, dir.path().join("origin"))?,
+            None => Origin::create(dir.path().join("origin"))?,
+        };
         write_coordinator_config(dir.path(), &prefix, &origin.path, &options)?;
         let coordinator = start_coordinator(dir.path(), "coordinator")?;
         let url = wait_for_address(dir.path(), &coordinator).await?;
         let mut cluster = Cluster {
             dir,
+            agent_sandbox: options.sandbox,
+            agent_warehouse_extra: options.warehouse_extra,
+            agent_env: options.agent_env,
             prefix,
             origin,
             url,
@@ -304,7 +351,8 @@ impl Cluster {
 
     pub fn start_agent(&mut self, name: &str, slots: u16) -> anyhow::Result<()> {
         let dir = self.dir.path();
-        let config = dir.join(format!("{name}.toml"));
+        let config = self.agent_config_dir(name).join("agent.toml");
+        std::fs::create_dir_all(self.agent_config_dir(name))?;
         std::fs::write(
             &config,
             format!(
@@ -312,7 +360,6 @@ impl Cluster {
 slots = {slots}
 work_dir = "{work}"
 dbt = "{dbt}"
-cancel_grace_secs = 5
 
 [amqp]
 url = "{AMQP_URL}"
@@ -326,7 +373,13 @@ token = "{AGENT_TOKEN}"
 type = "duckdb"
 root = "{warehouse}"
 threads = 4
+{warehouse_extra}
+
+[sandbox]
+{sandbox}
 "#,
+                warehouse_extra = self.agent_warehouse_extra,
+                sandbox = self.agent_sandbox,
                 work = dir.join(name).display(),
                 dbt = dbt().display(),
                 prefix = self.prefix,
@@ -334,14 +387,20 @@ threads = 4
                 warehouse = self.warehouse().display(),
             ),
         )?;
-        let process = Process::start(
+        let process = Process::start_with_env(
             name,
             &binary("slimci-agent"),
             &["--config", config.to_str().expect("utf-8 path")],
             dir.join(format!("{name}.log")),
+            &self.agent_env,
         )?;
         self.agents.push(process);
         Ok(())
+    }
+
+    /// The directory of an agent's configuration file (hidden from its builds).
+    pub fn agent_config_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}-config"))
     }
 
     pub fn warehouse(&self) -> PathBuf {
@@ -354,7 +413,7 @@ threads = 4
 
     pub fn pr_database(&self, pr: u64) -> PathBuf {
         self.warehouse()
-            .join(format!("shop/pr/pr_shop_{pr}.duckdb"))
+            .join(format!("shop/pr/pr_shop_{pr}/pr_shop_{pr}.duckdb"))
     }
 
     /// Stops the coordinator and starts it again on the same data directory.
@@ -480,7 +539,11 @@ threads = 4
         let (status, run) = self
             .post_run(serde_json::json!({ "repository": "shop", "kind": "deploy" }))
             .await?;
-        anyhow::ensure!(status == 201, "deploy request answered {status}: {run}");
+        anyhow::ensure!(
+            status == 201,
+            "deploy request answered {status}: {run}\ncoordinator log:\n{}",
+            tail(&self.coordinator.log)
+        );
         let run = self
             .wait_for_run(
                 run["id"].as_str().unwrap_or_default(),
@@ -608,11 +671,16 @@ agent_token = "{AGENT_TOKEN}"
 name = "shop"
 clone_url = "{origin}"
 production_branch = "main"
+{timeout}
 {repository_toml}
 {coordinator_toml}
 "#,
             data = dir.join("coordinator").display(),
             origin = origin.display(),
+            timeout = options
+                .run_timeout_secs
+                .map(|secs| format!("run_timeout_secs = {secs}"))
+                .unwrap_or_default(),
             repository_toml = options.repository_toml,
             coordinator_toml = options.coordinator_toml,
         ),

@@ -22,6 +22,7 @@ async fn github_cluster(github: &FakeGitHub, agents: usize, slots: u16, extra: &
             "[github]\napi_url = \"{}\"\nwebhook_secret = \"{WEBHOOK_SECRET}\"\ntoken = \"{TOKEN}\"\n{extra}",
             github.url
         ),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -432,6 +433,7 @@ async fn one_comment_per_pr_updated_in_place_through_a_github_app_and_github_err
             github.url,
             private.display()
         ),
+        ..Default::default()
     })
     .await
     .unwrap();
