@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+pub mod broker;
 pub mod github;
+pub mod storm;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
@@ -116,6 +118,16 @@ impl Process {
         self.child.id() as i32
     }
 
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub fn wait(&mut self) {
+        let _ = self.child.wait();
+    }
+
     /// Fails if the process has exited: nothing here is meant to exit on its own.
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -209,6 +221,23 @@ impl Origin {
         git(&self.path, &["rev-parse", "main"])
     }
 
+    /// Writes `file` on main and commits it; returns the new head.
+    pub fn commit_file_on_main(&self, file: &str, content: &str) -> anyhow::Result<String> {
+        std::fs::write(self.path.join(file), content)?;
+        git(&self.path, &["add", file])?;
+        git(&self.path, &["commit", "-qm", &format!("Change {file}")])?;
+        self.main_sha()
+    }
+
+    /// Points `refs/pull/<pr>/head` at an existing commit.
+    pub fn point_pull_request(&self, pr: u64, sha: &str) -> anyhow::Result<()> {
+        git(
+            &self.path,
+            &["update-ref", &format!("refs/pull/{pr}/head"), sha],
+        )?;
+        Ok(())
+    }
+
     /// Commits `edits` ((file, old text, new text)) on top of main as pull request `pr`, points
     /// `refs/pull/<pr>/head` at it, and returns its SHA. Main is left as it was.
     pub fn pull_request(&self, pr: u64, edits: &[(&str, &str, &str)]) -> anyhow::Result<String> {
@@ -273,6 +302,10 @@ pub struct ClusterOptions {
     pub warehouse_extra: String,
     /// Extra environment of the agent processes.
     pub agent_env: Vec<(String, String)>,
+    /// A broker other than the shared one (a `broker::PrivateBroker`).
+    pub amqp_url: Option<String>,
+    /// A dbt other than `SLIMCI_DBT` (the stub, for fault and load tests).
+    pub dbt: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -287,6 +320,8 @@ impl Default for ClusterOptions {
             sandbox: "grace_secs = 5".to_owned(),
             warehouse_extra: String::new(),
             agent_env: Vec::new(),
+            amqp_url: None,
+            dbt: None,
         }
     }
 }
@@ -297,6 +332,10 @@ pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 /// A coordinator, its agents and a git origin, all in one temporary directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The broker this cluster uses (the shared one, or a private node).
+    pub amqp_url: String,
+    dbt: PathBuf,
+    restarts: usize,
     agent_sandbox: String,
     agent_warehouse_extra: String,
     agent_env: Vec<(String, String)>,
@@ -326,6 +365,12 @@ impl Cluster {
         let url = wait_for_address(dir.path(), &coordinator).await?;
         let mut cluster = Cluster {
             dir,
+            amqp_url: options
+                .amqp_url
+                .clone()
+                .unwrap_or_else(|| AMQP_URL.to_owned()),
+            dbt: options.dbt.clone().unwrap_or_else(dbt),
+            restarts: 0,
             agent_sandbox: options.sandbox,
             agent_warehouse_extra: options.warehouse_extra,
             agent_env: options.agent_env,
@@ -362,7 +407,7 @@ work_dir = "{work}"
 dbt = "{dbt}"
 
 [amqp]
-url = "{AMQP_URL}"
+url = "{amqp_url}"
 prefix = "{prefix}"
 
 [coordinator]
@@ -381,7 +426,8 @@ threads = 4
                 warehouse_extra = self.agent_warehouse_extra,
                 sandbox = self.agent_sandbox,
                 work = dir.join(name).display(),
-                dbt = dbt().display(),
+                dbt = self.dbt.display(),
+                amqp_url = self.amqp_url,
                 prefix = self.prefix,
                 url = self.url,
                 warehouse = self.warehouse().display(),
@@ -395,6 +441,34 @@ threads = 4
             &self.agent_env,
         )?;
         self.agents.push(process);
+        Ok(())
+    }
+
+    /// Kills agent `index` with SIGKILL (the process only, as when its VM vanishes; its builds
+    /// die through the parent-death signal).
+    pub fn kill_agent(&mut self, index: usize) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.agents[index].pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        self.agents[index].wait();
+    }
+
+    /// Starts agent `index` again with its configuration (after `kill_agent`).
+    pub fn restart_agent(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = self.agents[index].name.clone();
+        self.restarts += 1;
+        let config = self.agent_config_dir(&name).join("agent.toml");
+        let process = Process::start_with_env(
+            &name,
+            &binary("slimci-agent"),
+            &["--config", config.to_str().expect("utf-8 path")],
+            self.dir
+                .path()
+                .join(format!("{name}.restart-{}.log", self.restarts)),
+            &self.agent_env,
+        )?;
+        self.agents[index] = process;
         Ok(())
     }
 
@@ -587,7 +661,8 @@ threads = 4
     /// Messages waiting in one of this cluster's queues.
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let connection =
-            lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await?;
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+                .await?;
         let channel = connection.create_channel().await?;
         let declared = channel
             .queue_declare(
@@ -613,6 +688,7 @@ impl Drop for Cluster {
         // Delete this test's queues and exchanges, on a thread of its own: we may be inside a
         // runtime here.
         let prefix = self.prefix.clone();
+        let amqp_url = self.amqp_url.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -620,7 +696,7 @@ impl Drop for Cluster {
                 .ok()?;
             runtime.block_on(async move {
                 let connection =
-                    lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                    lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default())
                         .await
                         .ok()?;
                 let channel = connection.create_channel().await.ok()?;
@@ -661,7 +737,7 @@ fn write_coordinator_config(
 data_dir = "{data}"
 
 [amqp]
-url = "{AMQP_URL}"
+url = "{amqp_url}"
 prefix = "{prefix}"
 
 [auth]
@@ -676,6 +752,7 @@ production_branch = "main"
 {coordinator_toml}
 "#,
             data = dir.join("coordinator").display(),
+            amqp_url = options.amqp_url.as_deref().unwrap_or(AMQP_URL),
             origin = origin.display(),
             timeout = options
                 .run_timeout_secs
@@ -729,6 +806,55 @@ async fn wait_for_address(dir: &Path, coordinator: &Process) -> anyhow::Result<S
     )
     .await?;
     Ok(url)
+}
+
+/// A file the stub dbt can append its records to from inside the sandbox (which lets builds
+/// write their own directories and /dev only): `/dev/shm/slimci-records-<uuid>.jsonl`,
+/// world-writable. The caller removes it.
+pub fn record_file() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = PathBuf::from(format!(
+        "/dev/shm/slimci-records-{}.jsonl",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, b"").expect("create the record file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .expect("open the record file to the build user");
+    path
+}
+
+/// The stub dbt's records (`record` in `slimci_stub.json`): for each run id, the
+/// [first, last] millisecond of every attempt's build, from its start, proofs of life and end.
+pub fn attempt_spans(record: &Path) -> std::collections::HashMap<String, Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut by_attempt: std::collections::HashMap<String, (u64, u64)> =
+        std::collections::HashMap::new();
+    for line in text.lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let run_dir = entry["run_dir"].as_str().unwrap_or_default().to_owned();
+        let ms = entry["ms"].as_u64().unwrap_or_default();
+        let span = by_attempt.entry(run_dir).or_insert((ms, ms));
+        span.0 = span.0.min(ms);
+        span.1 = span.1.max(ms);
+    }
+    let mut by_run: std::collections::HashMap<String, Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    for (run_dir, span) in by_attempt {
+        // Run directories are `<work>/runs/<run id>-<attempt>`.
+        let name = Path::new(&run_dir)
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let run = name
+            .rsplit_once('-')
+            .map(|(run, _)| run.to_owned())
+            .unwrap_or(name);
+        by_run.entry(run).or_default().push(span);
+    }
+    by_run
 }
 
 /// Reads every table and view of a DuckDB database (attaching production as `prod`, as the PR

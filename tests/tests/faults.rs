@@ -1,0 +1,314 @@
+//! Nothing lost, nothing built twice: agents killed mid-build, builds longer than the broker's
+//! consumer timeout, poison jobs, graceful and forced shutdown, broker and coordinator restarts,
+//! hostile volumes. Real binaries, a RabbitMQ node of the test's own where the broker is
+//! restarted, and the stub dbt (tests/src/bin/slimci-stub-dbt.rs) for timing.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use slimci_tests::broker::PrivateBroker;
+use slimci_tests::storm::{StormConfig, storm};
+use slimci_tests::{Cluster, ClusterOptions, binary, wait_for, workspace_root};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn stub_options(agents: usize, coordinator_toml: &str) -> ClusterOptions {
+    ClusterOptions {
+        agents,
+        slots: 1,
+        dbt: Some(binary("slimci-stub-dbt")),
+        project: Some(workspace_root().join("tests/fixtures/stub")),
+        coordinator_toml: coordinator_toml.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Makes main's stub build behave as `stub` and deploys it; returns the run id (not waited on).
+async fn deploy_with(cluster: &Cluster, stub: Value) -> String {
+    let sha = cluster
+        .origin
+        .commit_file_on_main("slimci_stub.json", &stub.to_string())
+        .unwrap();
+    let (status, run) = cluster
+        .post_run(json!({ "repository": "shop", "kind": "deploy", "sha": sha, "ref": "main" }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{run}");
+    run["id"].as_str().unwrap().to_owned()
+}
+
+async fn wait_running(cluster: &Cluster, id: &str) -> Value {
+    wait_for("the run to be building", TIMEOUT, || async {
+        let run = cluster.run(id).await?;
+        let building = run["status"] == "running"
+            && run["phases"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["phase"] == "build"));
+        Ok(building.then_some(run))
+    })
+    .await
+    .unwrap()
+}
+
+fn agent_index(cluster: &Cluster, name: &str) -> usize {
+    cluster
+        .agents
+        .iter()
+        .position(|agent| agent.name == name)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_build_is_retried_elsewhere_without_overlap() {
+    let mut cluster = Cluster::start(stub_options(2, "[reliability]\nlease_secs = 3\n"))
+        .await
+        .unwrap();
+    let record = slimci_tests::record_file();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 4000, "record": record })).await;
+    let running = wait_running(&cluster, &id).await;
+    let victim = agent_index(&cluster, running["agent"].as_str().unwrap());
+    cluster.kill_agent(victim);
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(run["attempt"], 2, "retried once");
+    assert_ne!(run["agent"], running["agent"], "on the other agent");
+    // The stub's records: attempt 1's last sign of life came before attempt 2 started.
+    let spans = slimci_tests::attempt_spans(&record);
+    let spans = spans.get(&id).expect("records of the run");
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let (first, second) = if spans[0].0 < spans[1].0 {
+        (spans[0], spans[1])
+    } else {
+        (spans[1], spans[0])
+    };
+    assert!(first.1 < second.0, "attempts overlapped: {spans:?}");
+    let log = cluster.log(&id).await.unwrap();
+    assert!(log.contains("[slimci] attempt 2"), "{log}");
+    cluster.restart_agent(victim).unwrap();
+    let _ = std::fs::remove_file(&record);
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_longer_than_the_consumer_timeout_completes_once() {
+    // The broker closes any channel holding an unacknowledged delivery for more than 2 s.
+    let broker = PrivateBroker::start(2000).await.unwrap();
+    let mut cluster = Cluster::start(ClusterOptions {
+        amqp_url: Some(broker.url()),
+        ..stub_options(1, "")
+    })
+    .await
+    .unwrap();
+    let record = slimci_tests::record_file();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 7000, "record": record })).await;
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(run["attempt"], 1);
+    let spans = slimci_tests::attempt_spans(&record);
+    assert_eq!(spans[&id].len(), 1, "built once: {spans:?}");
+    assert!(
+        spans[&id][0].1 - spans[&id][0].0 >= 6000,
+        "and the build really outlasted the timeout"
+    );
+    assert_eq!(cluster.queue_depth("jobs").await.unwrap(), 0);
+    let _ = std::fs::remove_file(&record);
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_job_is_dead_lettered_after_max_attempts() {
+    let mut cluster = Cluster::start(stub_options(
+        2,
+        "[reliability]\nlease_secs = 2\nmax_attempts = 2\n",
+    ))
+    .await
+    .unwrap();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 60000 })).await;
+    // Whatever agent takes it dies, twice.
+    for attempt in 1..=2 {
+        let running = wait_for("an attempt to build", TIMEOUT, || async {
+            let run = cluster.run(&id).await?;
+            Ok((run["status"] == "running" && run["attempt"] == attempt).then_some(run))
+        })
+        .await
+        .unwrap();
+        let victim = agent_index(&cluster, running["agent"].as_str().unwrap());
+        cluster.kill_agent(victim);
+        cluster.restart_agent(victim).unwrap();
+    }
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    assert_eq!(run["status"], "error");
+    assert!(
+        run["message"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{run}"
+    );
+    wait_for(
+        "the poison job in the dead-letter queue",
+        TIMEOUT,
+        || async { Ok((cluster.queue_depth("jobs.dead").await? == 1).then_some(())) },
+    )
+    .await
+    .unwrap();
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
+    let mut cluster = Cluster::start(stub_options(1, "[reliability]\nlease_secs = 3\n"))
+        .await
+        .unwrap();
+    // Graceful: one SIGTERM, the running build finishes, the agent exits by itself.
+    let id = deploy_with(&cluster, json!({ "duration_ms": 3000 })).await;
+    wait_running(&cluster, &id).await;
+    cluster.agents[0].signal(Signal::SIGTERM);
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    assert_eq!(
+        (run["status"].as_str(), run["attempt"].as_u64()),
+        (Some("success"), Some(1)),
+        "{run}"
+    );
+    let pid = nix::unistd::Pid::from_raw(cluster.agents[0].pid());
+    wait_for("the agent to exit", TIMEOUT, || async {
+        // Signal 0 probes; once the process is gone (or a zombie we reap below) it fails.
+        let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "));
+        Ok(gone.then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(cluster.agents[0].exited(), "the agent exited by itself");
+    cluster.agents.clear();
+
+    // Forced: two SIGTERMs, the build is released and another agent finishes it.
+    cluster.start_agent("leaving", 1).unwrap();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 7 })).await;
+    wait_running(&cluster, &id).await;
+    cluster.start_agent("staying", 1).unwrap();
+    cluster.agents[0].signal(Signal::SIGTERM);
+    let leaving_log = cluster.agents[0].log.clone();
+    // Two signals in a row would arrive as one: send the second once the first took effect.
+    wait_for("the agent to start draining", TIMEOUT, || async {
+        Ok(std::fs::read_to_string(&leaving_log)?
+            .contains("draining")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    cluster.agents[0].signal(Signal::SIGTERM);
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(run["attempt"], 2);
+    assert_eq!(run["agent"], "staying");
+    let leaving = std::fs::read_to_string(&cluster.agents[0].log).unwrap();
+    assert!(leaving.contains("released the attempt"), "{leaving}");
+    cluster.agents.remove(0);
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_survive_a_broker_restart_mid_queue_and_a_coordinator_restart_mid_build() {
+    let mut broker = PrivateBroker::start(1_800_000).await.unwrap();
+    let mut cluster = Cluster::start(ClusterOptions {
+        amqp_url: Some(broker.url()),
+        ..stub_options(1, "[reliability]\nlease_secs = 20\n")
+    })
+    .await
+    .unwrap();
+    let first = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 50 })).await;
+    let second = deploy_with(&cluster, json!({ "duration_ms": 500, "log_lines": 50 })).await;
+    wait_running(&cluster, &first).await;
+    broker.restart().await.unwrap();
+    cluster.restart_coordinator().await.unwrap();
+    for id in [&first, &second] {
+        let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+        assert_eq!(
+            (run["status"].as_str(), run["attempt"].as_u64()),
+            (Some("success"), Some(1)),
+            "{run}"
+        );
+        let log = cluster.log(id).await.unwrap();
+        assert_eq!(
+            log.matches("stub log line").count(),
+            50,
+            "every log line arrived once:\n{log}"
+        );
+    }
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_volumes_are_cut_not_crashed() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        coordinator_toml: "[limits]\nmax_log_bytes = 1048576\n".to_owned(),
+        ..stub_options(1, "")
+    })
+    .await
+    .unwrap();
+    // A 10 MB line, invalid UTF-8, and 100 MB of log (the long variant prints 1 GB).
+    let id = deploy_with(&cluster, json!({ "duration_ms": 0, "line_bytes": 10_000_000, "invalid_utf8": true, "log_bytes": 100_000_000u64 })).await;
+    let run = cluster
+        .wait_for_run(&id, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(run["status"], "success", "{run}");
+    let log = cluster.log(&id).await.unwrap();
+    assert!(
+        log.len() <= 1_100_000,
+        "the stored log is capped: {} bytes",
+        log.len()
+    );
+    assert!(
+        log.trim_end().ends_with(
+            "[slimci] log truncated: this run printed more than the configured log limit"
+        )
+    );
+    assert!(
+        log.contains("more bytes of this line dropped"),
+        "the 10 MB line was cut"
+    );
+    assert!(
+        log.contains("invalid \u{fffd}\u{fffd} utf-8"),
+        "invalid UTF-8 was replaced"
+    );
+    // Oversized and malformed API bodies.
+    let response = cluster
+        .http
+        .post(format!("{}/api/v1/runs", cluster.url))
+        .body(vec![b'{'; 70_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let response = cluster
+        .http
+        .post(format!("{}/api/v1/agent/heartbeat", cluster.url))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_fault_storm_loses_nothing_and_never_overlaps() {
+    let report = storm(StormConfig {
+        runs: 24,
+        agents: 3,
+        slots: 2,
+        build_ms: 2000,
+        kill_every: Duration::from_secs(3),
+        deadline: Duration::from_secs(400),
+    })
+    .await
+    .unwrap();
+    report.print();
+    assert_eq!(report.terminal, report.runs);
+    assert_eq!(report.lost, 0);
+    assert_eq!(report.overlapping, 0);
+    assert!(report.kills >= 1);
+}
