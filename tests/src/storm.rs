@@ -145,7 +145,7 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
         } else {
             report.terminal += 1;
         }
-        if status == "error" && report.by_status.get("error").is_none() {
+        if status == "error" && !report.by_status.contains_key("error") {
             println!("first error: {}", run["message"]);
         }
         *report.by_status.entry(status).or_default() += 1;
