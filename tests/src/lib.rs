@@ -20,18 +20,21 @@ pub const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";
 
 /// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in `target/<profile>/deps`, binaries like `slimci-faults` beside
+    // the others in `target/<profile>`.
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
+    let beside = exe.parent().expect("executable directory");
+    let candidates = [
+        beside.join(name),
+        beside
+            .parent()
+            .map(|dir| dir.join(name))
+            .unwrap_or_default(),
+    ];
+    let path = candidates.iter().find(|path| path.is_file()).cloned();
+    path.unwrap_or_else(|| {
+        panic!("{name} is missing beside {}: run `cargo build --workspace --bins` first (scripts/test does)", exe.display())
+    })
 }
 
 pub fn dbt() -> PathBuf {
