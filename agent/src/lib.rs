@@ -316,15 +316,16 @@ async fn consume_session(
 }
 
 impl Worker {
-    async fn claim(&self, job: &Job) -> Result<ClaimResponse, String> {
+    /// Posts a protocol message to the coordinator's agent API and decodes the versioned answer.
+    async fn call_coordinator<Request: serde::Serialize, Answer: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
         let config = &self.services.config;
-        let request = ClaimRequest {
-            run_id: job.run_id,
-            attempt: job.attempt,
-            agent: config.name.clone(),
-        };
         let url = format!(
-            "{}/api/v1/agent/claim",
+            "{}/api/v1/agent/{path}",
             config.coordinator.url.trim_end_matches('/')
         );
         let response = self
@@ -333,48 +334,39 @@ impl Worker {
             .post(&url)
             .bearer_auth(&self.services.secrets.coordinator_token)
             .header("content-type", "application/json")
-            .body(slimci_proto::encode(&request))
-            .timeout(Duration::from_secs(30))
+            .body(slimci_proto::encode(request))
+            .timeout(timeout)
             .send()
             .await
             .map_err(|error| error.to_string())?;
         if !response.status().is_success() {
+            let status = response.status();
             return Err(format!(
-                "HTTP {}: {}",
-                response.status(),
+                "HTTP {status}: {}",
                 response.text().await.unwrap_or_default()
             ));
         }
         let body = response.bytes().await.map_err(|error| error.to_string())?;
-        slimci_proto::decode::<ClaimResponse>(&body).map_err(|error| error.to_string())
+        slimci_proto::decode::<Answer>(&body).map_err(|error| error.to_string())
+    }
+
+    async fn claim(&self, job: &Job) -> Result<ClaimResponse, String> {
+        let request = ClaimRequest {
+            run_id: job.run_id,
+            attempt: job.attempt,
+            agent: self.services.config.name.clone(),
+        };
+        self.call_coordinator("claim", &request, Duration::from_secs(30))
+            .await
     }
 
     async fn heartbeat(&self, leases: Vec<Lease>) -> Result<HeartbeatResponse, String> {
-        let config = &self.services.config;
         let request = HeartbeatRequest {
-            agent: config.name.clone(),
+            agent: self.services.config.name.clone(),
             leases,
         };
-        let url = format!(
-            "{}/api/v1/agent/heartbeat",
-            config.coordinator.url.trim_end_matches('/')
-        );
-        let response = self
-            .services
-            .http
-            .post(&url)
-            .bearer_auth(&self.services.secrets.coordinator_token)
-            .header("content-type", "application/json")
-            .body(slimci_proto::encode(&request))
-            .timeout(Duration::from_secs(10))
-            .send()
+        self.call_coordinator("heartbeat", &request, Duration::from_secs(10))
             .await
-            .map_err(|error| error.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
-        }
-        let body = response.bytes().await.map_err(|error| error.to_string())?;
-        slimci_proto::decode::<HeartbeatResponse>(&body).map_err(|error| error.to_string())
     }
 
     /// Claims the job, acknowledges its message, builds it and reports the end.
