@@ -51,6 +51,16 @@ pub enum GitHubError {
 }
 
 impl GitHubError {
+    /// GitHub refused this request for good (a 4xx other than a rate limit): asking again
+    /// cannot help, unlike a network error, a 5xx or a rate limit after the retries.
+    pub fn is_permanent(&self) -> bool {
+        self.status().is_some_and(|status| {
+            status.is_client_error()
+                && status != StatusCode::TOO_MANY_REQUESTS
+                && status != StatusCode::FORBIDDEN
+        })
+    }
+
     fn status(&self) -> Option<StatusCode> {
         match self {
             GitHubError::Status { status, .. } => Some(*status),
@@ -655,56 +665,71 @@ enum ReportError {
 
 async fn report_pending(state: &AppState, github: &GitHub) -> Result<(), ReportError> {
     for run in state.store.runs_to_report(200).await? {
-        let Some(full_name) = state
-            .config
-            .repository(run.repository.as_str())
-            .and_then(|repository| repository.github.clone())
-        else {
-            state.store.set_reported(run.id, run.status).await?;
-            continue;
-        };
-        let Some(sha) = &run.sha else { continue };
-        let run_url = format!("{}/api/v1/runs/{}", state.public_url, run.id);
-        let logs_url = format!("{run_url}/logs");
-        let nodes = state.store.nodes(run.id).await?;
-        let position = state.store.queue_position(&run).await?;
-        github
-            .set_status(
-                &full_name,
-                sha.as_str(),
-                &commit_status(&run, &nodes, position, &logs_url),
-            )
-            .await?;
-        if let (RunKind::Ci, Some(pr)) = (run.kind, run.pr) {
-            // The comment always shows the PR's latest run, whichever run changed.
-            let latest = state
-                .store
-                .latest_ci_run(&run.repository, pr)
-                .await?
-                .unwrap_or(run.clone());
-            let latest_nodes = if latest.id == run.id {
-                nodes
-            } else {
-                state.store.nodes(latest.id).await?
-            };
-            let latest_url = format!("{}/api/v1/runs/{}", state.public_url, latest.id);
-            let body = comment_body(
-                &latest,
-                &latest_nodes,
-                &latest_url,
-                &format!("{latest_url}/logs"),
-            );
-            let known = state.store.comment_id(&run.repository, pr).await?;
-            let id = github.upsert_comment(&full_name, pr, &body, known).await?;
-            if known != Some(id) {
-                state
-                    .store
-                    .set_comment_id(&run.repository, pr, Some(id))
-                    .await?;
+        match report_run(state, github, &run).await {
+            Ok(()) => {
+                tracing::info!(run = %run.id, status = run.status.as_str(), "reported to GitHub")
             }
+            // One run GitHub refuses for good (an unknown commit, a repository the token cannot
+            // see) must not hold up the others: say so once and move on.
+            Err(ReportError::GitHub(error)) if error.is_permanent() => {
+                tracing::warn!(run = %run.id, status = run.status.as_str(), %error, "GitHub refused this report; not retrying it");
+            }
+            // GitHub is down or limiting us: stop this round, the next one starts over.
+            Err(error) => return Err(error),
         }
         state.store.set_reported(run.id, run.status).await?;
-        tracing::info!(run = %run.id, status = run.status.as_str(), "reported to GitHub");
+    }
+    Ok(())
+}
+
+/// Sets the commit status of `run` and, for CI runs, the PR's comment.
+async fn report_run(state: &AppState, github: &GitHub, run: &Run) -> Result<(), ReportError> {
+    let Some(full_name) = state
+        .config
+        .repository(run.repository.as_str())
+        .and_then(|repository| repository.github.clone())
+    else {
+        return Ok(());
+    };
+    let Some(sha) = &run.sha else { return Ok(()) };
+    let run_url = format!("{}/api/v1/runs/{}", state.public_url, run.id);
+    let logs_url = format!("{run_url}/logs");
+    let nodes = state.store.nodes(run.id).await?;
+    let position = state.store.queue_position(run).await?;
+    github
+        .set_status(
+            &full_name,
+            sha.as_str(),
+            &commit_status(run, &nodes, position, &logs_url),
+        )
+        .await?;
+    if let (RunKind::Ci, Some(pr)) = (run.kind, run.pr) {
+        // The comment always shows the PR's latest run, whichever run changed.
+        let latest = state
+            .store
+            .latest_ci_run(&run.repository, pr)
+            .await?
+            .unwrap_or(run.clone());
+        let latest_nodes = if latest.id == run.id {
+            nodes
+        } else {
+            state.store.nodes(latest.id).await?
+        };
+        let latest_url = format!("{}/api/v1/runs/{}", state.public_url, latest.id);
+        let body = comment_body(
+            &latest,
+            &latest_nodes,
+            &latest_url,
+            &format!("{latest_url}/logs"),
+        );
+        let known = state.store.comment_id(&run.repository, pr).await?;
+        let id = github.upsert_comment(&full_name, pr, &body, known).await?;
+        if known != Some(id) {
+            state
+                .store
+                .set_comment_id(&run.repository, pr, Some(id))
+                .await?;
+        }
     }
     Ok(())
 }
@@ -757,6 +782,27 @@ mod tests {
             failures: None,
             relation: None,
         }
+    }
+
+    #[test]
+    fn only_client_errors_other_than_rate_limits_are_permanent() {
+        let status = |code: u16| GitHubError::Status {
+            method: Method::POST,
+            path: "/repos/a/b/statuses/x".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+            body: String::new(),
+        };
+        assert!(status(422).is_permanent(), "an unknown commit");
+        assert!(
+            status(404).is_permanent(),
+            "a repository the token cannot see"
+        );
+        assert!(!status(429).is_permanent());
+        assert!(
+            !status(403).is_permanent(),
+            "a rate limit may still be behind a 403"
+        );
+        assert!(!status(502).is_permanent());
     }
 
     #[test]
