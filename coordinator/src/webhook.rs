@@ -187,19 +187,12 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
                 sha: Some(head_sha.to_string()),
                 git_ref: None,
             };
-            let valid = rules::validate_request(&state.config, &request)
-                .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-            let submitted = runs::submit(state, valid).await?;
-            let status = if submitted.created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok(answer(
-                status,
+            submit(
+                state,
+                &request,
                 format!("CI run of {} for PR #{pr}", head_sha.short()),
-                Some(submitted.run.id),
-            ))
+            )
+            .await
         }
         PullRequestAction::SkipDraft => Ok(answer(
             StatusCode::OK,
@@ -274,7 +267,22 @@ async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         sha: Some(event.after.clone()),
         git_ref: Some(repository.production_branch.clone()),
     };
-    let valid = rules::validate_request(&state.config, &request)
+    submit(
+        state,
+        &request,
+        format!("deploy of {}", &event.after[..12.min(event.after.len())]),
+    )
+    .await
+}
+
+/// Submits a run for a webhook: 201 with the new run, or 200 with the one already queued or
+/// building for the same commit.
+async fn submit(
+    state: &AppState,
+    request: &RunRequest,
+    what: String,
+) -> Result<Response, ApiError> {
+    let valid = rules::validate_request(&state.config, request)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let submitted = runs::submit(state, valid).await?;
     let status = if submitted.created {
@@ -282,11 +290,7 @@ async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     } else {
         StatusCode::OK
     };
-    Ok(answer(
-        status,
-        format!("deploy of {}", &event.after[..12.min(event.after.len())]),
-        Some(submitted.run.id),
-    ))
+    Ok(answer(status, what, Some(submitted.run.id)))
 }
 
 #[cfg(test)]
