@@ -35,6 +35,8 @@ pub struct Config {
     pub warehouse: WarehouseConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// The file this was loaded from (its directory is hidden from dbt).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -93,6 +95,55 @@ impl Default for SandboxConfig {
             grace_secs: default_grace(),
         }
     }
+}
+
+/// The agent's disk caches (git, production manifests, dbt's parse, packages): see `cache`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Where they live. Default: `<work_dir>/cache`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Their total size in bytes; past it the least recently used entries are removed after
+    /// each run (entries a running build uses are kept).
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: u64,
+    /// Reuse dbt's `partial_parse.msgpack` across runs whose profile, target, dbt version and
+    /// packages match (dbt still checks each file and reparses what changed).
+    #[serde(default = "default_true")]
+    pub partial_parse: bool,
+    /// Restore installed packages by the hash of the package files instead of running
+    /// `dbt deps` again.
+    #[serde(default = "default_true")]
+    pub deps: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: None,
+            max_bytes: default_cache_bytes(),
+            partial_parse: true,
+            deps: true,
+        }
+    }
+}
+
+impl Config {
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.work_dir.join("cache"))
+    }
+}
+
+fn default_cache_bytes() -> u64 {
+    10 * 1024 * 1024 * 1024
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_build_user() -> String {
@@ -155,7 +206,7 @@ impl std::fmt::Debug for GitConfig {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WarehouseConfig {
     /// Embedded DuckDB files under `root`: production is `<repo>/current/prod.duckdb` (each
-    /// deploy builds a copy and swaps it in), each PR gets `<repo>/pr/<isolation>.duckdb`, which
+    /// deploy builds a copy and swaps it in), each PR gets `<repo>/pr/<isolation>/pr.duckdb`, which
     /// attaches production read-only. Agents that share a repository must share `root`.
     Duckdb {
         root: PathBuf,

@@ -7,11 +7,9 @@
 //!
 //! All of this is blocking (libgit2); callers run it on the blocking pool.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use git2::{Cred, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository};
-use nix::fcntl::{Flock, FlockArg};
 use slimci_proto::{GitTarget, RepoName, Sha};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +21,6 @@ pub enum GitError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot lock the git cache {path}: {source}")]
-    Lock { path: PathBuf, source: nix::Error },
     #[error(
         "commit {sha} is not in {url}: it is neither reachable from `{fetch_ref}` nor fetchable by id"
     )]
@@ -76,24 +72,18 @@ impl GitCache {
         options
     }
 
-    /// Makes sure the target commit is in the cache and returns its SHA. Holds an exclusive
-    /// lock on the repository's cache meanwhile (agents on one VM may share the cache).
+    /// Makes sure the target commit is in the cache and returns its SHA, and whether anything
+    /// had to be fetched. Holds an exclusive lock on the repository's cache meanwhile.
     pub fn prepare(
         &self,
         repository: &RepoName,
         clone_url: &str,
         target: &GitTarget,
-    ) -> Result<Sha, GitError> {
+    ) -> Result<(Sha, bool), GitError> {
         std::fs::create_dir_all(&self.root).map_err(io_error(&self.root))?;
         let bare = self.bare_path(repository);
-        let lock_path = bare.with_extension("lock");
-        let lock_file = File::create(&lock_path).map_err(io_error(&lock_path))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, source)| {
-            GitError::Lock {
-                path: lock_path.clone(),
-                source,
-            }
-        })?;
+        // Exclusive: agents on one VM may share the cache, and eviction must wait too.
+        let _lock = crate::cache::Cache::hold_exclusive(&bare).map_err(io_error(&bare))?;
         let repo = match Repository::open_bare(&bare) {
             Ok(repo) => repo,
             Err(_) => Repository::init_bare(&bare)?,
@@ -102,7 +92,7 @@ impl GitCache {
             && repo.find_commit(Oid::from_str(sha.as_str())?).is_ok()
         {
             tracing::debug!(%sha, "commit already cached; no fetch");
-            return Ok(sha.clone());
+            return Ok((sha.clone(), false));
         }
         let local_ref = format!(
             "refs/slimci/{}",
@@ -122,7 +112,10 @@ impl GitCache {
             }),
             (None, Ok(())) => {
                 let oid = repo.refname_to_id(&local_ref)?;
-                Ok(Sha::parse(&oid.to_string()).expect("git object ids are hex"))
+                Ok((
+                    Sha::parse(&oid.to_string()).expect("git object ids are hex"),
+                    true,
+                ))
             }
             (Some(sha), result) => {
                 if let Err(error) = result {
@@ -130,7 +123,7 @@ impl GitCache {
                 }
                 let oid = Oid::from_str(sha.as_str())?;
                 if repo.find_commit(oid).is_ok() {
-                    return Ok(sha.clone());
+                    return Ok((sha.clone(), true));
                 }
                 let by_id = remote.fetch(
                     &[format!("+{sha}:refs/slimci/commits/{sha}")],
@@ -138,7 +131,7 @@ impl GitCache {
                     None,
                 );
                 if by_id.is_ok() && repo.find_commit(oid).is_ok() {
-                    return Ok(sha.clone());
+                    return Ok((sha.clone(), true));
                 }
                 Err(GitError::CommitNotFound {
                     sha: sha.to_string(),
@@ -256,9 +249,10 @@ mod tests {
             sha: Some(Sha::parse(&pr_sha).unwrap()),
             fetch_ref: "refs/pull/3/head".into(),
         };
-        let sha = cache
+        let (sha, fetched) = cache
             .prepare(&repo, origin.path().to_str().unwrap(), &target)
             .unwrap();
+        assert!(fetched);
         let checkout = tempfile::tempdir().unwrap();
         let destination = checkout.path().join("src");
         assert_eq!(cache.checkout(&repo, &sha, &destination).unwrap(), 1);
@@ -269,7 +263,10 @@ mod tests {
         assert!(!destination.join(".git").exists());
         // Once cached, the origin is not needed any more.
         drop(origin);
-        assert_eq!(cache.prepare(&repo, "/nonexistent", &target).unwrap(), sha);
+        assert_eq!(
+            cache.prepare(&repo, "/nonexistent", &target).unwrap(),
+            (sha, false)
+        );
     }
 
     #[test]
@@ -282,7 +279,7 @@ mod tests {
             sha: None,
             fetch_ref: "refs/heads/main".into(),
         };
-        let sha = cache
+        let (sha, _) = cache
             .prepare(&repo, origin.path().to_str().unwrap(), &target)
             .unwrap();
         assert_eq!(sha.as_str(), main_sha);

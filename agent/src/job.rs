@@ -9,20 +9,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use slimci_proto::{EventBody, Job, NodeResult, Outcome, Phase, RunKind, RunResult};
+use slimci_proto::{
+    CacheReport, EventBody, Job, NodeResult, Outcome, Phase, RunKind, RunResult,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{Cache, Held};
 use crate::config::{Config, Secrets};
 use crate::dbtlog::Progress;
 use crate::events::Reporter;
 use crate::git::GitCache;
 use crate::process::{self, Exit, Invocation, Ran};
 use crate::redact::Redactor;
+use crate::reuse::{self, ParseInputs, RestoredParse};
 use crate::sandbox::{BuildPaths, Sandbox};
 use crate::state::StateCache;
-use crate::warehouse::{DuckDbWarehouse, Target};
+use crate::warehouse::{DuckDbWarehouse, PR_CATALOG, Target};
 
 /// Log lines are sent at least this often while dbt runs.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -38,6 +42,10 @@ pub struct Services {
     pub http: reqwest::Client,
     pub git: Arc<GitCache>,
     pub states: StateCache,
+    /// The disk caches, for holds and eviction.
+    pub cache: Arc<Cache>,
+    /// The installed dbt's identity, part of every parse and packages key.
+    pub dbt_identity: String,
     pub warehouse: Arc<DuckDbWarehouse>,
     pub sandbox: Arc<Sandbox>,
 }
@@ -144,6 +152,12 @@ struct Attempt<'a> {
     last_report: Option<slimci_proto::SandboxReport>,
     /// A limit the build hit without being stopped by it, for the run's message.
     limit_note: Option<String>,
+    /// Which caches the attempt used, reported once the build has run.
+    caches: CacheReport,
+    /// Cache entries this attempt reads; eviction leaves them alone until it ends.
+    holds: Vec<Held>,
+    /// The profile written for this attempt.
+    profile: String,
 }
 
 /// Runs the job and returns how it ended. Never panics on bad input; every failure becomes an
@@ -172,6 +186,9 @@ pub async fn execute(
         invocations: 0,
         last_report: None,
         limit_note: None,
+        caches: CacheReport::default(),
+        holds: Vec::new(),
+        profile: String::new(),
     };
     let mut outcome = match attempt.run().await {
         Ok(outcome) => outcome,
@@ -201,7 +218,31 @@ pub async fn execute(
     {
         tracing::warn!(%error, dir = %attempt.run_dir.display(), "could not remove the run directory");
     }
+    attempt.holds.clear();
+    let cache = services.cache.clone();
+    tokio::task::spawn_blocking(move || {
+        let evicted = cache.evict();
+        if !evicted.removed.is_empty() || evicted.busy > 0 {
+            tracing::info!(
+                removed = ?evicted.removed,
+                freed_bytes = evicted.removed_bytes,
+                busy = evicted.busy,
+                total_bytes = evicted.total_bytes,
+                "cache: evicted least recently used entries"
+            );
+        }
+    });
     outcome
+}
+
+/// From a project directory (`src/<project_dir>`) back up to its run directory: `../`, or
+/// `../../../` for a project in `analytics/dbt`.
+fn up_to_run_dir(project_dir: &str) -> String {
+    let depth = Path::new(project_dir)
+        .components()
+        .filter(|part| matches!(part, std::path::Component::Normal(_)))
+        .count();
+    "../".repeat(depth + 1)
 }
 
 #[derive(Deserialize)]
@@ -293,9 +334,10 @@ pub fn read_deferred(manifest: &Path, nodes: &[NodeResult]) -> Vec<String> {
 
 /// The macro a teardown runs. It refuses any name that is not a PR isolation, and with the
 /// `database` strategy (one database per PR, as with DuckDB) refuses unless the target database
-/// is that isolation; with `schema` (one schema per PR) it drops only that schema.
+/// is the one named (the agent links the PR's own database under that name); with `schema` (one
+/// schema per PR) it drops only that schema.
 const DROP_ISOLATION_MACRO: &str = r#"{# Written by slimci for a teardown run; not part of the project. #}
-{% macro slimci_drop_isolation(name, strategy) %}
+{% macro slimci_drop_isolation(name, strategy, database=none) %}
   {% if not (name is string and name.startswith('pr_') and name | length <= 63) %}
     {{ exceptions.raise_compiler_error("slimci refuses to drop `" ~ name ~ "`: it is not a PR isolation name") }}
   {% endif %}
@@ -304,8 +346,8 @@ const DROP_ISOLATION_MACRO: &str = r#"{# Written by slimci for a teardown run; n
     {% do adapter.commit() %}
     {{ log("slimci: dropped schema " ~ name ~ " in " ~ target.database, info=True) }}
   {% elif strategy == 'database' %}
-    {% if target.database != name %}
-      {{ exceptions.raise_compiler_error("slimci refuses to empty `" ~ target.database ~ "`: the target database is not the isolation `" ~ name ~ "`") }}
+    {% if database is none or target.database != database %}
+      {{ exceptions.raise_compiler_error("slimci refuses to empty `" ~ target.database ~ "`: it is not the database of the isolation `" ~ name ~ "`") }}
     {% endif %}
     {% set dropped = [] %}
     {% for row in list_schemas(target.database) %}
@@ -537,14 +579,15 @@ impl Attempt<'_> {
         let started = std::time::Instant::now();
         let destination = source.clone();
         let checked_out = tokio::task::spawn_blocking(move || {
-            let sha = git.prepare(&job.repository, &job.clone_url, &job.git)?;
+            let (sha, fetched) = git.prepare(&job.repository, &job.clone_url, &job.git)?;
             let files = git.checkout(&job.repository, &sha, &destination)?;
-            Ok::<_, crate::git::GitError>((sha, files))
+            Ok::<_, crate::git::GitError>((sha, fetched, files))
         })
         .await
         .map_err(|error| Stop::error(format!("checkout task failed: {error}")))?;
-        let (sha, files) =
+        let (sha, fetched, files) =
             checked_out.map_err(|error| Stop::error(format!("checkout failed: {error}")))?;
+        self.caches.git = Some(if fetched { "fetched" } else { "hit" }.to_owned());
         self.reporter.send(EventBody::Started { sha: sha.clone() });
         self.log.slimci(format_args!(
             "checked out {} of {} ({files} files) in {:.2} s",
@@ -582,7 +625,7 @@ impl Attempt<'_> {
         let state = self.job.production_state.as_ref().ok_or_else(|| {
             Stop::error("the job names no production state to compare against; the coordinator should have refused it")
         })?;
-        let (directory, cached) = self
+        let cached = self
             .services
             .states
             .get(
@@ -592,6 +635,9 @@ impl Attempt<'_> {
             )
             .await
             .map_err(|error| Stop::error(error.to_string()))?;
+        self.holds.push(cached.held);
+        let (directory, cached) = (cached.directory, cached.hit);
+        self.caches.state = Some(if cached { "hit" } else { "downloaded" }.to_owned());
         self.log.slimci(format_args!(
             "comparing against production state of deploy {} (commit {}, manifest sha256 {}){}",
             state.deploy_run_id,
@@ -638,9 +684,13 @@ impl Attempt<'_> {
         }
         .map_err(|error| Stop::error(error.to_string()))?;
         let path = self.run_dir.join("profiles").join("profiles.yml");
-        let profile = warehouse.profile_yaml(&name, &target);
-        let prepared = std::fs::write(&path, &profile)
-            .map_err(|error| format!("cannot write {}: {error}", path.display()))
+        let profile = warehouse.profile_yaml(&name, &target, &up_to_run_dir(&self.job.project_dir));
+        let prepared = DuckDbWarehouse::link(&self.run_dir, &target)
+            .map_err(|error| error.to_string())
+            .and_then(|()| {
+                std::fs::write(&path, &profile)
+                    .map_err(|error| format!("cannot write {}: {error}", path.display()))
+            })
             .and_then(|()| {
                 self.services
                     .sandbox
@@ -666,6 +716,7 @@ impl Attempt<'_> {
             .filter(|secret| referenced.contains(&secret.env_name()))
             .map(|secret| (secret.env_name(), secret.value.clone()))
             .collect();
+        self.profile = profile;
         self.paths
             .write
             .push(DuckDbWarehouse::writable_dir(&target).to_owned());
@@ -732,7 +783,8 @@ impl Attempt<'_> {
             "run-operation".to_owned(),
             "slimci_drop_isolation".to_owned(),
             "--args".to_owned(),
-            serde_json::json!({ "name": isolation.as_str(), "strategy": "database" }).to_string(),
+            serde_json::json!({ "name": isolation.as_str(), "strategy": "database", "database": PR_CATALOG })
+                .to_string(),
             "--target".to_owned(),
             "ci".to_owned(),
             "--log-format".to_owned(),
@@ -916,17 +968,71 @@ impl Attempt<'_> {
         }
     }
 
+    /// Installs the project's packages: restored from the cache when the package files are
+    /// unchanged, otherwise by `dbt deps`, whose result is then cached.
     async fn deps(&mut self, project: &Path) -> Result<(), Stop> {
+        let cacheable = self.services.config.cache.deps;
+        let install = reuse::packages_install_path(project);
+        let key = reuse::deps_key(&self.services.dbt_identity, project);
+        if cacheable && let Some(install) = &install {
+            let cache = self.services.cache.clone();
+            let (restore_key, project_dir, install_dir) =
+                (key.clone(), project.to_owned(), install.clone());
+            let restored = tokio::task::spawn_blocking(move || {
+                reuse::restore_deps(&cache, &restore_key, &project_dir, &install_dir)
+            })
+            .await
+            .map_err(|error| Stop::error(format!("restoring packages failed: {error}")))?;
+            match restored {
+                Ok(true) => {
+                    self.hand_over(&project.join(install))?;
+                    if project.join("package-lock.yml").is_file() {
+                        self.hand_over(&project.join("package-lock.yml"))?;
+                    }
+                    self.log.slimci(format_args!(
+                        "packages restored from the cache (package files' digest {})",
+                        &key[..12]
+                    ));
+                    self.caches.deps = Some("hit".to_owned());
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(error) => self
+                    .log
+                    .slimci(format_args!("packages cache unusable ({error}); running dbt deps")),
+            }
+        }
         let ran = self
             .dbt(
                 project,
                 vec!["deps".into(), "--log-format".into(), "json".into()],
             )
             .await?;
-        match ran.exit {
-            Exit::Code(0) => Ok(()),
-            _ => Err(self.stop_for(&ran, "dbt deps")),
+        if ran.exit != Exit::Code(0) {
+            return Err(self.stop_for(&ran, "dbt deps"));
         }
+        self.caches.deps = Some("installed".to_owned());
+        if cacheable && let Some(install) = install {
+            let cache = self.services.cache.clone();
+            let project_dir = project.to_owned();
+            let saved = tokio::task::spawn_blocking(move || {
+                reuse::save_deps(&cache, &key, &project_dir, &install)
+            })
+            .await;
+            match saved {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(reason))) => self
+                    .log
+                    .slimci(format_args!("packages not cached: {reason}")),
+                Ok(Err(error)) => self
+                    .log
+                    .slimci(format_args!("packages not cached: {error}")),
+                Err(error) => self
+                    .log
+                    .slimci(format_args!("packages not cached: {error}")),
+            }
+        }
+        Ok(())
     }
 
     async fn build(
@@ -946,8 +1052,11 @@ impl Attempt<'_> {
             None => args.extend(["--target".into(), "prod".into()]),
         }
         args.extend(["--log-format".into(), "json".into()]);
+        let target_name = if state_dir.is_some() { "ci" } else { "prod" };
+        let parse = self.restore_parse(project, target_name).await;
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
         let ran = self.dbt(project, args).await?;
+        self.after_parse(parse, &ran).await;
         match ran.exit {
             Exit::Code(0) => Ok((RunResult::Success, Some(0))),
             Exit::Code(code) if ran.oom_kills == 0 => {
@@ -958,6 +1067,87 @@ impl Attempt<'_> {
             }
             _ => Err(self.stop_for(&ran, "dbt build")),
         }
+    }
+
+    /// Puts the saved parse for this attempt's parse key into its target directory.
+    async fn restore_parse(
+        &mut self,
+        project: &Path,
+        target_name: &str,
+    ) -> Option<(String, RestoredParse)> {
+        if !self.services.config.cache.partial_parse {
+            return None;
+        }
+        let env = self.dbt_env();
+        let key = reuse::parse_key(&ParseInputs {
+            dbt_identity: &self.services.dbt_identity,
+            repository: self.job.repository.as_str(),
+            project_dir: &self.job.project_dir,
+            target: target_name,
+            profile: &self.profile,
+            env: &env,
+            project,
+        });
+        let cache = self.services.cache.clone();
+        let target_dir = self.run_dir.join("target");
+        let restore_key = key.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            reuse::restore_parse(&cache, &restore_key, &target_dir)
+        })
+        .await;
+        match restored {
+            Ok(Ok(restored)) => {
+                if restored.restored {
+                    let file = self.run_dir.join("target").join(reuse::PARTIAL_PARSE_FILE);
+                    if let Err(stop) = self.hand_over(&file) {
+                        self.log.slimci(format_args!("saved parse not used: {}", stop.message));
+                        let _ = std::fs::remove_file(&file);
+                    } else {
+                        self.log.slimci(format_args!(
+                            "reusing a saved parse (parse key {})",
+                            &key[..12]
+                        ));
+                    }
+                }
+                Some((key, restored))
+            }
+            Ok(Err(error)) => {
+                self.log.slimci(format_args!("parse cache unusable: {error}"));
+                None
+            }
+            Err(error) => {
+                self.log.slimci(format_args!("parse cache unusable: {error}"));
+                None
+            }
+        }
+    }
+
+    /// Records how dbt parsed, saves its new parse for later runs, and reports the caches.
+    async fn after_parse(&mut self, parse: Option<(String, RestoredParse)>, ran: &Ran) {
+        let (mode, reason) = reuse::parse_mode(&self.run_dir.join("logs").join("dbt.log"));
+        self.caches.parse = Some(mode.to_owned());
+        self.caches.parse_reason = reason;
+        // A build dbt finished (pass or fail) wrote a whole parse; a killed one may not have.
+        let finished = matches!(ran.exit, Exit::Code(0 | 1)) && ran.oom_kills == 0;
+        if let (Some((key, restored)), true) = (parse, finished) {
+            let cache = self.services.cache.clone();
+            let target_dir = self.run_dir.join("target");
+            let saved = tokio::task::spawn_blocking(move || {
+                let saved = reuse::save_parse(&cache, &key, &target_dir, &restored);
+                drop(restored);
+                saved
+            })
+            .await;
+            if let Ok(Err(error)) = saved {
+                self.log.slimci(format_args!("parse not cached: {error}"));
+            }
+        }
+        match &self.caches.parse_reason {
+            Some(reason) => self.log.slimci(format_args!("dbt parsed the whole project: {reason}")),
+            None if mode == "partial" => self.log.slimci("dbt reused the saved parse"),
+            None => {}
+        }
+        self.reporter.send(EventBody::Caches(self.caches.clone()));
     }
 
     async fn upload(&mut self) -> Result<(), Stop> {

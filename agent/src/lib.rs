@@ -5,6 +5,7 @@
 //! Layers: `worker` (this file) speaks AMQP and HTTP to the coordinator; `job` runs one
 //! attempt through its phases using `git`, `state`, `warehouse` and `process`.
 
+pub mod cache;
 pub mod config;
 pub mod dbtlog;
 pub mod events;
@@ -12,6 +13,7 @@ pub mod git;
 pub mod job;
 pub mod process;
 pub mod redact;
+pub mod reuse;
 pub mod sandbox;
 pub mod state;
 pub mod warehouse;
@@ -88,6 +90,42 @@ struct Worker {
     abort: CancellationToken,
 }
 
+/// Opens the disk caches, moves the ones of earlier versions (`<work_dir>/git`, `/state`) into
+/// them, and brings them within their size limit.
+fn open_cache(config: &Config) -> Result<cache::Cache, AgentError> {
+    let cache = cache::Cache::new(config.cache_dir(), config.cache.max_bytes);
+    for kind in cache::KINDS {
+        let directory = cache.kind_dir(kind).map_err(|source| AgentError::WorkDir {
+            path: cache.root().join(kind),
+            source,
+        })?;
+        let old = config.work_dir.join(kind);
+        if matches!(kind, "git" | "state") && old.is_dir() && old != directory {
+            // Git caches move (a refetch would be slow); old locks and manifests just go.
+            if kind == "git"
+                && let Ok(entries) = std::fs::read_dir(&old)
+            {
+                for entry in entries.filter_map(Result::ok) {
+                    let name = entry.file_name();
+                    if name.to_string_lossy().ends_with(".git") && !directory.join(&name).exists() {
+                        let _ = std::fs::rename(entry.path(), directory.join(&name));
+                    }
+                }
+            }
+            if let Err(error) = std::fs::remove_dir_all(&old) {
+                tracing::warn!(%error, dir = %old.display(), "could not remove an old cache directory");
+            }
+        }
+    }
+    let evicted = cache.evict();
+    tracing::info!(
+        total_bytes = evicted.total_bytes,
+        removed = evicted.removed.len(),
+        "cache size checked"
+    );
+    Ok(cache)
+}
+
 /// Runs the agent until `shutdown.drain` fires and the running jobs are done.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     let secrets = config.secrets()?;
@@ -150,14 +188,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         .connect_timeout(Duration::from_secs(10))
         .user_agent(concat!("slimci-agent/", env!("CARGO_PKG_VERSION")))
         .build()?;
+    let cache = Arc::new(open_cache(&config)?);
+    let dbt_identity = reuse::dbt_identity(&config.dbt);
+    tracing::info!(dir = %cache.root().display(), max_bytes = config.cache.max_bytes, dbt = %dbt_identity, "caches ready");
     let config = Arc::new(config);
     let worker = Arc::new(Worker {
         services: Services {
             git: Arc::new(git::GitCache::new(
-                config.work_dir.join("git"),
+                cache.root().join("git"),
                 secrets.git_https_token.clone(),
             )),
-            states: state::StateCache::new(config.work_dir.join("state")),
+            states: state::StateCache::new(cache.clone()),
+            cache,
+            dbt_identity,
             warehouse: Arc::new(warehouse::DuckDbWarehouse {
                 root,
                 threads,

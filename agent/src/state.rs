@@ -1,11 +1,14 @@
 //! Production manifests, fetched from the coordinator and cached by their sha256.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use slimci_proto::ProductionStateRef;
 use tokio::io::AsyncWriteExt;
+
+use crate::cache::{Cache, Held};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -31,29 +34,44 @@ pub enum StateError {
 }
 
 pub struct StateCache {
+    cache: Arc<Cache>,
     root: PathBuf,
 }
 
+/// A production manifest ready for a build, held in the cache until dropped.
+pub struct CachedState {
+    /// The directory holding `manifest.json` (dbt's `--state`).
+    pub directory: PathBuf,
+    /// Whether it was already cached.
+    pub hit: bool,
+    pub held: Held,
+}
+
 impl StateCache {
-    pub fn new(root: PathBuf) -> StateCache {
-        StateCache { root }
+    pub fn new(cache: Arc<Cache>) -> StateCache {
+        let root = cache.root().join("state");
+        StateCache { cache, root }
     }
 
     /// The directory holding `manifest.json` for this state, downloading it if needed.
-    /// Returns the directory and whether it came from the cache.
     pub async fn get(
         &self,
         http: &reqwest::Client,
         token: &str,
         state: &ProductionStateRef,
-    ) -> Result<(PathBuf, bool), StateError> {
+    ) -> Result<CachedState, StateError> {
         let digest = &state.manifest_sha256;
         if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StateError::BadDigest(digest.clone()));
         }
+        let held = self.cache.hold("state", digest)?;
         let directory = self.root.join(digest);
         if directory.join("manifest.json").is_file() {
-            return Ok((directory, true));
+            return Ok(CachedState {
+                directory,
+                hit: true,
+                held,
+            });
         }
         tokio::fs::create_dir_all(&self.root).await?;
         let url = &state.manifest_url;
@@ -98,6 +116,10 @@ impl StateCache {
         }
         tokio::fs::create_dir_all(&directory).await?;
         tokio::fs::rename(&partial, directory.join("manifest.json")).await?;
-        Ok((directory, false))
+        Ok(CachedState {
+            directory,
+            hit: false,
+            held,
+        })
     }
 }

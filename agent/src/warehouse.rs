@@ -4,10 +4,15 @@
 //! ```text
 //! <slug>/deploys/<run id>/prod.duckdb   one per successful deploy (catalog `prod`)
 //! <slug>/current -> deploys/<run id>    the live production database
-//! <slug>/pr/<isolation>/<isolation>.duckdb   one per pull request (catalog = isolation
-//!                                            name), in a directory of its own: the only one
-//!                                            the PR's build may write to
+//! <slug>/pr/<isolation>/pr.duckdb   one per pull request (catalog `pr`), in a directory of
+//!                                   its own: the only one the PR's build may write to
 //! ```
+//! The profile never names these paths. Each run directory gets two links, `warehouse` (the
+//! directory the build writes: the PR's, or the deploy's) and `production` (the production
+//! database's directory, CI runs only), and the profile reaches the databases through them by
+//! relative paths. So the profile, which dbt hashes to decide whether a saved parse can be
+//! reused, is the same for every PR of a repository, and one PR's parse speeds up the next
+//! (see `reuse`).
 //! A deploy copies the current database into a new directory, builds there, and on success
 //! swaps `current` with an atomic rename; readers of the old one are never disturbed, and a
 //! failed deploy leaves production as it was. A PR database attaches the production database
@@ -20,6 +25,12 @@ use slimci_proto::{IsolationName, RepoName, RunId};
 
 /// Production's catalog name in every DuckDB profile; deferred relations are `prod.<schema>.<name>`.
 pub const PRODUCTION_CATALOG: &str = "prod";
+/// A PR database's catalog name (its file is `pr.duckdb` in the PR's own directory).
+pub const PR_CATALOG: &str = "pr";
+/// The run directory's link to the directory the build writes its database in.
+pub const WAREHOUSE_LINK: &str = "warehouse";
+/// The run directory's link to the production database's directory (CI runs).
+pub const PRODUCTION_LINK: &str = "production";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarehouseError {
@@ -79,6 +90,10 @@ impl DuckDbWarehouse {
 
     fn database_file() -> String {
         format!("{PRODUCTION_CATALOG}.duckdb")
+    }
+
+    fn pr_file() -> String {
+        format!("{PR_CATALOG}.duckdb")
     }
 
     /// Starts a deploy: a copy of the current production database (if any) in a new directory.
@@ -173,15 +188,19 @@ impl DuckDbWarehouse {
             .join("pr")
             .join(isolation.as_str());
         std::fs::create_dir_all(&pr_dir).map_err(io(&pr_dir))?;
-        let database = pr_dir.join(format!("{isolation}.duckdb"));
-        // Before PR databases had directories of their own they lay in `pr/`.
-        let old = pr_dir.with_file_name(format!("{isolation}.duckdb"));
-        if old.is_file() && !database.exists() {
-            std::fs::rename(&old, &database).map_err(io(&old))?;
-            let old_wal = pr_dir.with_file_name(format!("{isolation}.duckdb.wal"));
-            if old_wal.is_file() {
-                std::fs::rename(&old_wal, pr_dir.join(format!("{isolation}.duckdb.wal")))
-                    .map_err(io(&old_wal))?;
+        let database = pr_dir.join(Self::pr_file());
+        // Earlier layouts: `pr/<isolation>.duckdb`, then `pr/<isolation>/<isolation>.duckdb`.
+        for old in [
+            pr_dir.with_file_name(format!("{isolation}.duckdb")),
+            pr_dir.join(format!("{isolation}.duckdb")),
+        ] {
+            if old.is_file() && !database.exists() {
+                std::fs::rename(&old, &database).map_err(io(&old))?;
+                let old_wal = old.with_extension("duckdb.wal");
+                if old_wal.is_file() {
+                    std::fs::rename(&old_wal, database.with_extension("duckdb.wal"))
+                        .map_err(io(&old_wal))?;
+                }
             }
         }
         Ok(Target::Ci {
@@ -198,11 +217,7 @@ impl DuckDbWarehouse {
 
     /// The PR's database file, if this runner has one.
     pub fn pr_database(&self, repository: &RepoName, isolation: &IsolationName) -> Option<PathBuf> {
-        Some(
-            self.pr_dir(repository, isolation)
-                .join(format!("{isolation}.duckdb")),
-        )
-        .filter(|path| path.is_file())
+        Some(self.pr_dir(repository, isolation).join(Self::pr_file())).filter(|path| path.is_file())
     }
 
     /// Removes the PR's directory with its database (and DuckDB's write-ahead log).
@@ -241,12 +256,33 @@ impl DuckDbWarehouse {
         }
     }
 
+    /// Makes the run directory's links to the target's databases (see the module docs).
+    pub fn link(run_dir: &Path, target: &Target) -> Result<(), WarehouseError> {
+        let mut links = vec![(WAREHOUSE_LINK, Self::writable_dir(target))];
+        if let Target::Ci { production, .. } = target {
+            links.push((PRODUCTION_LINK, production.parent().unwrap_or(production)));
+        }
+        for (name, destination) in links {
+            let link = run_dir.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(destination, &link).map_err(io(&link))?;
+        }
+        Ok(())
+    }
+
     /// The `profiles.yml` text for `profile_name` with a single output named after the target.
-    pub fn profile_yaml(&self, profile_name: &str, target: &Target) -> String {
+    /// Databases are reached through the run directory's links: `up` leads from the project
+    /// directory (dbt's working directory) back to the run directory, e.g. `../`.
+    pub fn profile_yaml(&self, profile_name: &str, target: &Target, up: &str) -> String {
+        let file_name = |path: &Path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
         let mut output = match target {
             Target::Deploy { database } | Target::Teardown { database } => serde_json::json!({
                 "type": "duckdb",
-                "path": database,
+                "path": format!("{up}{WAREHOUSE_LINK}/{}", file_name(database)),
                 "threads": self.threads,
             }),
             Target::Ci {
@@ -254,9 +290,13 @@ impl DuckDbWarehouse {
                 production,
             } => serde_json::json!({
                 "type": "duckdb",
-                "path": database,
+                "path": format!("{up}{WAREHOUSE_LINK}/{}", file_name(database)),
                 "threads": self.threads,
-                "attach": [{ "path": production, "alias": PRODUCTION_CATALOG, "read_only": true }],
+                "attach": [{
+                    "path": format!("{up}{PRODUCTION_LINK}/{}", file_name(production)),
+                    "alias": PRODUCTION_CATALOG,
+                    "read_only": true,
+                }],
             }),
         };
         if !self.secret_settings.is_empty() {
@@ -392,17 +432,39 @@ mod tests {
         else {
             panic!()
         };
-        assert!(database.ends_with("shop/pr/pr_shop_5/pr_shop_5.duckdb"));
+        assert!(database.ends_with("shop/pr/pr_shop_5/pr.duckdb"));
         assert_eq!(
             DuckDbWarehouse::writable_dir(&target),
             root.path().join("shop/pr/pr_shop_5")
         );
         assert!(production.ends_with(format!("shop/deploys/{deploy}/prod.duckdb")));
-        let yaml = warehouse.profile_yaml("shop", &target);
+        let yaml = warehouse.profile_yaml("shop", &target, "../");
         assert!(yaml.contains("alias: prod"), "{yaml}");
         assert!(yaml.contains("read_only: true"), "{yaml}");
         assert!(yaml.contains("target: ci"), "{yaml}");
+        assert!(yaml.contains("path: ../warehouse/pr.duckdb"), "{yaml}");
+        assert!(yaml.contains("path: ../production/prod.duckdb"), "{yaml}");
         assert!(DuckDbWarehouse::referenced_variables(&yaml).is_empty());
+
+        // Another PR, another production: the same profile, so dbt's saved parse carries over.
+        let other = IsolationName::for_pr(&repo, PrNumber(6));
+        let second = RunId::new();
+        warehouse.begin_deploy(&repo, second).unwrap();
+        let other_target = warehouse.ci_target(&repo, &other, second).unwrap();
+        assert_ne!(other_target, target);
+        assert_eq!(warehouse.profile_yaml("shop", &other_target, "../"), yaml);
+
+        // The run directory's links lead to this PR's directory and this production.
+        let run_dir = tempfile::tempdir().unwrap();
+        DuckDbWarehouse::link(run_dir.path(), &target).unwrap();
+        assert_eq!(
+            std::fs::read_link(run_dir.path().join("warehouse")).unwrap(),
+            root.path().join("shop/pr/pr_shop_5")
+        );
+        assert_eq!(
+            std::fs::read_to_string(run_dir.path().join("production/prod.duckdb")).unwrap(),
+            "v1"
+        );
     }
 
     #[test]
@@ -414,7 +476,7 @@ mod tests {
         let target = Target::Deploy {
             database: root.path().join("prod.duckdb"),
         };
-        let yaml = warehouse.profile_yaml("shop", &target);
+        let yaml = warehouse.profile_yaml("shop", &target, "../");
         assert!(
             yaml.contains("http_proxy_password: '{{ env_var(''DBT_ENV_SECRET_PROXY'') }}'"),
             "{yaml}"
@@ -445,13 +507,28 @@ mod tests {
         )
         .unwrap();
         std::fs::create_dir_all(root.path().join("shop/pr")).unwrap();
-        std::fs::write(root.path().join("shop/pr/pr_shop_9.duckdb"), "old").unwrap();
+        std::fs::write(root.path().join("shop/pr/pr_shop_9.duckdb"), "oldest").unwrap();
         let isolation = IsolationName::for_pr(&repo, PrNumber(9));
         let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
         else {
             panic!()
         };
-        assert_eq!(std::fs::read_to_string(database).unwrap(), "old");
+        assert_eq!(std::fs::read_to_string(database).unwrap(), "oldest");
         assert!(!root.path().join("shop/pr/pr_shop_9.duckdb").exists());
+
+        std::fs::create_dir_all(root.path().join("shop/pr/pr_shop_8")).unwrap();
+        std::fs::write(root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb"), "old").unwrap();
+        std::fs::write(root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb.wal"), "w").unwrap();
+        let isolation = IsolationName::for_pr(&repo, PrNumber(8));
+        let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
+        else {
+            panic!()
+        };
+        assert!(database.ends_with("pr_shop_8/pr.duckdb"));
+        assert_eq!(std::fs::read_to_string(&database).unwrap(), "old");
+        assert_eq!(
+            std::fs::read_to_string(database.with_extension("duckdb.wal")).unwrap(),
+            "w"
+        );
     }
 }

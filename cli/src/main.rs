@@ -483,6 +483,21 @@ fn print_summary(run: &Value) {
             &state_sha[..12.min(state_sha.len())]
         );
     }
+    if let Some(caches) = run["caches"].as_object() {
+        let mut used: Vec<String> = ["git", "state", "deps"]
+            .iter()
+            .filter_map(|name| Some(format!("{name} {}", caches.get(*name)?.as_str()?)))
+            .collect();
+        if let Some(parse) = caches.get("parse").and_then(Value::as_str) {
+            used.push(match caches.get("parse_reason").and_then(Value::as_str) {
+                Some(reason) => format!("{parse} parse ({reason})"),
+                None => format!("{parse} parse"),
+            });
+        }
+        if !used.is_empty() {
+            println!("caches: {}", used.join(", "));
+        }
+    }
     if let Some(message) = run["message"].as_str() {
         println!("{message}");
     }

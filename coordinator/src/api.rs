@@ -279,6 +279,8 @@ struct RunView {
     dbt_exit_code: Option<i32>,
     /// The protections the build ran under (the agent's report), once it started.
     sandbox: Option<serde_json::Value>,
+    /// The agent caches the build used, and whether dbt's parse was partial or full.
+    caches: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<Summary>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -334,6 +336,10 @@ impl AppState {
             dbt_exit_code: run.dbt_exit_code,
             sandbox: run
                 .sandbox
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok()),
+            caches: run
+                .caches
                 .as_deref()
                 .and_then(|json| serde_json::from_str(json).ok()),
             summary: None,

@@ -769,6 +769,7 @@ mod tests {
             github_reported: None,
             dispatched: true,
             sandbox: None,
+            caches: None,
         }
     }
 

@@ -146,6 +146,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX runs_by_lease ON runs (status, lease_expires_ms);
     "#,
     ),
+    (
+        5,
+        // The caches a run's attempt used (the agent's `CacheReport`, as JSON).
+        "ALTER TABLE runs ADD COLUMN caches TEXT;",
+    ),
 ];
 
 pub fn now_ms() -> i64 {
@@ -237,6 +242,8 @@ pub struct Run {
     pub dispatched: bool,
     /// The agent's `SandboxReport` as JSON, once the build started.
     pub sandbox: Option<String>,
+    /// The agent's `CacheReport` as JSON, once the build ran.
+    pub caches: Option<String>,
 }
 
 impl Run {
@@ -350,6 +357,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         github_reported: text("github_reported")?,
         dispatched: row.try_get::<i64, _>("published")? != 0,
         sandbox: text("sandbox")?,
+        caches: text("caches")?,
     })
 }
 
@@ -683,6 +691,14 @@ impl Store {
             EventBody::Sandbox(report) => {
                 let json = serde_json::to_string(report).map_err(corrupt)?;
                 sqlx::query("UPDATE runs SET sandbox = ? WHERE id = ?")
+                    .bind(json)
+                    .bind(&run_id)
+                    .execute(&mut *transaction)
+                    .await?;
+            }
+            EventBody::Caches(report) => {
+                let json = serde_json::to_string(report).map_err(corrupt)?;
+                sqlx::query("UPDATE runs SET caches = ? WHERE id = ?")
                     .bind(json)
                     .bind(&run_id)
                     .execute(&mut *transaction)

@@ -360,6 +360,27 @@ pub struct SandboxReport {
     pub warnings: Vec<String>,
 }
 
+/// Which of the agent's caches an attempt could use: what made it fast, or why it was not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReport {
+    /// `hit` (the commit was in the agent's git cache) or `fetched`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<String>,
+    /// `hit` or `downloaded` (CI runs: the production manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// `hit` (packages restored), `installed` (`dbt deps` ran), or none without packages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deps: Option<String>,
+    /// How dbt parsed the project: `partial` (a cached parse was reused), `full`, or
+    /// `unknown` (dbt's log did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse: Option<String>,
+    /// dbt's reason for a full parse ("saved manifest not found", "profile has changed", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_reason: Option<String>,
+}
+
 /// What an agent reports about an attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -388,6 +409,8 @@ pub enum EventBody {
     },
     /// The sandbox a dbt invocation of this attempt ran in.
     Sandbox(SandboxReport),
+    /// The caches the attempt used; sent once its build has run.
+    Caches(CacheReport),
     Finished(Outcome),
     /// The agent gave the attempt up without a result (it is shutting down): its tree is gone,
     /// and the run should be retried elsewhere at once.

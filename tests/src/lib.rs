@@ -490,7 +490,7 @@ threads = 4
 
     pub fn pr_database(&self, pr: u64) -> PathBuf {
         self.warehouse()
-            .join(format!("shop/pr/pr_shop_{pr}/pr_shop_{pr}.duckdb"))
+            .join(format!("shop/pr/pr_shop_{pr}/pr.duckdb"))
     }
 
     /// Stops the coordinator and starts it again on the same data directory.
