@@ -301,7 +301,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("source");
         std::fs::create_dir_all(source.join("pkg/macros")).unwrap();
-        std::fs::write(source.join("pkg/macros/m.sql"), "{% macro m() %}{% endmacro %}").unwrap();
+        std::fs::write(
+            source.join("pkg/macros/m.sql"),
+            "{% macro m() %}{% endmacro %}",
+        )
+        .unwrap();
         std::os::unix::fs::symlink("../vendor/local", source.join("local")).unwrap();
         let copy = dir.path().join("copy");
         copy_tree(&source, &copy).unwrap();

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use slimci_proto::{
-    CacheReport, EventBody, Job, NodeResult, Outcome, Phase, RunKind, RunResult,
-};
+use slimci_proto::{CacheReport, EventBody, Job, NodeResult, Outcome, Phase, RunKind, RunResult};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -997,9 +995,9 @@ impl Attempt<'_> {
                     return Ok(());
                 }
                 Ok(false) => {}
-                Err(error) => self
-                    .log
-                    .slimci(format_args!("packages cache unusable ({error}); running dbt deps")),
+                Err(error) => self.log.slimci(format_args!(
+                    "packages cache unusable ({error}); running dbt deps"
+                )),
             }
         }
         let ran = self
@@ -1100,7 +1098,8 @@ impl Attempt<'_> {
                 if restored.restored {
                     let file = self.run_dir.join("target").join(reuse::PARTIAL_PARSE_FILE);
                     if let Err(stop) = self.hand_over(&file) {
-                        self.log.slimci(format_args!("saved parse not used: {}", stop.message));
+                        self.log
+                            .slimci(format_args!("saved parse not used: {}", stop.message));
                         let _ = std::fs::remove_file(&file);
                     } else {
                         self.log.slimci(format_args!(
@@ -1112,11 +1111,13 @@ impl Attempt<'_> {
                 Some((key, restored))
             }
             Ok(Err(error)) => {
-                self.log.slimci(format_args!("parse cache unusable: {error}"));
+                self.log
+                    .slimci(format_args!("parse cache unusable: {error}"));
                 None
             }
             Err(error) => {
-                self.log.slimci(format_args!("parse cache unusable: {error}"));
+                self.log
+                    .slimci(format_args!("parse cache unusable: {error}"));
                 None
             }
         }
@@ -1143,7 +1144,9 @@ impl Attempt<'_> {
             }
         }
         match &self.caches.parse_reason {
-            Some(reason) => self.log.slimci(format_args!("dbt parsed the whole project: {reason}")),
+            Some(reason) => self
+                .log
+                .slimci(format_args!("dbt parsed the whole project: {reason}")),
             None if mode == "partial" => self.log.slimci("dbt reused the saved parse"),
             None => {}
         }

@@ -89,7 +89,11 @@ pub fn parse_key(inputs: &ParseInputs<'_>) -> String {
         .env
         .iter()
         // Paths of the run itself differ every time and are not dbt's parse inputs.
-        .filter(|(name, _)| !matches!(name.as_str(), "HOME" | "TMPDIR") && !name.ends_with("_PATH"))
+        .filter(|(name, _)| {
+            !matches!(name.as_str(), "HOME" | "TMPDIR")
+                && !name.ends_with("_PATH")
+                && !name.ends_with("_DIR")
+        })
         .map(|(name, value)| format!("{name}={value}"))
         .collect();
     env.sort();
@@ -124,7 +128,11 @@ fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
 }
 
 /// Copies the saved parse for `key`, if any, to `target_dir/partial_parse.msgpack`.
-pub fn restore_parse(cache: &Cache, key: &str, target_dir: &Path) -> std::io::Result<RestoredParse> {
+pub fn restore_parse(
+    cache: &Cache,
+    key: &str,
+    target_dir: &Path,
+) -> std::io::Result<RestoredParse> {
     let held = cache.hold("parse", key)?;
     let saved = cache.kind_dir("parse")?.join(key).join(PARTIAL_PARSE_FILE);
     let destination = target_dir.join(PARTIAL_PARSE_FILE);
@@ -177,11 +185,21 @@ pub fn parse_mode(dbt_log: &Path) -> (&'static str, Option<String>) {
         .map_while(Result::ok)
     {
         let line = String::from_utf8_lossy(&line);
+        // With `--log-format json` the file is JSON lines too; the text is `info.msg`.
+        let json_message = line
+            .starts_with('{')
+            .then(|| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .flatten()
+            .and_then(|event| event["info"]["msg"].as_str().map(str::to_owned));
+        let line = json_message.map(std::borrow::Cow::Owned).unwrap_or(line);
         if line.contains("Partial parsing enabled") {
             return ("partial", None);
         }
         if let Some((_, reason)) = line.split_once("Unable to do partial parsing because ") {
-            let reason = reason.trim().trim_end_matches('.').trim_end_matches(". Starting full parse");
+            let reason = reason
+                .trim()
+                .trim_end_matches('.')
+                .trim_end_matches(". Starting full parse");
             return ("full", Some(reason.to_owned()));
         }
         if line.contains("Failed to load parsed file from disk") {
@@ -221,7 +239,12 @@ pub fn deps_key(dbt_identity: &str, project: &Path) -> String {
 }
 
 /// Restores the packages saved for `key` into the project; false if there are none.
-pub fn restore_deps(cache: &Cache, key: &str, project: &Path, install: &Path) -> std::io::Result<bool> {
+pub fn restore_deps(
+    cache: &Cache,
+    key: &str,
+    project: &Path,
+    install: &Path,
+) -> std::io::Result<bool> {
     let _held = cache.hold("deps", key)?;
     let entry = cache.kind_dir("deps")?.join(key);
     if !entry.join("packages").is_dir() {
@@ -253,7 +276,10 @@ pub fn save_deps(
 ) -> std::io::Result<Option<String>> {
     let installed = project.join(install);
     if !installed.is_dir() {
-        return Ok(Some(format!("dbt deps installed nothing in {}", install.display())));
+        return Ok(Some(format!(
+            "dbt deps installed nothing in {}",
+            install.display()
+        )));
     }
     let _held = cache.hold("deps", key)?;
     let entry = cache.kind_dir("deps")?.join(key);
@@ -282,7 +308,11 @@ pub fn save_deps(
 
 /// Rewrites each absolute link under `copy` (a copy of `original`) that points into `project` as
 /// a relative one. Returns a reason if a link points elsewhere.
-fn relativize_links(copy: &Path, original: &Path, project: &Path) -> std::io::Result<Option<String>> {
+fn relativize_links(
+    copy: &Path,
+    original: &Path,
+    project: &Path,
+) -> std::io::Result<Option<String>> {
     for item in std::fs::read_dir(copy)? {
         let item = item?;
         let path = item.path();
@@ -341,6 +371,7 @@ mod tests {
             vec![
                 ("HOME".to_owned(), home.to_owned()),
                 ("DBT_TARGET_PATH".to_owned(), format!("{home}/target")),
+                ("DBT_PROFILES_DIR".to_owned(), format!("{home}/profiles")),
                 ("DBT_ENV_SECRET_X".to_owned(), "s3cret".to_owned()),
             ]
         };
@@ -357,7 +388,11 @@ mod tests {
         let a = parse_key(&inputs(&env_a, "p: 1"));
         assert_eq!(a, parse_key(&inputs(&env_b, "p: 1")));
         assert_ne!(a, parse_key(&inputs(&env_a, "p: 2")));
-        std::fs::write(dir.path().join("dbt_project.yml"), "name: shop\nvars: {a: 1}\n").unwrap();
+        std::fs::write(
+            dir.path().join("dbt_project.yml"),
+            "name: shop\nvars: {a: 1}\n",
+        )
+        .unwrap();
         assert_ne!(a, parse_key(&inputs(&env_a, "p: 1")));
     }
 
@@ -377,7 +412,10 @@ mod tests {
         std::fs::create_dir(&second).unwrap();
         let restored = restore_parse(&cache, "k", &second).unwrap();
         assert!(restored.restored);
-        assert_eq!(std::fs::read(second.join(PARTIAL_PARSE_FILE)).unwrap(), b"first");
+        assert_eq!(
+            std::fs::read(second.join(PARTIAL_PARSE_FILE)).unwrap(),
+            b"first"
+        );
         // dbt failed before parsing: the file is as restored, nothing to save.
         assert!(!save_parse(&cache, "k", &second, &restored).unwrap());
     }
@@ -394,8 +432,19 @@ mod tests {
             ("full", Some("saved manifest not found".to_owned()))
         );
         std::fs::write(&log, "12:00:00.1 [info ] [MainThread]: Unable to do partial parsing because profile has changed\n").unwrap();
-        assert_eq!(parse_mode(&log), ("full", Some("profile has changed".to_owned())));
+        assert_eq!(
+            parse_mode(&log),
+            ("full", Some("profile has changed".to_owned()))
+        );
         assert_eq!(parse_mode(&dir.path().join("none.log")), ("unknown", None));
+        std::fs::write(&log, concat!(
+            r#"{"data": {}, "info": {"code": "A001", "msg": "Running with dbt=1.11.16", "name": "MainReportVersion"}}"#, "\n",
+            r#"{"data": {"reason": "saved manifest not found. Starting full parse."}, "info": {"code": "I024", "msg": "Unable to do partial parsing because saved manifest not found. Starting full parse.", "name": "UnableToPartialParse"}}"#, "\n",
+        )).unwrap();
+        assert_eq!(
+            parse_mode(&log),
+            ("full", Some("saved manifest not found".to_owned()))
+        );
     }
 
     #[test]

@@ -517,8 +517,16 @@ mod tests {
         assert!(!root.path().join("shop/pr/pr_shop_9.duckdb").exists());
 
         std::fs::create_dir_all(root.path().join("shop/pr/pr_shop_8")).unwrap();
-        std::fs::write(root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb"), "old").unwrap();
-        std::fs::write(root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb.wal"), "w").unwrap();
+        std::fs::write(
+            root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb"),
+            "old",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("shop/pr/pr_shop_8/pr_shop_8.duckdb.wal"),
+            "w",
+        )
+        .unwrap();
         let isolation = IsolationName::for_pr(&repo, PrNumber(8));
         let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
         else {

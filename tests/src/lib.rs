@@ -475,6 +475,11 @@ threads = 4
         Ok(())
     }
 
+    /// Agent `index`'s `work_dir` (its caches and run directories).
+    pub fn agent_work_dir(&self, index: usize) -> PathBuf {
+        self.dir.path().join(&self.agents[index].name)
+    }
+
     /// The directory of an agent's configuration file (hidden from its builds).
     pub fn agent_config_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}-config"))
@@ -858,6 +863,24 @@ pub fn attempt_spans(record: &Path) -> std::collections::HashMap<String, Vec<(u6
         by_run.entry(run).or_default().push(span);
     }
     by_run
+}
+
+/// Bytes of the files under `path` (symlinks not followed).
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !metadata.is_dir() {
+        return metadata.len();
+    }
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| disk_usage(&entry.path()))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Reads every table and view of a DuckDB database (attaching production as `prod`, as the PR
