@@ -28,6 +28,10 @@ struct Info {
 pub struct Progress {
     pub done: u32,
     pub total: u32,
+    /// When dbt announced itself (`Running with dbt=...`): Python and dbt are loaded.
+    pub started: Option<std::time::Instant>,
+    /// When dbt reported what it found (`Found N models, ...`): the project is parsed.
+    pub parsed: Option<std::time::Instant>,
 }
 
 /// What one output line means.
@@ -64,6 +68,12 @@ impl Progress {
                 }
             }
             "LogStartLine" => {}
+            "MainReportVersion" => {
+                self.started.get_or_insert_with(std::time::Instant::now);
+            }
+            "FoundStats" => {
+                self.parsed.get_or_insert_with(std::time::Instant::now);
+            }
             _ if (name.ends_with("Result") || name == "SkippingDetails")
                 && line.data.get("index").is_some() =>
             {

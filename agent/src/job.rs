@@ -46,6 +46,8 @@ pub struct Services {
     pub dbt_identity: String,
     pub warehouse: Arc<DuckDbWarehouse>,
     pub sandbox: Arc<Sandbox>,
+    /// Pre-started dbt for the slots' next builds, when dbt is a Python script here.
+    pub warm: Option<Arc<crate::warm::WarmPool>>,
 }
 
 /// A failed step: the result to report and a message for people.
@@ -156,6 +158,12 @@ struct Attempt<'a> {
     holds: Vec<Held>,
     /// The profile written for this attempt.
     profile: String,
+    /// The last dbt invocation: when it was spawned, loaded, and done parsing.
+    last_timing: (
+        Option<std::time::Instant>,
+        Option<std::time::Instant>,
+        Option<std::time::Instant>,
+    ),
 }
 
 /// Runs the job and returns how it ended. Never panics on bad input; every failure becomes an
@@ -187,6 +195,7 @@ pub async fn execute(
         caches: CacheReport::default(),
         holds: Vec::new(),
         profile: String::new(),
+        last_timing: (None, None, None),
     };
     let mut outcome = match attempt.run().await {
         Ok(outcome) => outcome,
@@ -217,6 +226,10 @@ pub async fn execute(
         tracing::warn!(%error, dir = %attempt.run_dir.display(), "could not remove the run directory");
     }
     attempt.holds.clear();
+    if let Some(pool) = &services.warm {
+        let (pool, sandbox) = (pool.clone(), services.sandbox.clone());
+        tokio::spawn(async move { pool.replenish(&sandbox).await });
+    }
     let cache = services.cache.clone();
     tokio::task::spawn_blocking(move || {
         let evicted = cache.evict();
@@ -858,8 +871,69 @@ impl Attempt<'_> {
 
     /// Runs dbt with `args` in the sandbox and streams its output; returns how it ended.
     async fn dbt(&mut self, project: &Path, args: Vec<String>) -> Result<Ran, Stop> {
-        self.invocations += 1;
-        let env = self.dbt_env();
+        self.run_dbt(project, args, false).await
+    }
+
+    /// As `dbt`, on the slot's pre-started dbt if there is one.
+    async fn dbt_prestarted(&mut self, project: &Path, args: Vec<String>) -> Result<Ran, Stop> {
+        self.run_dbt(project, args, true).await
+    }
+
+    /// Hands the build to a pre-started dbt: its output, its process, and a task that passes
+    /// the attempt's cancel and deadline on. None if there is none or it cannot take the job.
+    async fn hand_to_warm(
+        &mut self,
+        project: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Option<(
+        mpsc::Receiver<String>,
+        tokio::task::JoinHandle<Result<Ran, process::ProcessError>>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let warm = self.services.warm.as_ref()?.take()?;
+        let job = serde_json::json!({
+            "args": args,
+            "cwd": project,
+            "env": env,
+            "landlock": self.services.sandbox.landlock_rules(&self.paths),
+        });
+        if let Err(error) = warm.hand(&job).await {
+            self.log.slimci(format_args!("starting dbt cold: {error}"));
+            warm.discard();
+            return None;
+        }
+        let crate::warm::Warm {
+            lines,
+            task,
+            stop,
+            timeout,
+            ..
+        } = warm;
+        let (cancel, deadline) = (self.cancel.clone(), self.deadline);
+        let linker = tokio::spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => stop.cancel(),
+                () = tokio::time::sleep_until(deadline) => timeout.cancel(),
+            }
+        });
+        Some((lines, task, linker))
+    }
+
+    /// Starts dbt in the sandbox; returns its output and its process.
+    #[allow(clippy::type_complexity)]
+    fn spawn_dbt(
+        &self,
+        project: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Result<
+        (
+            mpsc::Receiver<String>,
+            tokio::task::JoinHandle<Result<Ran, process::ProcessError>>,
+        ),
+        Stop,
+    > {
         let program = self.services.config.dbt.clone();
         let name = format!(
             "{}-{}-{}",
@@ -876,18 +950,47 @@ impl Attempt<'_> {
             cwd: project.to_owned(),
             env,
             deadline: self.deadline,
+            timeout: None,
             grace: Duration::from_secs(self.services.config.grace_secs()),
             sandbox: Some(prepared),
         };
-        let (lines, mut incoming) = mpsc::channel(4096);
+        let (lines, incoming) = mpsc::channel(4096);
         let cancel = self.cancel.clone();
         let running = tokio::spawn(async move { process::run(invocation, lines, &cancel).await });
+        Ok((incoming, running))
+    }
+
+    async fn run_dbt(
+        &mut self,
+        project: &Path,
+        args: Vec<String>,
+        prestarted: bool,
+    ) -> Result<Ran, Stop> {
+        self.invocations += 1;
+        let env = self.dbt_env();
+        let spawned = std::time::Instant::now();
+        let warm = if prestarted {
+            self.hand_to_warm(project, &args, &env).await
+        } else {
+            None
+        };
+        let (mut incoming, running, linker, prestarted) = match warm {
+            Some((lines, task, linker)) => (lines, task, Some(linker), true),
+            None => {
+                let (incoming, running) = self.spawn_dbt(project, args, env)?;
+                (incoming, running, None, false)
+            }
+        };
+        let mut confined = false;
         let mut progress = Progress::default();
         let mut ticker = tokio::time::interval(LOG_FLUSH_INTERVAL);
         let mut progress_dirty = false;
         loop {
             tokio::select! {
                 line = incoming.recv() => match line {
+                    Some(raw) if prestarted && !confined && raw.starts_with("[slimci-worker] {") => {
+                        confined = true;
+                    }
                     Some(raw) => {
                         let parsed = progress.read(&raw);
                         progress_dirty |= parsed.progress_changed;
@@ -907,16 +1010,23 @@ impl Attempt<'_> {
             }
         }
         self.log.flush();
+        self.last_timing = (Some(spawned), progress.started, progress.parsed);
         if progress_dirty {
             self.reporter.send(EventBody::Progress {
                 done: progress.done,
                 total: progress.total,
             });
         }
-        let ran = running
+        let mut ran = running
             .await
             .map_err(|error| Stop::error(format!("build task failed: {error}")))?
             .map_err(|error| Stop::error(error.to_string()))?;
+        if let Some(linker) = linker {
+            linker.abort();
+        }
+        if let Some(report) = &mut ran.report {
+            report.prestarted = confined;
+        }
         if let Some(report) = &ran.report
             && self.last_report.as_ref() != Some(report)
         {
@@ -1053,7 +1163,7 @@ impl Attempt<'_> {
         let target_name = if state_dir.is_some() { "ci" } else { "prod" };
         let parse = self.restore_parse(project, target_name).await;
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
-        let ran = self.dbt(project, args).await?;
+        let ran = self.dbt_prestarted(project, args).await?;
         self.after_parse(parse, &ran).await;
         match ran.exit {
             Exit::Code(0) => Ok((RunResult::Success, Some(0))),
@@ -1126,6 +1236,12 @@ impl Attempt<'_> {
     /// Records how dbt parsed, saves its new parse for later runs, and reports the caches.
     async fn after_parse(&mut self, parse: Option<(String, RestoredParse)>, ran: &Ran) {
         let (mode, reason) = reuse::parse_mode(&self.run_dir.join("logs").join("dbt.log"));
+        let seconds = |from: Option<std::time::Instant>, to: Option<std::time::Instant>| {
+            Some(((to? - from?).as_secs_f64() * 1000.0).round() / 1000.0)
+        };
+        let (spawned, started, parsed) = self.last_timing;
+        self.caches.dbt_startup_s = seconds(spawned, started);
+        self.caches.parse_s = seconds(started, parsed);
         self.caches.parse = Some(mode.to_owned());
         self.caches.parse_reason = reason;
         // A build dbt finished (pass or fail) wrote a whole parse; a killed one may not have.

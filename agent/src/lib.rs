@@ -17,6 +17,7 @@ pub mod reuse;
 pub mod sandbox;
 pub mod state;
 pub mod warehouse;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -189,6 +190,28 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         .user_agent(concat!("slimci-agent/", env!("CARGO_PKG_VERSION")))
         .build()?;
     let cache = Arc::new(open_cache(&config)?);
+    // What a pre-started dbt may touch before it knows its build: any build's paths.
+    let warm = if config.prestart_dbt {
+        let paths = sandbox::BuildPaths {
+            write: vec![runs.clone(), root.clone()],
+            read: vec![cache.root().join("state")],
+        };
+        match warm::WarmPool::new(
+            &config.dbt,
+            &config.work_dir,
+            paths,
+            Duration::from_secs(config.grace_secs()),
+            usize::from(config.slots),
+        ) {
+            Ok(pool) => pool.map(Arc::new),
+            Err(error) => {
+                tracing::warn!(%error, "cannot prepare pre-started dbt; builds start it cold");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let dbt_identity = reuse::dbt_identity(&config.dbt);
     tracing::info!(dir = %cache.root().display(), max_bytes = config.cache.max_bytes, dbt = %dbt_identity, "caches ready");
     let config = Arc::new(config);
@@ -211,6 +234,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
             secrets: secrets.clone(),
             http,
             sandbox: Arc::new(sandbox),
+            warm,
         },
         events,
         topology,
@@ -219,6 +243,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         abort: shutdown.abort.clone(),
     });
     tracing::info!(agent = %config.name, slots = config.slots, "agent starting");
+    if let Some(pool) = &worker.services.warm {
+        let (pool, sandbox) = (pool.clone(), worker.services.sandbox.clone());
+        tokio::spawn(async move { pool.replenish(&sandbox).await });
+    }
 
     let jobs = TaskTracker::new();
     let control = tokio::spawn(control_loop(
@@ -245,6 +273,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         "no longer taking jobs; waiting for running ones"
     );
     jobs.wait().await;
+    if let Some(pool) = &worker.services.warm {
+        pool.close().await;
+    }
     control.abort();
     heartbeats.abort();
     drop(worker);

@@ -40,6 +40,8 @@ pub struct Invocation {
     /// The child's whole environment.
     pub env: Vec<(String, String)>,
     pub deadline: Instant,
+    /// Ends it as timed out when cancelled: a deadline set after the start (pre-started dbt).
+    pub timeout: Option<CancellationToken>,
     pub grace: Duration,
     /// Runs it in the sandbox; `program`, `args`, `cwd` and `env` are then the spec's.
     pub sandbox: Option<Prepared>,
@@ -299,9 +301,14 @@ pub async fn run(
 
     // Some(exit): the leader ended by itself; None: we stop it, for `stopped_because`.
     let mut stopped_because = None;
+    let timeout = invocation.timeout.clone().unwrap_or_default();
     let ended = tokio::select! {
         status = child.wait() => Some(status.map_err(ProcessError::Wait)?),
         () = tokio::time::sleep_until(invocation.deadline) => {
+            stopped_because = Some(Exit::TimedOut);
+            None
+        }
+        () = timeout.cancelled(), if invocation.timeout.is_some() => {
             stopped_because = Some(Exit::TimedOut);
             None
         }
@@ -409,6 +416,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             deadline: Instant::now() + deadline,
+            timeout: None,
             grace: Duration::from_millis(300),
             sandbox: None,
         }

@@ -1497,6 +1497,7 @@ mod tests {
             rlimit_nproc: Some(512),
             core_dumps: false,
             warnings: vec![],
+            prestarted: false,
         };
         store
             .apply_event(&event(&run, 1, EventBody::Sandbox(report.clone())))

@@ -358,10 +358,15 @@ pub struct SandboxReport {
     /// What could not be applied, for people.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// dbt was pre-started for the slot: loaded under landlock rules covering every build of the
+    /// agent, then, before reading the project, confined to this build's rules (`landlock`
+    /// describes both; the kernel enforces both).
+    #[serde(default)]
+    pub prestarted: bool,
 }
 
 /// Which of the agent's caches an attempt could use: what made it fast, or why it was not.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CacheReport {
     /// `hit` (the commit was in the agent's git cache) or `fetched`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -379,6 +384,12 @@ pub struct CacheReport {
     /// dbt's reason for a full parse ("saved manifest not found", "profile has changed", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parse_reason: Option<String>,
+    /// Seconds from starting dbt to its first log line (loading Python and dbt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbt_startup_s: Option<f64>,
+    /// Seconds dbt spent reading and parsing the project, up to `Found N models, ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_s: Option<f64>,
 }
 
 /// What an agent reports about an attempt.
@@ -573,6 +584,7 @@ mod tests {
                 rlimit_nproc: Some(512),
                 core_dumps: false,
                 warnings: vec![],
+                prestarted: false,
             }),
         };
         let bytes = encode(&event);

@@ -60,10 +60,7 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
         )
         .unwrap();
     origin
-        .commit_file_on_main(
-            "packages.yml",
-            "packages:\n  - local: vendor/shop_utils\n",
-        )
+        .commit_file_on_main("packages.yml", "packages:\n  - local: vendor/shop_utils\n")
         .unwrap();
 
     let deploy = cluster.deploy().await.unwrap();
@@ -81,7 +78,10 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
     // The first CI run's profile differs from the deploy's: a full parse, and dbt says why.
     assert_eq!(caches["parse"], "full", "{first}");
     assert!(
-        caches["parse_reason"].as_str().unwrap().contains("not found"),
+        caches["parse_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
         "{first}"
     );
 
@@ -98,6 +98,9 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
     assert_eq!(caches["deps"], "hit", "{second}");
     assert_eq!(caches["state"], "hit", "{second}");
     assert_eq!(caches["git"], "fetched", "{second}");
+    // The build ran on the slot's pre-started dbt, confined to the build's own rules.
+    assert_eq!(second["sandbox"]["prestarted"], true, "{second}");
+    assert_eq!(second["sandbox"]["landlock"], "full", "{second}");
     // The reused parse changes nothing about what is built.
     assert_eq!(built_models(&second), built_models(&first));
     assert_eq!(built_models(&second).len(), 6, "{second}");

@@ -222,6 +222,19 @@ impl Sandbox {
     }
 
     /// One build's spec and cgroup. `name` must be unique among running builds.
+    /// The landlock rules of a build that may use `paths`: the system and dbt's installation
+    /// to read, /dev to write, minus the agent's own files.
+    pub fn landlock_rules(&self, paths: &BuildPaths) -> LandlockSpec {
+        let mut read: Vec<PathBuf> = self.system_read.clone();
+        read.extend(paths.read.iter().cloned());
+        let mut write: Vec<PathBuf> = SYSTEM_WRITE.iter().map(PathBuf::from).collect();
+        write.extend(paths.write.iter().cloned());
+        LandlockSpec {
+            read: allow_except(&read, &self.denied),
+            write: allow_except(&write, &self.denied),
+        }
+    }
+
     pub fn prepare(
         &self,
         name: &str,
@@ -247,10 +260,6 @@ impl Sandbox {
         }
         let cgroup =
             cgroup::BuildCgroup::create(&self.mode, name, self.memory_limit, self.pids_limit)?;
-        let mut read: Vec<PathBuf> = self.system_read.clone();
-        read.extend(paths.read.iter().cloned());
-        let mut write: Vec<PathBuf> = SYSTEM_WRITE.iter().map(PathBuf::from).collect();
-        write.extend(paths.write.iter().cloned());
         let spec = Spec {
             program: program.to_owned(),
             args: args.to_vec(),
@@ -265,10 +274,7 @@ impl Sandbox {
             user: self.user.clone(),
             nofile: self.nofile,
             nproc: self.nproc,
-            landlock: Some(LandlockSpec {
-                read: allow_except(&read, &self.denied),
-                write: allow_except(&write, &self.denied),
-            }),
+            landlock: Some(self.landlock_rules(paths)),
             wrapper_pid: None,
             applied: Applied::default(),
         };
@@ -317,6 +323,7 @@ impl Prepared {
             rlimit_nproc: applied.nproc,
             core_dumps: applied.core_dumps,
             warnings,
+            prestarted: false,
         }
     }
 }
