@@ -244,6 +244,9 @@ async fn writes_outside_the_build_are_denied() {
     let id = pull_request(&cluster, 3, &[("escape.py", model)]).await;
     let (run, log) = finish(&mut cluster, &id).await;
     assert_eq!(run["status"], "failed", "{run}\n{log}");
+    // It ran on a pre-started dbt, loaded under rules covering every build of the agent
+    // (another PR's database included) and then confined to this build's own.
+    assert_eq!(run["sandbox"]["prestarted"], true, "{run}");
     // The run's message names the failing model; its node message and the log say why.
     assert!(
         run["message"]
