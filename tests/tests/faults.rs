@@ -312,3 +312,35 @@ async fn a_short_fault_storm_loses_nothing_and_never_overlaps() {
     assert_eq!(report.overlapping, 0);
     assert!(report.kills >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() {
+    // The harness gives builds `grace_secs = 5`: a build that never saw SIGTERM would only end
+    // by the SIGKILL after it.
+    let mut cluster = Cluster::start(stub_options(1, "")).await.unwrap();
+    let record = slimci_tests::record_file();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 60000, "record": record })).await;
+    wait_running(&cluster, &id).await;
+    let asked = std::time::Instant::now();
+    let response = cluster
+        .http
+        .post(format!("{}/api/v1/runs/{id}/cancel", cluster.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(took < Duration::from_secs(3), "cancel took {took:?}");
+    // The stub records `end` only from its SIGTERM handler (or a normal end, 60 s away).
+    let records = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        records
+            .lines()
+            .any(|line| line.contains("\"event\":\"end\"")),
+        "dbt never saw SIGTERM: {records}"
+    );
+    let _ = std::fs::remove_file(&record);
+    cluster.assert_all_alive();
+}

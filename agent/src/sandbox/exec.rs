@@ -27,7 +27,8 @@
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::os::fd::AsRawFd;
+use std::process::Command;
 
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal, kill};
@@ -146,8 +147,8 @@ fn read_spec() -> Spec {
     }
 }
 
-/// Signals the stages handle synchronously with `sigwait`. Children get an empty mask (std
-/// resets it before exec).
+/// Signals the stages handle synchronously with `sigwait`, blocked in them. A blocked mask
+/// survives exec, so dbt is started with an empty one (`spawn_unblocked`).
 fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     for signal in [
@@ -358,6 +359,46 @@ fn apply_landlock(rules: &LandlockSpec, applied: &mut Applied) -> Result<(), Str
     Ok(())
 }
 
+/// Starts dbt with an empty signal mask and default signal dispositions. Init keeps the
+/// termination signals blocked for itself (it waits for them), and a blocked mask survives
+/// fork and exec: `std::process::Command` would hand it to dbt, which would then never see the
+/// SIGTERM of a cancel and only die by the SIGKILL after the grace period. `posix_spawn` sets
+/// the child's mask and dispositions itself, with no code of ours between fork and exec.
+fn spawn_unblocked(spec: &Spec) -> Result<Pid, String> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+    use std::ffi::CString;
+    let cstring = |text: &str| CString::new(text).map_err(|_| format!("{text:?} holds a NUL byte"));
+    nix::unistd::chdir(&spec.cwd)
+        .map_err(|error| format!("cannot enter {}: {error}", spec.cwd.display()))?;
+    let program = cstring(&spec.program.to_string_lossy())?;
+    let mut args = vec![program.clone()];
+    for arg in &spec.args {
+        args.push(cstring(arg)?);
+    }
+    let env = spec
+        .env
+        .iter()
+        .map(|(name, value)| cstring(&format!("{name}={value}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut attr = PosixSpawnAttr::init().map_err(|error| error.to_string())?;
+    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)
+        .map_err(|error| error.to_string())?;
+    attr.set_sigmask(&SigSet::empty())
+        .map_err(|error| error.to_string())?;
+    // Rust ignores SIGPIPE in its own processes; dbt gets the default, as from a shell.
+    let mut defaults = handled_signals();
+    defaults.add(Signal::SIGPIPE);
+    attr.set_sigdefault(&defaults)
+        .map_err(|error| error.to_string())?;
+    // Standard input is the agent's socket: dbt gets /dev/null instead.
+    let null = std::fs::File::open("/dev/null").map_err(|error| format!("/dev/null: {error}"))?;
+    let mut actions = PosixSpawnFileActions::init().map_err(|error| error.to_string())?;
+    actions
+        .add_dup2(null.as_raw_fd(), 0)
+        .map_err(|error| error.to_string())?;
+    posix_spawn(program.as_c_str(), &actions, &attr, &args, &env).map_err(|error| error.to_string())
+}
+
 /// Kills and reaps every child left (orphans reparented to us as subreaper), until none is.
 fn kill_orphans() {
     let me = std::process::id() as i32;
@@ -454,15 +495,8 @@ pub fn init_main() -> ! {
             ));
         }
     }
-    let child = Command::new(&spec.program)
-        .args(&spec.args)
-        .current_dir(&spec.cwd)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .spawn();
-    let child = match child {
-        Ok(child) => Pid::from_raw(child.id() as i32),
+    let child = match spawn_unblocked(&spec) {
+        Ok(child) => child,
         Err(error) => fail(
             applied,
             format!("cannot start {}: {error}", spec.program.display()),

@@ -9,6 +9,10 @@
 //!   "log_bytes": 0, "invalid_utf8": false, "record": "/path/attempts.jsonl"}`.
 //! `record` names a file to which it appends `{"run_dir", "event": "start"|"end", "ms"}` lines,
 //! so a test can check from the agents' own side that attempts of a run never overlapped.
+//! `line_interval_ms` (for `bench/perf`'s log latency): the `log_lines` lines come that many
+//! milliseconds apart, each flushed at once and ending `at_ms=<wall-clock ms>`.
+//! `unblock_signals` (for `bench/perf`'s cancel what-if): unblock every signal first, whatever
+//! signal mask the stub inherited.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -26,6 +30,10 @@ struct Stub {
     log_bytes: u64,
     invalid_utf8: bool,
     record: Option<String>,
+    /// Print the log lines this far apart, each with its wall-clock time (`at_ms=`).
+    line_interval_ms: u64,
+    /// Unblock every signal at start (a blocked mask survives exec).
+    unblock_signals: bool,
 }
 
 fn now_ms() -> u128 {
@@ -68,6 +76,9 @@ fn main() {
             log_lines: 5,
             ..Stub::default()
         });
+    if stub.unblock_signals {
+        let _ = nix::sys::signal::SigSet::all().thread_unblock();
+    }
     let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _ = signal_hook_lite(terminated.clone());
     let stdout = std::io::stdout();
@@ -91,6 +102,21 @@ fn main() {
         serde_json::json!({ "node_count": stub.nodes }),
     );
     for line in 0..stub.log_lines {
+        if stub.line_interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(stub.line_interval_ms));
+            if terminated.load(std::sync::atomic::Ordering::SeqCst) {
+                record(&stub, "end");
+                std::process::exit(130);
+            }
+            log(
+                &mut out,
+                "Note",
+                &format!("stub log line {line} at_ms={}", now_ms()),
+                serde_json::json!({}),
+            );
+            let _ = out.flush();
+            continue;
+        }
         log(
             &mut out,
             "Note",
