@@ -319,7 +319,11 @@ async fn consume_session(
     // its claim is granted, so no message waits unacknowledged behind a long build (RabbitMQ's
     // consumer timeout), and no job sits in this agent's buffer while another agent idles.
     channel.basic_qos(1, BasicQosOptions::default()).await?;
-    let tag = format!("slimci-agent-{}", config.name);
+    // A new tag for every consumer: RabbitMQ counts a consumer's unacknowledged deliveries by
+    // its tag, so a consumer re-created under the old tag would be credited with the acks of
+    // its predecessor's deliveries and be sent more than one job at a time.
+    let mut consumers = 0u64;
+    let mut tag = String::new();
     let mut consumer: Option<lapin::Consumer> = None;
     tracing::info!(queue = %worker.topology.jobs_queue(), slots = config.slots, "waiting for jobs");
     loop {
@@ -328,6 +332,8 @@ async fn consume_session(
             permit = worker.slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
         };
         if consumer.is_none() {
+            consumers += 1;
+            tag = format!("slimci-agent-{}-{consumers}", config.name);
             consumer = Some(
                 channel
                     .basic_consume(
@@ -342,7 +348,9 @@ async fn consume_session(
         let stream = consumer.as_mut().expect("consuming");
         let delivery = tokio::select! {
             () = drain.cancelled() => {
-                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                if let Some(old) = consumer.take() {
+                    stop_consuming(&channel, &tag, old).await?;
+                }
                 return Ok(());
             }
             delivery = stream.next() => delivery,
@@ -373,20 +381,43 @@ async fn consume_session(
                 continue;
             }
         };
-        if worker.slots.available_permits() == 0 {
-            // Every slot is taken: pause deliveries before this one is acknowledged, so the
-            // broker hands the next job to an agent with room.
-            channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await?;
-            consumer = None;
-        }
-        let worker = worker.clone();
+        let full = worker.slots.available_permits() == 0;
+        let taking = worker.clone();
         jobs.spawn(async move {
-            worker.take_job(job, delivery).await;
+            taking.take_job(job, delivery).await;
             drop(permit);
         });
+        if full && let Some(old) = consumer.take() {
+            // Every slot is taken: stop consuming, so the broker hands the next job to an agent
+            // with room (a job it sent meanwhile goes back to the queue).
+            stop_consuming(&channel, &tag, old).await?;
+        }
     }
+}
+
+/// Cancels a consumer and gives back, for other agents, any job the broker sent it before the
+/// cancel took effect (dropping the consumer would strand it, unacknowledged, until the channel
+/// closes).
+async fn stop_consuming(
+    channel: &lapin::Channel,
+    tag: &str,
+    mut consumer: lapin::Consumer,
+) -> Result<(), BrokerError> {
+    channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await?;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+    {
+        tracing::info!("returning a job the broker sent as consuming stopped");
+        delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 impl Worker {

@@ -58,16 +58,15 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
 
 /// The waiting runs the scheduling rules let go now, oldest first.
 async fn runs_to_dispatch(state: &AppState) -> Vec<Run> {
-    let active = match state.store.active_runs().await {
+    let active = match state.store.active_for_rules().await {
         Ok(active) => active,
         Err(error) => {
             tracing::error!(%error, "cannot read the runs to dispatch");
             return Vec::new();
         }
     };
-    let (out, waiting): (Vec<&Run>, Vec<&Run>) = active.iter().partition(|run| run.dispatched);
-    let out: Vec<ActiveRun> = out.into_iter().map(Run::active).collect();
-    let waiting_rules: Vec<ActiveRun> = waiting.iter().map(|run| run.active()).collect();
+    let (out, waiting_rules): (Vec<ActiveRun>, Vec<ActiveRun>) =
+        active.into_iter().partition(|run| run.dispatched);
     let caps = Caps {
         global: state.config.scheduling.global_cap,
         per_repository: state
@@ -78,12 +77,18 @@ async fn runs_to_dispatch(state: &AppState) -> Vec<Run> {
             .map(|repository| (repository.name.clone(), repository.max_concurrent))
             .collect(),
     };
-    let chosen = rules::dispatch(&waiting_rules, &out, &caps);
-    waiting
-        .into_iter()
-        .filter(|run| chosen.contains(&run.id))
-        .cloned()
-        .collect()
+    let mut chosen = Vec::new();
+    for id in rules::dispatch(&waiting_rules, &out, &caps) {
+        match state.store.run(id).await {
+            Ok(Some(run)) => chosen.push(run),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(%error, run = %id, "cannot read a run to dispatch");
+                break;
+            }
+        }
+    }
+    chosen
 }
 
 /// A CI run compares against the production state current when it starts: stamp it now.

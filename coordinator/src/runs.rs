@@ -32,7 +32,7 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     };
     let active: Vec<rules::ActiveRun> = state
         .store
-        .active_runs()
+        .active_runs_of(&request.repository, request.kind, request.pr)
         .await?
         .iter()
         .map(Run::active)
@@ -121,13 +121,15 @@ pub async fn cancel_pull_request(
     reason: &str,
 ) -> Result<usize, StoreError> {
     let mut cancelled = 0;
-    for run in state.store.active_runs().await? {
-        if run.repository == repository.name && run.kind == RunKind::Ci && run.pr == Some(pr) {
-            match cancel(state, run.id, reason).await {
-                Ok(_) => cancelled += 1,
-                Err(CancelError::Store(error)) => return Err(error),
-                Err(_) => {}
-            }
+    for run in state
+        .store
+        .active_runs_of(&repository.name, RunKind::Ci, Some(pr))
+        .await?
+    {
+        match cancel(state, run.id, reason).await {
+            Ok(_) => cancelled += 1,
+            Err(CancelError::Store(error)) => return Err(error),
+            Err(_) => {}
         }
     }
     Ok(cancelled)

@@ -403,7 +403,9 @@ impl Store {
             .execute(&self.pool)
             .await?;
         for (version, sql) in MIGRATIONS {
-            let mut transaction = self.pool.begin().await?;
+            // IMMEDIATE: take the write lock at the start (waiting with the busy timeout), not on the
+            // first write, where a concurrent writer would fail it with SQLITE_BUSY at once.
+            let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let done: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
                     .bind(version)
@@ -617,7 +619,9 @@ impl Store {
 
     /// Applies an agent event whose log lines (if any) are already on disk.
     pub async fn apply_event(&self, event: &AgentEvent) -> Result<Applied> {
-        let mut transaction = self.pool.begin().await?;
+        // IMMEDIATE: take the write lock at the start (waiting with the busy timeout), not on the
+        // first write, where a concurrent writer would fail it with SQLITE_BUSY at once.
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let run_id = event.run_id.to_string();
         let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
             .bind(&run_id)
@@ -917,7 +921,9 @@ impl Store {
         reason: &str,
         max_attempts: u32,
     ) -> Result<Retry> {
-        let mut transaction = self.pool.begin().await?;
+        // IMMEDIATE: take the write lock at the start (waiting with the busy timeout), not on the
+        // first write, where a concurrent writer would fail it with SQLITE_BUSY at once.
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row =
             sqlx::query("SELECT * FROM runs WHERE id = ? AND attempt = ? AND status = 'running'")
                 .bind(id.to_string())
@@ -970,6 +976,61 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM runs WHERE status IN ('queued', 'running') ORDER BY created_ms, id",
         )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// What the scheduling rules need of every queued and running run, oldest first: only
+    /// those columns, so the publisher's every wake stays cheap with a long queue.
+    pub async fn active_for_rules(&self) -> Result<Vec<rules::ActiveRun>> {
+        let rows = sqlx::query(
+            "SELECT id, repository, kind, pr_number, sha, isolation, status, published FROM runs WHERE status IN ('queued', 'running') ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let repository: String = row.try_get("repository")?;
+                let kind: String = row.try_get("kind")?;
+                let status: String = row.try_get("status")?;
+                Ok(rules::ActiveRun {
+                    id: RunId::parse(&id).map_err(corrupt)?,
+                    repository: RepoName::parse(&repository).map_err(corrupt)?,
+                    kind: RunKind::parse(&kind)
+                        .ok_or_else(|| corrupt(format!("run kind {kind}")))?,
+                    pr: row
+                        .try_get::<Option<i64>, _>("pr_number")?
+                        .map(|n| PrNumber(n as u64)),
+                    sha: row
+                        .try_get::<Option<String>, _>("sha")?
+                        .map(|sha| Sha::parse(&sha))
+                        .transpose()
+                        .map_err(corrupt)?,
+                    isolation: row.try_get("isolation")?,
+                    status: RunStatus::parse(&status)
+                        .ok_or_else(|| corrupt(format!("run status {status}")))?,
+                    dispatched: row.try_get::<i64, _>("published")? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// The queued and running runs of one repository, kind and PR (none for deploys): what a
+    /// new submission may answer with or supersede, without reading the whole queue.
+    pub async fn active_runs_of(
+        &self,
+        repository: &RepoName,
+        kind: RunKind,
+        pr: Option<PrNumber>,
+    ) -> Result<Vec<Run>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE repository = ? AND kind = ? AND pr_number IS ? AND status IN ('queued', 'running') ORDER BY created_ms, id",
+        )
+        .bind(repository.as_str())
+        .bind(kind.as_str())
+        .bind(pr.map(|pr| pr.0 as i64))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(run_from_row).collect()

@@ -26,8 +26,8 @@
 
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::Command;
 
 use nix::errno::Errno;
@@ -381,8 +381,10 @@ fn spawn_unblocked(spec: &Spec) -> Result<Pid, String> {
         .map(|(name, value)| cstring(&format!("{name}={value}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut attr = PosixSpawnAttr::init().map_err(|error| error.to_string())?;
-    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)
-        .map_err(|error| error.to_string())?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(|error| error.to_string())?;
     attr.set_sigmask(&SigSet::empty())
         .map_err(|error| error.to_string())?;
     // Rust ignores SIGPIPE in its own processes; dbt gets the default, as from a shell.
