@@ -107,7 +107,7 @@ def read_job():
 
 def main():
     job = read_job()
-    abi = confine(job["landlock"]) if job.get("landlock") is not None else 0
+    abi = confine(job["landlock"])
     print("[slimci-worker] " + json.dumps({"landlock_abi": abi}), flush=True)
     os.environ.clear()
     os.environ.update(dict(job["env"]))

@@ -153,11 +153,15 @@ impl WarmPool {
     async fn start(&self, sandbox: &Sandbox) -> Result<Warm, String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let fifo = self.runs.join(format!(".warm-{id}.fifo"));
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        // The agent's: the build user may read it (the worker does), but no build can write a
+        // job into another slot's worker.
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644))
             .map_err(|error| format!("mkfifo {}: {error}", fifo.display()))?;
-        sandbox
-            .hand_over(&fifo)
-            .map_err(|error| error.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o644))
+                .map_err(|error| format!("{}: {error}", fifo.display()))?;
+        }
         let args = vec![
             "-u".to_owned(),
             self.script.display().to_string(),
