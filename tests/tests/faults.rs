@@ -321,6 +321,16 @@ async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() 
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 60000, "record": record })).await;
     wait_running(&cluster, &id).await;
+    // The stub records `start` once its SIGTERM handler is in place.
+    wait_for("the stub dbt to start", TIMEOUT, || async {
+        let records = std::fs::read_to_string(&record).unwrap_or_default();
+        Ok(records
+            .lines()
+            .any(|line| line.contains("\"event\":\"start\""))
+            .then_some(()))
+    })
+    .await
+    .unwrap();
     let asked = std::time::Instant::now();
     let response = cluster
         .http

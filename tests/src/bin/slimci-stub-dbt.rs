@@ -220,18 +220,18 @@ fn create_target_database() {
 
 /// SIGTERM sets the flag; the main loop exits with 130.
 fn signal_hook_lite(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered here, before returning: a SIGTERM from now on sets the flag.
+    let mut terminate = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?
+    };
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         runtime.block_on(async {
-            if let Ok(mut terminate) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                terminate.recv().await;
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+            terminate.recv().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     });
     Ok(())
