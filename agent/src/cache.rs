@@ -57,6 +57,15 @@ fn lock_path(entry: &Path) -> PathBuf {
     entry.with_file_name(name)
 }
 
+/// The entry's lock file, created if missing (never truncated: its mtime is the last use).
+fn open_lock(lock: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+}
+
 /// Bytes on disk under `path` (files and symlinks themselves; symlinks are not followed).
 pub fn disk_usage(path: &Path) -> u64 {
     let Ok(metadata) = std::fs::symlink_metadata(path) else {
@@ -103,12 +112,7 @@ impl Cache {
     }
 
     fn hold_path(entry: &Path, how: FlockArg) -> std::io::Result<Held> {
-        let path = lock_path(entry);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
+        let file = open_lock(&lock_path(entry))?;
         // The lock file's mtime is the entry's last use.
         file.set_modified(SystemTime::now())?;
         let lock = Flock::lock(file, how).map_err(|(_, errno)| std::io::Error::from(errno))?;
@@ -158,12 +162,7 @@ impl Cache {
                 break;
             }
             let lock = lock_path(&entry.path);
-            let Ok(file) = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock)
-            else {
+            let Ok(file) = open_lock(&lock) else {
                 continue;
             };
             let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {

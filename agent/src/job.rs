@@ -246,6 +246,15 @@ pub async fn execute(
     outcome
 }
 
+/// Runs blocking cache I/O off the async threads; a task that panicked is an I/O error too.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(error)))
+}
+
 /// From a project directory (`src/<project_dir>`) back up to its run directory: `../`, or
 /// `../../../` for a project in `analytics/dbt`.
 fn up_to_run_dir(project_dir: &str) -> String {
@@ -1086,11 +1095,10 @@ impl Attempt<'_> {
             let cache = self.services.cache.clone();
             let (restore_key, project_dir, install_dir) =
                 (key.clone(), project.to_owned(), install.clone());
-            let restored = tokio::task::spawn_blocking(move || {
+            let restored = blocking(move || {
                 reuse::restore_deps(&cache, &restore_key, &project_dir, &install_dir)
             })
-            .await
-            .map_err(|error| Stop::error(format!("restoring packages failed: {error}")))?;
+            .await;
             match restored {
                 Ok(true) => {
                     self.hand_over(&project.join(install))?;
@@ -1123,21 +1131,12 @@ impl Attempt<'_> {
         if cacheable && let Some(install) = install {
             let cache = self.services.cache.clone();
             let project_dir = project.to_owned();
-            let saved = tokio::task::spawn_blocking(move || {
-                reuse::save_deps(&cache, &key, &project_dir, &install)
-            })
-            .await;
-            match saved {
-                Ok(Ok(None)) => {}
-                Ok(Ok(Some(reason))) => self
-                    .log
-                    .slimci(format_args!("packages not cached: {reason}")),
-                Ok(Err(error)) => self
-                    .log
-                    .slimci(format_args!("packages not cached: {error}")),
-                Err(error) => self
-                    .log
-                    .slimci(format_args!("packages not cached: {error}")),
+            let saved = blocking(move || reuse::save_deps(&cache, &key, &project_dir, &install))
+                .await
+                .unwrap_or_else(|error| Some(error.to_string()));
+            if let Some(reason) = saved {
+                self.log
+                    .slimci(format_args!("packages not cached: {reason}"));
             }
         }
         Ok(())
@@ -1199,12 +1198,10 @@ impl Attempt<'_> {
         let cache = self.services.cache.clone();
         let target_dir = self.run_dir.join("target");
         let restore_key = key.clone();
-        let restored = tokio::task::spawn_blocking(move || {
-            reuse::restore_parse(&cache, &restore_key, &target_dir)
-        })
-        .await;
+        let restored =
+            blocking(move || reuse::restore_parse(&cache, &restore_key, &target_dir)).await;
         match restored {
-            Ok(Ok(restored)) => {
+            Ok(restored) => {
                 if restored.restored {
                     let file = self.run_dir.join("target").join(reuse::PARTIAL_PARSE_FILE);
                     if let Err(stop) = self.hand_over(&file) {
@@ -1219,11 +1216,6 @@ impl Attempt<'_> {
                     }
                 }
                 Some((key, restored))
-            }
-            Ok(Err(error)) => {
-                self.log
-                    .slimci(format_args!("parse cache unusable: {error}"));
-                None
             }
             Err(error) => {
                 self.log
@@ -1249,13 +1241,10 @@ impl Attempt<'_> {
         if let (Some((key, restored)), true) = (parse, finished) {
             let cache = self.services.cache.clone();
             let target_dir = self.run_dir.join("target");
-            let saved = tokio::task::spawn_blocking(move || {
-                let saved = reuse::save_parse(&cache, &key, &target_dir, &restored);
-                drop(restored);
-                saved
-            })
-            .await;
-            if let Ok(Err(error)) = saved {
+            // `restored` moves in: its hold on the entry lasts until the parse is saved.
+            let saved =
+                blocking(move || reuse::save_parse(&cache, &key, &target_dir, &restored)).await;
+            if let Err(error) = saved {
                 self.log.slimci(format_args!("parse not cached: {error}"));
             }
         }

@@ -185,27 +185,37 @@ pub fn parse_mode(dbt_log: &Path) -> (&'static str, Option<String>) {
         .map_while(Result::ok)
     {
         let line = String::from_utf8_lossy(&line);
+        if ![
+            "Partial parsing",
+            "partial parsing",
+            "Failed to load parsed file",
+        ]
+        .iter()
+        .any(|needle| line.contains(needle))
+        {
+            continue;
+        }
         // With `--log-format json` the file is JSON lines too; the text is `info.msg`.
-        let json_message = line
+        let message = line
             .starts_with('{')
             .then(|| serde_json::from_str::<serde_json::Value>(&line).ok())
             .flatten()
-            .and_then(|event| event["info"]["msg"].as_str().map(str::to_owned));
-        let line = json_message.map(std::borrow::Cow::Owned).unwrap_or(line);
-        if line.contains("Partial parsing enabled") {
+            .and_then(|event| event["info"]["msg"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| line.into_owned());
+        if message.contains("Partial parsing enabled") {
             return ("partial", None);
         }
-        if let Some((_, reason)) = line.split_once("Unable to do partial parsing because ") {
+        if let Some((_, reason)) = message.split_once("Unable to do partial parsing because ") {
             let reason = reason
                 .trim()
                 .trim_end_matches('.')
                 .trim_end_matches(". Starting full parse");
             return ("full", Some(reason.to_owned()));
         }
-        if line.contains("Failed to load parsed file from disk") {
+        if message.contains("Failed to load parsed file from disk") {
             return ("full", Some("the saved parse could not be read".to_owned()));
         }
-        if line.contains("Partial parsing not enabled") {
+        if message.contains("Partial parsing not enabled") {
             return ("full", Some("partial parsing is off".to_owned()));
         }
     }

@@ -57,7 +57,7 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
 }
 
 /// The waiting runs the scheduling rules let go now, oldest first.
-async fn runs_to_dispatch(state: &AppState) -> Vec<Run> {
+async fn runs_to_dispatch(state: &AppState) -> Vec<ActiveRun> {
     let active = match state.store.active_for_rules().await {
         Ok(active) => active,
         Err(error) => {
@@ -77,27 +77,20 @@ async fn runs_to_dispatch(state: &AppState) -> Vec<Run> {
             .map(|repository| (repository.name.clone(), repository.max_concurrent))
             .collect(),
     };
-    let mut chosen = Vec::new();
-    for id in rules::dispatch(&waiting_rules, &out, &caps) {
-        match state.store.run(id).await {
-            Ok(Some(run)) => chosen.push(run),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::error!(%error, run = %id, "cannot read a run to dispatch");
-                break;
-            }
-        }
-    }
-    chosen
+    let chosen = rules::dispatch(&waiting_rules, &out, &caps);
+    waiting_rules
+        .into_iter()
+        .filter(|run| chosen.contains(&run.id))
+        .collect()
 }
 
-/// A CI run compares against the production state current when it starts: stamp it now.
-async fn prepare_dispatch(state: &AppState, run: Run) -> Option<Run> {
-    if run.kind != RunKind::Ci {
-        return Some(run);
-    }
+/// The run to dispatch, read once; a CI run first gets the production state current when it
+/// starts, which it compares against.
+async fn prepare_dispatch(state: &AppState, run: ActiveRun) -> Option<Run> {
     let stamped = async {
-        if let Some(production) = state.store.production_state(&run.repository).await? {
+        if run.kind == RunKind::Ci
+            && let Some(production) = state.store.production_state(&run.repository).await?
+        {
             state
                 .store
                 .stamp_production_state(run.id, &production)
@@ -108,7 +101,7 @@ async fn prepare_dispatch(state: &AppState, run: Run) -> Option<Run> {
     match stamped.await {
         Ok(run) => run,
         Err(error) => {
-            tracing::error!(%error, run = %run.id, "cannot stamp the production state; trying again later");
+            tracing::error!(%error, run = %run.id, "cannot prepare a run to dispatch; trying again later");
             None
         }
     }

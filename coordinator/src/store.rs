@@ -971,16 +971,6 @@ impl Store {
         Ok(Retry::Ended(status))
     }
 
-    /// Every run that has not ended: the input of submission and dispatch decisions.
-    pub async fn active_runs(&self) -> Result<Vec<Run>> {
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE status IN ('queued', 'running') ORDER BY created_ms, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(run_from_row).collect()
-    }
-
     /// What the scheduling rules need of every queued and running run, oldest first: only
     /// those columns, so the publisher's every wake stays cheap with a long queue.
     pub async fn active_for_rules(&self) -> Result<Vec<rules::ActiveRun>> {
