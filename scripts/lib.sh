@@ -100,3 +100,44 @@ ensure_dbt() {
   fi
   echo "$venv/bin/dbt"
 }
+
+# What the end-to-end tests need on this machine: RabbitMQ on 5672, the tools the fault and
+# GitHub App tests run, the build user, dbt. Exports SLIMCI_DBT.
+ensure_test_prerequisites() {
+  ensure_build_tools
+  ensure_rabbitmq
+  # The fault tests start RabbitMQ nodes of their own, the GitHub App test makes a key, and the
+  # benchmark test downloads a manifest the way a do-it-yourself CI script does.
+  apt_install rabbitmq-server openssl curl
+  ensure_build_user
+  SLIMCI_DBT=$(ensure_dbt)
+  export SLIMCI_DBT
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install --locked --quiet cargo-nextest
+  fi
+  if [ "$(id -u)" -ne 0 ]; then
+    log "not root: the sandbox tests (build user, cgroups, PID namespaces) will fail; run as root"
+  fi
+}
+
+# After a nextest run: names the tests that failed (from nextest's JUnit report) and prints
+# the one command that reruns just those.
+report_failed_tests() {
+  local junit="$1"
+  [ -f "$junit" ] || return 0
+  python3 - "$junit" <<'PY'
+import sys, xml.etree.ElementTree as ET
+failed = []
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        failed.append((case.get("classname", ""), case.get("name", "")))
+if not failed:
+    sys.exit(0)
+print(f"\n\033[1m==> {len(failed)} test(s) failed:\033[0m", file=sys.stderr)
+for binary, name in failed:
+    print(f"    {binary} {name}", file=sys.stderr)
+expression = " | ".join(f"test(={name})" for _, name in failed)
+print(f"\nrerun just those with:\n    scripts/e2e -E '{expression}'\n", file=sys.stderr)
+PY
+}

@@ -2,13 +2,21 @@
 //! stop and restart the broker, and set a short consumer timeout through its config file,
 //! without disturbing the shared broker other tests use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::process::{command_dying_with_test, spawn};
 use crate::wait_for;
+
+/// `rabbitmqctl -n <node> <verb>`, given at most a minute (it waits for the node otherwise).
+fn rabbitmqctl(node: &str, verb: &str) -> Command {
+    let mut command = Command::new("timeout");
+    command.args(["60", "rabbitmqctl", "-n", node, verb]);
+    command
+}
 
 pub struct PrivateBroker {
     dir: tempfile::TempDir,
@@ -68,12 +76,12 @@ impl PrivateBroker {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("server.log"))?;
-        let server = Command::new("rabbitmq-server")
+        let mut command = command_dying_with_test(Path::new("rabbitmq-server"));
+        command
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", (self.port + 20000).to_string())
@@ -90,10 +98,9 @@ impl PrivateBroker {
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("starting rabbitmq-server (apt-get install rabbitmq-server)")?;
+            .stderr(log);
+        let server =
+            spawn(command).context("starting rabbitmq-server (apt-get install rabbitmq-server)")?;
         self.server = Some(server);
         let url = self.url();
         wait_for(
@@ -117,8 +124,7 @@ impl PrivateBroker {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
-        let status = Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
+        let status = rabbitmqctl(&self.node, "stop")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -146,8 +152,7 @@ impl PrivateBroker {
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         if let Some(server) = &self.server {
-            let _ = Command::new("rabbitmqctl")
-                .args(["-n", &self.node, "stop"])
+            let _ = rabbitmqctl(&self.node, "stop")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();

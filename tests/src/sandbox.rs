@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::{Origin, git, workspace_root};
+use crate::origin::git;
+use crate::{Origin, workspace_root};
 
 /// The hostile dbt project (the `shop` repository of a cluster started with it).
 pub fn hostile_project() -> PathBuf {
