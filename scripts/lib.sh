@@ -141,3 +141,16 @@ expression = " | ".join(f"test(={name})" for _, name in failed)
 print(f"\nrerun just those with:\n    scripts/e2e -E '{expression}'\n", file=sys.stderr)
 PY
 }
+
+# Whether the build user can enter `dir` (always true when not root: builds run as the caller).
+build_user_reaches() {
+  [ "$(id -u)" -ne 0 ] && return 0
+  runuser -u "$SLIMCI_BUILD_USER" -- test -x "$1" 2>/dev/null
+}
+
+# Whether `pid` is alive (not gone, not a zombie).
+running() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
