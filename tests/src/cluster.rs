@@ -257,13 +257,24 @@ threads = 4
         }
     }
 
-    /// Runs the `slimci` CLI with `args` against this cluster, off the async runtime.
+    /// Runs the `slimci` CLI with `args` against this cluster; panics, naming the command,
+    /// if it has not ended within `CLI_DEADLINE` (it is killed then).
     pub async fn run_cli(&self, args: &[&str]) -> std::process::Output {
-        let mut command = self.cli();
-        command.args(args);
-        tokio::task::spawn_blocking(move || command.output().expect("run slimci"))
-            .await
-            .expect("the CLI task")
+        let mut command = tokio::process::Command::from(self.cli());
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("run slimci");
+        match tokio::time::timeout(CLI_DEADLINE, child.wait_with_output()).await {
+            Ok(output) => output.expect("the output of slimci"),
+            Err(_) => panic!(
+                "`slimci {}` did not end within {CLI_DEADLINE:?}; coordinator log:\n{}",
+                args.join(" "),
+                tail(&self.coordinator.log)
+            ),
+        }
     }
 
     pub fn cli(&self) -> Command {
@@ -480,6 +491,9 @@ impl Drop for Cluster {
         let _ = finished.recv_timeout(BROKER_DEADLINE + Duration::from_secs(1));
     }
 }
+
+/// How long a `slimci` command run by a test may take.
+const CLI_DEADLINE: Duration = Duration::from_secs(300);
 
 /// How long the harness waits for one conversation with RabbitMQ.
 const BROKER_DEADLINE: Duration = Duration::from_secs(15);

@@ -513,13 +513,7 @@ async fn cancel_from_the_cli_stops_the_build_within_the_grace_period() {
     let id = pull_request(&cluster, 1, &[("sleep.py", model)]).await;
     wait_for_file(&started).await;
     let cancelled_at = Instant::now();
-    let output = tokio::task::spawn_blocking({
-        let mut command = cluster.cli();
-        command.args(["cancel", &id]);
-        move || command.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cluster.run_cli(&["cancel", &id]).await;
     assert!(
         output.status.success(),
         "{}",
