@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::binaries::{binary, dbt, reachable_copy};
 use crate::origin::Origin;
-use crate::process::{Process, tail};
+use crate::process::{Process, check_watched, tail};
 use crate::wait::wait_for;
 use crate::{AGENT_TOKEN, AMQP_URL, github};
 
@@ -257,8 +257,9 @@ threads = 4
         }
     }
 
-    /// Runs the `slimci` CLI with `args` against this cluster; panics, naming the command,
-    /// if it has not ended within `CLI_DEADLINE` (it is killed then).
+    /// Runs the `slimci` CLI with `args` against this cluster. Panics, naming the command, if
+    /// it has not ended within `CLI_DEADLINE`, or at once when a process of the cluster died
+    /// meanwhile (the CLI is killed then).
     pub async fn run_cli(&self, args: &[&str]) -> std::process::Output {
         let mut command = tokio::process::Command::from(self.cli());
         command
@@ -267,13 +268,23 @@ threads = 4
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let child = command.spawn().expect("run slimci");
-        match tokio::time::timeout(CLI_DEADLINE, child.wait_with_output()).await {
-            Ok(output) => output.expect("the output of slimci"),
-            Err(_) => panic!(
-                "`slimci {}` did not end within {CLI_DEADLINE:?}; coordinator log:\n{}",
-                args.join(" "),
-                tail(&self.coordinator.log)
-            ),
+        let output = child.wait_with_output();
+        let deadline = tokio::time::sleep(CLI_DEADLINE);
+        tokio::pin!(output, deadline);
+        loop {
+            tokio::select! {
+                output = &mut output => return output.expect("the output of slimci"),
+                _ = &mut deadline => panic!(
+                    "`slimci {}` did not end within {CLI_DEADLINE:?}; coordinator log:\n{}",
+                    args.join(" "),
+                    tail(&self.coordinator.log)
+                ),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if let Err(died) = check_watched() {
+                        panic!("while `slimci {}` ran: {died:#}", args.join(" "));
+                    }
+                }
+            }
         }
     }
 
