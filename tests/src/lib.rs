@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod broker;
 pub mod github;
+pub mod measure;
 pub mod storm;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
