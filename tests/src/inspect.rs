@@ -8,6 +8,7 @@ use anyhow::bail;
 use serde_json::Value;
 
 use crate::binaries::python;
+use crate::measure::run_of_run_dir;
 
 /// A file the stub dbt can append its records to from inside the sandbox (which lets builds
 /// write their own directories and /dev only): `/dev/shm/slimci-records-<uuid>.jsonl`,
@@ -43,17 +44,10 @@ pub fn attempt_spans(record: &Path) -> std::collections::HashMap<String, Vec<(u6
     let mut by_run: std::collections::HashMap<String, Vec<(u64, u64)>> =
         std::collections::HashMap::new();
     for (run_dir, span) in by_attempt {
-        // Run directories are `<work>/runs/<run id>-<attempt>`.
-        let name = Path::new(&run_dir)
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let run = name
-            .rsplit_once('-')
-            .map(|(run, _)| run.to_owned())
-            .unwrap_or(name);
-        by_run.entry(run).or_default().push(span);
+        by_run
+            .entry(run_of_run_dir(&run_dir))
+            .or_default()
+            .push(span);
     }
     by_run
 }

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cluster;
 pub mod github;
 pub mod inspect;
+pub mod measure;
 pub mod origin;
 pub mod process;
 pub mod sandbox;

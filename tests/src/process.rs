@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::measure::process_gone;
+
 /// A process started by the harness, in its own process group.
 pub struct Process {
     pub name: String,
@@ -188,7 +190,7 @@ fn unwatch(pid: i32) {
 pub fn check_watched() -> anyhow::Result<()> {
     let dead = watched()
         .iter()
-        .find(|process| !is_running(process.pid))
+        .find(|process| process_gone(process.pid))
         .map(|process| (process.name.clone(), process.pid, process.log.clone()));
     let Some((name, pid, log)) = dead else {
         return Ok(());
@@ -200,18 +202,6 @@ pub fn check_watched() -> anyhow::Result<()> {
         log.display(),
         tail(&log)
     )
-}
-
-/// Whether `pid` is alive: not gone, and not a zombie waiting to be reaped.
-fn is_running(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which is in parentheses and may contain spaces.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z' | 'X') | None)
 }
 
 /// The last 60 lines of a log file.

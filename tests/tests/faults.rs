@@ -8,6 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use slimci_tests::broker::PrivateBroker;
+use slimci_tests::measure::process_gone;
 use slimci_tests::storm::{StormConfig, storm};
 use slimci_tests::{Cluster, ClusterOptions, binary, wait_for, workspace_root};
 
@@ -171,12 +172,9 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
         (Some("success"), Some(1)),
         "{run}"
     );
-    let pid = nix::unistd::Pid::from_raw(cluster.agents[0].pid());
+    let pid = cluster.agents[0].pid();
     wait_for("the agent to exit", TIMEOUT, || async {
-        // Signal 0 probes; once the process is gone (or a zombie we reap below) it fails.
-        let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |stat| stat.contains(") Z "));
-        Ok(gone.then_some(()))
+        Ok(process_gone(pid).then_some(()))
     })
     .await
     .unwrap();

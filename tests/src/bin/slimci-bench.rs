@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
+use slimci_tests::measure::{median, ms_of};
 use slimci_tests::{Cluster, ClusterOptions, dbt, workspace_root};
 
 #[derive(Parser)]
@@ -41,20 +42,6 @@ struct Args {
 const EDITED: &str = "models/staging/stg_0001.sql";
 const THREADS: u32 = 4;
 const RUN_TIMEOUT: Duration = Duration::from_secs(1800);
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let middle = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[middle]
-    } else {
-        (sorted[middle - 1] + sorted[middle]) / 2.0
-    }
-}
 
 fn run(command: &mut Command, what: &str) -> anyhow::Result<String> {
     let output = command
@@ -90,13 +77,9 @@ fn hand_profile(directory: &Path, database: &Path, production: &Path) -> anyhow:
     Ok(())
 }
 
+/// Seconds from the run's time `from` to its time `to` (`created_at`, `finished_at`, ...).
 fn seconds_between(run: &Value, from: &str, to: &str) -> Option<f64> {
-    let parse = |key: &str| {
-        chrono::DateTime::parse_from_rfc3339(run[key].as_str()?)
-            .ok()
-            .map(|time| time.timestamp_millis())
-    };
-    Some((parse(to)? - parse(from)?) as f64 / 1000.0)
+    Some((ms_of(&run[to])? - ms_of(&run[from])?) as f64 / 1000.0)
 }
 
 struct Breakdown {
@@ -126,13 +109,9 @@ fn breakdown(run: &Value) -> Breakdown {
     let last_phase_end = run["phases"]
         .as_array()
         .and_then(|phases| phases.last())
-        .and_then(|phase| phase["finished_at"].as_str())
-        .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok());
-    let finished = run["finished_at"]
-        .as_str()
-        .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok());
-    let report = match (last_phase_end, finished) {
-        (Some(end), Some(finished)) => (finished - end).num_milliseconds() as f64 / 1000.0,
+        .and_then(|phase| ms_of(&phase["finished_at"]));
+    let report = match (last_phase_end, ms_of(&run["finished_at"])) {
+        (Some(end), Some(finished)) => (finished - end) as f64 / 1000.0,
         _ => f64::NAN,
     };
     Breakdown {

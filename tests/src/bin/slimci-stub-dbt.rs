@@ -11,8 +11,6 @@
 //! so a test can check from the agents' own side that attempts of a run never overlapped.
 //! `line_interval_ms` (for `bench/perf`'s log latency): the `log_lines` lines come that many
 //! milliseconds apart, each flushed at once and ending `at_ms=<wall-clock ms>`.
-//! `unblock_signals` (for `bench/perf`'s cancel what-if): unblock every signal first, whatever
-//! signal mask the stub inherited.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -32,10 +30,10 @@ struct Stub {
     record: Option<String>,
     /// Print the log lines this far apart, each with its wall-clock time (`at_ms=`).
     line_interval_ms: u64,
-    /// Unblock every signal at start (a blocked mask survives exec).
-    unblock_signals: bool,
 }
 
+/// The wall clock in Unix ms. (Not `slimci_tests::measure::now_ms`: the stub stays off the
+/// harness library, which would make it five times larger, because it is started in every build.)
 fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -76,9 +74,6 @@ fn main() {
             log_lines: 5,
             ..Stub::default()
         });
-    if stub.unblock_signals {
-        let _ = nix::sys::signal::SigSet::all().thread_unblock();
-    }
     let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _ = signal_hook_lite(terminated.clone());
     let stdout = std::io::stdout();
