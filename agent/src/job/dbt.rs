@@ -14,7 +14,7 @@ use crate::dbtlog::Progress;
 use crate::job::attempt_run::AttemptRun;
 use crate::job::log_sender::LOG_FLUSH_INTERVAL;
 use crate::job::stop::{Stop, pids_limit_note};
-use crate::process::{self, Invocation, ProcessError, Ran};
+use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
 use crate::warm::Warm;
 
 /// How dbt is started.
@@ -243,8 +243,7 @@ impl AttemptRun<'_> {
             args,
             cwd: project.to_owned(),
             env,
-            deadline: self.deadline,
-            timeout: None,
+            deadline: Deadline::At(self.deadline),
             grace: Duration::from_secs(self.services.config.grace_secs()),
             sandbox: Some(prepared),
         };
