@@ -12,7 +12,7 @@ use slimci_proto::{Attempt, HeartbeatResponse, Lease, RunId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rules::{self, LeaseAnswer, LeaseClock, LeaseLoss, LeaseVerdict};
+use crate::rules::{self, LeaseClock, LeaseLoss, LeaseVerdict};
 
 /// One attempt this agent holds.
 struct HeldAttempt {
@@ -122,18 +122,7 @@ impl HeldAttempts {
                 run_id: *run_id,
                 attempt: held.attempt,
             };
-            let said = match answer {
-                Some(answer) if sent.contains(&lease) => {
-                    if answer.lost.contains(&lease) {
-                        LeaseAnswer::NotOurs
-                    } else {
-                        LeaseAnswer::Renewed {
-                            lease_secs: answer.lease_secs,
-                        }
-                    }
-                }
-                _ => LeaseAnswer::NoAnswer,
-            };
+            let said = rules::lease_answer(&lease, sent, answer);
             match rules::lease_verdict(clock, said, now) {
                 LeaseVerdict::KeepBuilding(clock) => held.lease = Some(clock),
                 LeaseVerdict::Stop(loss) => {

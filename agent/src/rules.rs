@@ -1,13 +1,13 @@
 //! The agent's decisions about an attempt's fate, as plain functions over plain data (no I/O,
-//! no clock of their own: the caller passes `now`): what becomes of a job message once its claim
-//! was asked for (`after_claim`), whether a build still holds its lease (`lease_verdict`, and
-//! how often to renew, `heartbeat_interval`), and whether a stopped attempt is released for a
-//! retry or reported finished (`attempt_end`).
+//! no clock of their own: the caller passes `now`): what becomes of a job message once its
+//! claim was asked for (`after_claim`), whether a build still holds its lease (`lease_answer`,
+//! `lease_verdict`, and how often to renew, `heartbeat_interval`), and whether a stopped
+//! attempt is released for a retry or reported finished (`attempt_end`).
 
 use std::fmt;
 use std::time::Duration;
 
-use slimci_proto::{ClaimResponse, RunResult};
+use slimci_proto::{ClaimResponse, HeartbeatResponse, Lease, RunResult};
 use tokio::time::Instant;
 
 /// What becomes of a job message after the agent asked to claim its run.
@@ -77,6 +77,26 @@ pub enum LeaseAnswer {
     NotOurs,
     /// No word about it: the heartbeat failed, or the lease was not in it.
     NoAnswer,
+}
+
+/// What a heartbeat (`None`: it failed) that carried the leases `sent` said about `lease`.
+pub fn lease_answer(
+    lease: &Lease,
+    sent: &[Lease],
+    answer: Option<&HeartbeatResponse>,
+) -> LeaseAnswer {
+    match answer {
+        Some(answer) if sent.contains(lease) => {
+            if answer.lost.contains(lease) {
+                LeaseAnswer::NotOurs
+            } else {
+                LeaseAnswer::Renewed {
+                    lease_secs: answer.lease_secs,
+                }
+            }
+        }
+        _ => LeaseAnswer::NoAnswer,
+    }
 }
 
 /// Whether a build may go on.
@@ -280,6 +300,41 @@ mod tests {
             lease_verdict(clock, LeaseAnswer::NotOurs, Instant::now()),
             LeaseVerdict::Stop(LeaseLoss::NotOurs)
         );
+    }
+
+    #[test]
+    fn a_heartbeat_answers_only_for_the_leases_it_carried() {
+        use slimci_proto::{Attempt, RunId};
+        let ours = Lease {
+            run_id: RunId::new(),
+            attempt: Attempt(1),
+        };
+        let lost = Lease {
+            run_id: RunId::new(),
+            attempt: Attempt(2),
+        };
+        let granted_meanwhile = Lease {
+            run_id: RunId::new(),
+            attempt: Attempt(1),
+        };
+        let sent = [ours, lost];
+        let answer = HeartbeatResponse {
+            lease_secs: 30,
+            lost: vec![lost],
+        };
+        assert_eq!(
+            lease_answer(&ours, &sent, Some(&answer)),
+            LeaseAnswer::Renewed { lease_secs: 30 }
+        );
+        assert_eq!(
+            lease_answer(&lost, &sent, Some(&answer)),
+            LeaseAnswer::NotOurs
+        );
+        assert_eq!(
+            lease_answer(&granted_meanwhile, &sent, Some(&answer)),
+            LeaseAnswer::NoAnswer
+        );
+        assert_eq!(lease_answer(&ours, &sent, None), LeaseAnswer::NoAnswer);
     }
 
     #[test]
