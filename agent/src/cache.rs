@@ -243,6 +243,15 @@ pub fn publish(staged: &Path, entry: &Path, replace: bool) -> std::io::Result<()
     }
 }
 
+/// Runs blocking cache I/O off the async threads; a task that panicked is an I/O error too.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(error)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

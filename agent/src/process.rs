@@ -39,12 +39,31 @@ pub struct Invocation {
     pub cwd: PathBuf,
     /// The child's whole environment.
     pub env: Vec<(String, String)>,
-    pub deadline: Instant,
-    /// Ends it as timed out when cancelled: a deadline set after the start (pre-started dbt).
-    pub timeout: Option<CancellationToken>,
+    /// When it is stopped as timed out.
+    pub deadline: Deadline,
     pub grace: Duration,
     /// Runs it in the sandbox; `program`, `args`, `cwd` and `env` are then the spec's.
     pub sandbox: Option<Prepared>,
+}
+
+/// When an invocation times out.
+#[derive(Debug, Clone)]
+pub enum Deadline {
+    /// At this instant.
+    At(Instant),
+    /// When this token is cancelled: a deadline set after the start (pre-started dbt, whose
+    /// build's deadline arrives with the build).
+    Later(CancellationToken),
+}
+
+impl Deadline {
+    /// Returns once the deadline has passed.
+    async fn passed(&self) {
+        match self {
+            Deadline::At(instant) => tokio::time::sleep_until(*instant).await,
+            Deadline::Later(token) => token.cancelled().await,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,14 +320,9 @@ pub async fn run(
 
     // Some(exit): the leader ended by itself; None: we stop it, for `stopped_because`.
     let mut stopped_because = None;
-    let timeout = invocation.timeout.clone().unwrap_or_default();
     let ended = tokio::select! {
         status = child.wait() => Some(status.map_err(ProcessError::Wait)?),
-        () = tokio::time::sleep_until(invocation.deadline) => {
-            stopped_because = Some(Exit::TimedOut);
-            None
-        }
-        () = timeout.cancelled(), if invocation.timeout.is_some() => {
+        () = invocation.deadline.passed() => {
             stopped_because = Some(Exit::TimedOut);
             None
         }
@@ -415,8 +429,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            deadline: Instant::now() + deadline,
-            timeout: None,
+            deadline: Deadline::At(Instant::now() + deadline),
             grace: Duration::from_millis(300),
             sandbox: None,
         }

@@ -9,16 +9,17 @@ use slimci_proto::ProductionStateRef;
 use tokio::io::AsyncWriteExt;
 
 use crate::cache::{Cache, Held};
+use crate::coordinator_client::{CoordinatorClient, CoordinatorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot download the production manifest from {url}: {source}")]
-    Http { url: String, source: reqwest::Error },
-    #[error("the production manifest at {url} answered HTTP {status}")]
-    Status {
+    Download {
         url: String,
-        status: reqwest::StatusCode,
+        source: CoordinatorError,
     },
+    #[error("cannot download the production manifest from {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
     #[error(
         "the production manifest at {url} has sha256 {actual}, but the job expects {expected}; refusing to compare against it"
     )]
@@ -56,8 +57,7 @@ impl StateCache {
     /// The directory holding `manifest.json` for this state, downloading it if needed.
     pub async fn get(
         &self,
-        http: &reqwest::Client,
-        token: &str,
+        coordinator: &CoordinatorClient,
         state: &ProductionStateRef,
     ) -> Result<CachedState, StateError> {
         let digest = &state.manifest_sha256;
@@ -75,21 +75,13 @@ impl StateCache {
         }
         tokio::fs::create_dir_all(&self.root).await?;
         let url = &state.manifest_url;
-        let response = http
-            .get(url)
-            .bearer_auth(token)
-            .send()
+        let response = coordinator
+            .download(url)
             .await
-            .map_err(|source| StateError::Http {
+            .map_err(|source| StateError::Download {
                 url: url.clone(),
                 source,
             })?;
-        if !response.status().is_success() {
-            return Err(StateError::Status {
-                url: url.clone(),
-                status: response.status(),
-            });
-        }
         let partial = self
             .root
             .join(format!(".{digest}.{}.partial", uuid::Uuid::new_v4()));

@@ -21,13 +21,44 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, Invocation, ProcessError, Ran};
-use crate::sandbox::{BuildPaths, Sandbox};
+use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
+use crate::sandbox::{BuildPaths, Sandbox, SandboxError};
 
 const WORKER: &str = include_str!("dbt_worker.py");
 
 /// How long a build waits for its warm dbt to open the FIFO (it does so first thing).
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a pre-started dbt could not be started or given its build (the build then starts dbt
+/// cold).
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("mkfifo {path}: {source}")]
+    MakeFifo {
+        path: PathBuf,
+        source: nix::errno::Errno,
+    },
+    #[error("{path}: {source}")]
+    FifoPermissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("opening {path}: {source}")]
+    OpenFifo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the pre-started dbt ended before its job")]
+    EndedBeforeJob,
+    #[error("the pre-started dbt did not open its job FIFO")]
+    FifoNotOpened,
+    #[error("{0}")]
+    HandOverTask(#[from] tokio::task::JoinError),
+    #[error("writing the job: {0}")]
+    WriteJob(#[source] std::io::Error),
+}
 
 /// A dbt loaded ahead of its job.
 pub struct Warm {
@@ -150,17 +181,25 @@ impl WarmPool {
         }
     }
 
-    async fn start(&self, sandbox: &Sandbox) -> Result<Warm, String> {
+    async fn start(&self, sandbox: &Sandbox) -> Result<Warm, WarmError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let fifo = self.runs.join(format!(".warm-{id}.fifo"));
         // The agent's: the build user may read it (the worker does), but no build can write a
         // job into another slot's worker.
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644))
-            .map_err(|error| format!("mkfifo {}: {error}", fifo.display()))?;
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).map_err(
+            |source| WarmError::MakeFifo {
+                path: fifo.clone(),
+                source,
+            },
+        )?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o644))
-                .map_err(|error| format!("{}: {error}", fifo.display()))?;
+            std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o644)).map_err(
+                |source| WarmError::FifoPermissions {
+                    path: fifo.clone(),
+                    source,
+                },
+            )?;
         }
         let args = vec![
             "-u".to_owned(),
@@ -189,9 +228,8 @@ impl WarmPool {
                 &env,
                 &self.paths,
             )
-            .map_err(|error| {
+            .inspect_err(|_| {
                 let _ = std::fs::remove_file(&fifo);
-                error.to_string()
             })?;
         let stop = CancellationToken::new();
         let timeout = CancellationToken::new();
@@ -201,8 +239,7 @@ impl WarmPool {
             cwd,
             env,
             // The build's own deadline arrives with it, through `timeout`.
-            deadline: tokio::time::Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600),
-            timeout: Some(timeout.clone()),
+            deadline: Deadline::Later(timeout.clone()),
             grace: self.grace,
             sandbox: Some(prepared),
         };
@@ -221,9 +258,9 @@ impl WarmPool {
 
 impl Warm {
     /// Gives the warm dbt its build: `job` is the worker's JSON document.
-    pub async fn hand(&self, job: &serde_json::Value) -> Result<(), String> {
+    pub async fn hand(&self, job: &serde_json::Value) -> Result<(), WarmError> {
         let fifo = self.fifo.clone();
-        let bytes = serde_json::to_vec(job).map_err(|error| error.to_string())?;
+        let bytes = job.to_string().into_bytes();
         let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
         loop {
             // Non-blocking: fails with ENXIO until the worker has the FIFO open for reading.
@@ -246,21 +283,20 @@ impl Warm {
                         );
                         file.write_all(&bytes)
                     })
-                    .await
-                    .map_err(|error| error.to_string())?;
+                    .await?;
                     let _ = std::fs::remove_file(&fifo);
-                    return written.map_err(|error| format!("writing the job: {error}"));
+                    return written.map_err(WarmError::WriteJob);
                 }
                 Err(error) if error.raw_os_error() == Some(nix::libc::ENXIO) => {
                     if self.task.is_finished() {
-                        return Err("the pre-started dbt ended before its job".to_owned());
+                        return Err(WarmError::EndedBeforeJob);
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        return Err("the pre-started dbt did not open its job FIFO".to_owned());
+                        return Err(WarmError::FifoNotOpened);
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(error) => return Err(format!("opening {}: {error}", fifo.display())),
+                Err(source) => return Err(WarmError::OpenFifo { path: fifo, source }),
             }
         }
     }

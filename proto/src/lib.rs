@@ -7,6 +7,7 @@
 //! the agent's own configuration.
 
 mod ids;
+mod job;
 mod topology;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use ids::{AgentName, Attempt, IdError, IsolationName, PrNumber, RepoName, RunId, Sha};
+pub use job::{CheckedJob, GitTarget, Job, JobError, JobKind, ProductionStateRef, RunKind};
 pub use topology::{DEAD_REASON_HEADER, Topology};
 
 /// The protocol version this build speaks. Bump it on any change a peer of the previous version
@@ -70,133 +72,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
         });
     }
     serde_json::from_slice(bytes).map_err(DecodeError::Malformed)
-}
-
-/// What a run builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunKind {
-    /// `dbt build --select state:modified+ --defer --state <prod>` into the PR's isolation.
-    Ci,
-    /// `dbt build` of the production branch into production.
-    Deploy,
-    /// `dbt run-operation` dropping a closed PR's isolation (schema or database).
-    Teardown,
-}
-
-impl RunKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunKind::Ci => "ci",
-            RunKind::Deploy => "deploy",
-            RunKind::Teardown => "teardown",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<RunKind> {
-        match text {
-            "ci" => Some(RunKind::Ci),
-            "deploy" => Some(RunKind::Deploy),
-            "teardown" => Some(RunKind::Teardown),
-            _ => None,
-        }
-    }
-}
-
-/// The production state a CI run compares against: the manifest of a successful deploy run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProductionStateRef {
-    /// The deploy run whose `manifest.json` this is.
-    pub deploy_run_id: RunId,
-    /// The commit that deploy built.
-    pub sha: Sha,
-    /// Where the agent downloads the manifest (the coordinator's content-addressed store).
-    pub manifest_url: String,
-    /// Hex sha256 of the manifest bytes; the agent refuses a download that does not match.
-    pub manifest_sha256: String,
-}
-
-/// Which commit to build. CI runs name the exact SHA; a deploy may name a branch that the
-/// agent resolves at checkout time (and reports back in [`EventBody::Started`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GitTarget {
-    /// The exact commit, when the requester knows it.
-    pub sha: Option<Sha>,
-    /// The ref to fetch when the SHA is not yet in the agent's cache, e.g. `refs/pull/7/head`
-    /// or `refs/heads/main`. For a deploy without a SHA, the commit this ref points at is built.
-    pub fetch_ref: String,
-}
-
-/// A job for an agent: one attempt of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
-    pub run_id: RunId,
-    pub attempt: Attempt,
-    pub kind: RunKind,
-    pub repository: RepoName,
-    /// A URL or path git can fetch from. Never contains credentials; the agent adds its own.
-    pub clone_url: String,
-    /// The dbt project's directory inside the repository ("" for the root).
-    pub project_dir: String,
-    pub git: GitTarget,
-    /// Set for CI and teardown runs.
-    pub pr_number: Option<PrNumber>,
-    /// The PR's schema or database name; set for CI and teardown runs. An agent refuses a
-    /// job whose isolation is not `IsolationName::for_pr(repository, pr_number)`.
-    pub isolation: Option<IsolationName>,
-    /// Set for CI runs: what `--state` points at.
-    pub production_state: Option<ProductionStateRef>,
-    /// Wall-clock limit for the whole attempt.
-    pub timeout_secs: u64,
-}
-
-/// Why a job is refused before anything runs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JobError {
-    #[error("a {kind} job needs a PR number and its isolation name")]
-    MissingIsolation { kind: &'static str },
-    #[error(
-        "refusing `{name}`: it is not the PR isolation of {repository} PR #{pr} (expected `{expected}`)"
-    )]
-    ForeignIsolation {
-        name: String,
-        repository: String,
-        pr: PrNumber,
-        expected: String,
-    },
-    #[error("a {kind} job needs the production state it compares against")]
-    MissingProductionState { kind: &'static str },
-}
-
-impl Job {
-    /// The checks an agent makes before it claims a job: a CI or teardown job must name the
-    /// isolation of its own repository and PR, so no job can point a build, and above all a
-    /// drop, at anything else.
-    pub fn check(&self) -> Result<(), JobError> {
-        match self.kind {
-            RunKind::Deploy => Ok(()),
-            RunKind::Ci | RunKind::Teardown => {
-                let (Some(pr), Some(isolation)) = (self.pr_number, &self.isolation) else {
-                    return Err(JobError::MissingIsolation {
-                        kind: self.kind.as_str(),
-                    });
-                };
-                let expected = IsolationName::for_pr(&self.repository, pr);
-                if &expected != isolation {
-                    return Err(JobError::ForeignIsolation {
-                        name: isolation.to_string(),
-                        repository: self.repository.to_string(),
-                        pr,
-                        expected: expected.to_string(),
-                    });
-                }
-                if self.kind == RunKind::Ci && self.production_state.is_none() {
-                    return Err(JobError::MissingProductionState { kind: "ci" });
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Messages on the job queue (one consumer takes each).
@@ -446,28 +321,7 @@ pub struct AgentEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample_job() -> Job {
-        Job {
-            run_id: RunId::new(),
-            attempt: Attempt(1),
-            kind: RunKind::Ci,
-            repository: RepoName::parse("shop").unwrap(),
-            clone_url: "/srv/git/shop.git".into(),
-            project_dir: String::new(),
-            git: GitTarget {
-                sha: Some(Sha::parse("0123456789abcdef0123456789abcdef01234567").unwrap()),
-                fetch_ref: "refs/pull/7/head".into(),
-            },
-            pr_number: Some(PrNumber(7)),
-            isolation: Some(IsolationName::for_pr(
-                &RepoName::parse("shop").unwrap(),
-                PrNumber(7),
-            )),
-            production_state: None,
-            timeout_secs: 3600,
-        }
-    }
+    use crate::job::tests::sample_job;
 
     #[test]
     fn job_round_trips_with_version() {
@@ -535,32 +389,6 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["event"], "log");
         assert_eq!(decode::<AgentEvent>(&bytes).unwrap(), event);
-    }
-
-    #[test]
-    fn a_job_must_name_its_own_isolation() {
-        let mut job = sample_job();
-        job.production_state = Some(ProductionStateRef {
-            deploy_run_id: RunId::new(),
-            sha: Sha::parse(&"a".repeat(40)).unwrap(),
-            manifest_url: "http://c/m".into(),
-            manifest_sha256: "b".repeat(64),
-        });
-        assert_eq!(job.check(), Ok(()));
-        let mut foreign = job.clone();
-        foreign.kind = RunKind::Teardown;
-        foreign.isolation = Some(IsolationName::for_pr(
-            &RepoName::parse("other").unwrap(),
-            PrNumber(7),
-        ));
-        let error = foreign.check().unwrap_err().to_string();
-        assert!(error.contains("refusing `pr_other_7`"), "{error}");
-        let mut other_pr = job.clone();
-        other_pr.pr_number = Some(PrNumber(8));
-        assert!(other_pr.check().is_err());
-        let mut missing = job;
-        missing.isolation = None;
-        assert!(missing.check().is_err());
     }
 
     #[test]

@@ -1,0 +1,117 @@
+//! `AttemptRun`: the state of one attempt while it runs (its job, run directory, deadline,
+//! log, the paths and secrets its builds get, the caches it used and holds), with the small
+//! steps every phase shares: reporting a phase, checking for cancel and timeout, handing a path
+//! to the build user, discarding a deploy's copy.
+
+use std::path::{Path, PathBuf};
+
+use slimci_proto::{CacheReport, CheckedJob, EventBody, Phase, SandboxReport};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Held;
+use crate::events::Reporter;
+use crate::job::log_sender::LogSender;
+use crate::job::services::Services;
+use crate::job::stop::Stop;
+use crate::redact::Redactor;
+use crate::sandbox::BuildPaths;
+use crate::warehouse::Target;
+
+/// One attempt of one run, while it runs.
+pub struct AttemptRun<'a> {
+    pub services: &'a Services,
+    pub job: &'a CheckedJob,
+    pub reporter: &'a Reporter,
+    pub cancel: &'a CancellationToken,
+    pub log: LogSender<'a>,
+    pub run_dir: PathBuf,
+    pub deadline: Instant,
+    /// Paths the build may use besides the run directory.
+    pub paths: BuildPaths,
+    /// `DBT_ENV_SECRET_*` variables the profile reads, with their values.
+    pub profile_secrets: Vec<(String, String)>,
+    /// dbt invocations so far (each gets its own sandbox name).
+    pub invocations: u32,
+    /// The sandbox the last dbt invocation ran in, as reported.
+    pub last_report: Option<SandboxReport>,
+    /// A limit the build hit without being stopped by it, for the run's message.
+    pub limit_note: Option<String>,
+    /// Which caches the attempt used, reported once the build has run.
+    pub caches: CacheReport,
+    /// Cache entries this attempt reads; eviction leaves them alone until it ends.
+    pub holds: Vec<Held>,
+}
+
+impl<'a> AttemptRun<'a> {
+    pub fn new(
+        services: &'a Services,
+        job: &'a CheckedJob,
+        reporter: &'a Reporter,
+        cancel: &'a CancellationToken,
+    ) -> AttemptRun<'a> {
+        let run_dir = services
+            .config
+            .work_dir
+            .join("runs")
+            .join(format!("{}-{}", job.run_id, job.attempt));
+        AttemptRun {
+            services,
+            job,
+            reporter,
+            cancel,
+            log: LogSender::new(reporter, Redactor::new(services.secrets.redacted_values())),
+            run_dir,
+            deadline: Instant::now() + job.timeout,
+            paths: BuildPaths::default(),
+            profile_secrets: Vec::new(),
+            invocations: 0,
+            last_report: None,
+            limit_note: None,
+            caches: CacheReport::default(),
+            holds: Vec::new(),
+        }
+    }
+
+    /// The run directory's `target/` (dbt's `DBT_TARGET_PATH`).
+    pub fn target_dir(&self) -> PathBuf {
+        self.run_dir.join("target")
+    }
+
+    pub fn phase_started(&self, phase: Phase) {
+        self.reporter.send(EventBody::PhaseStarted { phase });
+    }
+
+    pub fn phase_finished(&mut self, phase: Phase, ok: bool) {
+        self.log.flush();
+        self.reporter.send(EventBody::PhaseFinished { phase, ok });
+    }
+
+    /// Stops the attempt between steps if it was cancelled or ran out of time.
+    pub fn check_cancelled(&self) -> Result<(), Stop> {
+        if self.cancel.is_cancelled() {
+            return Err(Stop::cancelled());
+        }
+        if Instant::now() >= self.deadline {
+            return Err(Stop::timed_out(self.job.timeout));
+        }
+        Ok(())
+    }
+
+    /// Gives `path` to the build user.
+    pub fn hand_over(&self, path: &Path) -> Result<(), Stop> {
+        self.services
+            .sandbox
+            .hand_over(path)
+            .map_err(|error| Stop::error(error.to_string()))
+    }
+
+    /// Removes a deploy's copy of production (a PR's database stays for its next build).
+    pub fn discard(&self, target: &Target) {
+        if matches!(target, Target::Deploy { .. }) {
+            self.services
+                .warehouse
+                .discard_deploy(&self.job.repository, self.job.run_id);
+        }
+    }
+}
