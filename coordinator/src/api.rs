@@ -790,9 +790,7 @@ async fn get_production_state(
         .await?
         .map(Json)
         .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "repository `{name}` has no production state yet; run `slimci deploy --repo {name}`"
-            ))
+            ApiError::NotFound(crate::rules::no_production_state_message(&repository.name))
         })
 }
 
@@ -811,7 +809,7 @@ async fn heartbeat(
         .renew_leases(
             request.agent.as_str(),
             &request.leases,
-            crate::leases::lease_ms(&state),
+            crate::leases::lease_duration(&state),
         )
         .await?;
     for lease in &lost {
@@ -838,7 +836,7 @@ async fn claim(
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let decision = state
         .store
-        .claim(&request, crate::leases::lease_ms(&state))
+        .claim(&request, crate::leases::lease_duration(&state))
         .await?;
     let _ = state.changes.send(request.run_id);
     let response = match decision {

@@ -17,7 +17,7 @@ use slimci_proto::{
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::rules::{self, ActiveRun, Caps, EventDisposition, RunStatus};
+use crate::rules::{self, ActiveRun, Caps, EventDisposition, LostReason, RunStatus};
 use crate::store::Run;
 
 /// How often a cancel is broadcast again while its run is still building.
@@ -67,16 +67,14 @@ async fn runs_to_dispatch(state: &AppState) -> Vec<ActiveRun> {
     };
     let (out, waiting_rules): (Vec<ActiveRun>, Vec<ActiveRun>) =
         active.into_iter().partition(|run| run.dispatched);
-    let caps = Caps {
-        global: state.config.scheduling.global_cap,
-        per_repository: state
+    let caps = Caps::from_configured(
+        state.config.scheduling.global_cap,
+        state
             .config
             .repositories
             .iter()
-            .filter(|repository| repository.max_concurrent > 0)
-            .map(|repository| (repository.name.clone(), repository.max_concurrent))
-            .collect(),
-    };
+            .map(|repository| (repository.name.clone(), repository.max_concurrent)),
+    );
     let chosen = rules::dispatch(&waiting_rules, &out, &caps);
     waiting_rules
         .into_iter()
@@ -154,8 +152,8 @@ async fn publish_session(
             publisher
                 .publish_to_queue(&topology.jobs_queue(), &payload)
                 .await?;
-            if let Err(error) = state.store.mark_published(run.id).await {
-                tracing::error!(%error, run = %run.id, "published, but could not mark it; it may be published twice (claims are fenced)");
+            if let Err(error) = state.store.mark_dispatched(run.id).await {
+                tracing::error!(%error, run = %run.id, "dispatched, but could not mark it; it may be dispatched twice (claims are fenced)");
             }
             tracing::info!(run = %run.id, attempt = %run.attempt, "job queued");
         }
@@ -330,7 +328,10 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
         return Ok(());
     }
     if let EventBody::Released { reason } = &event.body {
-        let reason = format!("agent {} released it: {reason}", event.agent);
+        let reason = LostReason::Released {
+            agent: event.agent.clone(),
+            reason: reason.clone(),
+        };
         crate::leases::give_up_attempt(state, event.run_id, event.attempt, &reason).await?;
         return Ok(());
     }

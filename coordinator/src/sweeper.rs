@@ -43,7 +43,8 @@ pub enum SweepError {
 pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, SweepError> {
     let cutoff = crate::store::now_ms() - (state.config.sweeper.max_age_secs as i64) * 1000;
     let mut queued = 0;
-    for (repository_name, pr, last_finished) in state.store.sweep_candidates(cutoff).await? {
+    for candidate in state.store.sweep_candidates(cutoff).await? {
+        let (repository_name, pr) = (candidate.repository, candidate.pr);
         let Some(repository) = state.config.repository(repository_name.as_str()).cloned() else {
             continue;
         };
@@ -67,7 +68,7 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
             (None, Some(_)) => "closed",
             (None, None) => "unknown (never seen in a webhook)",
         };
-        let age_hours = (crate::store::now_ms() - last_finished) as f64 / 3_600_000.0;
+        let age_hours = (crate::store::now_ms() - candidate.last_finished_ms) as f64 / 3_600_000.0;
         let teardown = runs::teardown(state, &repository, pr).await?;
         queued += 1;
         tracing::info!(
