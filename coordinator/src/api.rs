@@ -298,15 +298,11 @@ impl AppState {
     }
 
     fn run_view(&self, run: Run) -> RunView {
-        let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256)
-        {
-            (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(StateView {
-                deploy_run_id,
-                sha: sha.to_string(),
-                manifest_sha256: manifest_sha256.clone(),
-            }),
-            _ => None,
-        };
+        let production_state = run.compared_against.as_ref().map(|stamp| StateView {
+            deploy_run_id: stamp.deploy_run_id,
+            sha: stamp.sha.to_string(),
+            manifest_sha256: stamp.manifest_sha256.clone(),
+        });
         RunView {
             url: format!("{}/api/v1/runs/{}", self.public_url, run.id),
             id: run.id,
@@ -457,7 +453,7 @@ async fn cancel_run(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let id = parse_run_id(&id)?;
-    let run = crate::runs::cancel(&state, id, "cancelled by user")
+    let run = crate::runs::cancel(&state, id, crate::rules::CANCELLED_BY_USER)
         .await
         .map_err(|error| match error {
             crate::runs::CancelError::Unknown(_) => ApiError::NotFound(error.to_string()),

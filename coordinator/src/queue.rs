@@ -26,18 +26,18 @@ const CANCEL_RESEND: Duration = Duration::from_secs(10);
 /// The job message for the current attempt of a queued run.
 pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
     let repository = state.config.repository(run.repository.as_str())?;
-    let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256) {
-        (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(ProductionStateRef {
-            deploy_run_id,
-            sha: sha.clone(),
+    let production_state = run
+        .compared_against
+        .as_ref()
+        .map(|stamp| ProductionStateRef {
+            deploy_run_id: stamp.deploy_run_id,
+            sha: stamp.sha.clone(),
             manifest_url: format!(
-                "{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json",
-                state.public_url
+                "{}/api/v1/runs/{}/artifacts/manifest.json",
+                state.public_url, stamp.deploy_run_id
             ),
-            manifest_sha256: manifest_sha256.clone(),
-        }),
-        _ => None,
-    };
+            manifest_sha256: stamp.manifest_sha256.clone(),
+        });
     Some(Job {
         run_id: run.id,
         attempt: run.attempt,
@@ -201,7 +201,7 @@ async fn publish_session(
             }
             let message = ControlMessage::Cancel {
                 run_id: run,
-                reason: "cancelled by user".to_owned(),
+                reason: rules::CANCELLED_BY_USER.to_owned(),
             };
             publisher
                 .publish(

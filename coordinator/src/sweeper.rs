@@ -52,7 +52,7 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
         let on_github = match (github, &repository.github) {
             (Some(github), Some(full_name)) => match github.pull_request_state(full_name, pr).await
             {
-                Ok(state) => Some(state),
+                Ok(open_or_closed) => Some(open_or_closed),
                 Err(error) => {
                     tracing::warn!(%error, repository = %repository_name, %pr, "sweeper cannot ask GitHub about the PR; skipping it this time");
                     continue;

@@ -19,9 +19,19 @@ pub enum ClaimDecision {
     Refuse(String),
 }
 
+impl ClaimDecision {
+    /// A granted claim that another agent's claim of the same attempt beat to the store.
+    pub fn lost_race() -> ClaimDecision {
+        ClaimDecision::Refuse("claimed concurrently by another agent".to_owned())
+    }
+}
+
 /// Only the current attempt of a queued run can be claimed, and only once: this is the fence
-/// that keeps two agents from building one run.
-pub fn decide_claim(run: &ClaimView, claim: &ClaimRequest) -> ClaimDecision {
+/// that keeps two agents from building one run. `run` is none for a run the store does not know.
+pub fn decide_claim(run: Option<&ClaimView>, claim: &ClaimRequest) -> ClaimDecision {
+    let Some(run) = run else {
+        return ClaimDecision::Refuse(format!("unknown run {}", claim.run_id));
+    };
     if claim.attempt != run.attempt {
         return ClaimDecision::Refuse(format!(
             "attempt {} is stale; the run is on attempt {}",
@@ -47,6 +57,9 @@ pub enum CancelDecision {
     SignalAgents,
     AlreadyFinished(RunStatus),
 }
+
+/// The message of a run a user cancelled, and the reason its agent is given.
+pub const CANCELLED_BY_USER: &str = "cancelled by user";
 
 pub fn decide_cancel(status: RunStatus) -> CancelDecision {
     match status {
@@ -107,9 +120,9 @@ mod tests {
             attempt: Attempt(2),
             agent: None,
         };
-        assert_eq!(decide_claim(&queued, &claim(2)), ClaimDecision::Grant);
+        assert_eq!(decide_claim(Some(&queued), &claim(2)), ClaimDecision::Grant);
         assert!(matches!(
-            decide_claim(&queued, &claim(1)),
+            decide_claim(Some(&queued), &claim(1)),
             ClaimDecision::Refuse(_)
         ));
         let running = ClaimView {
@@ -118,15 +131,19 @@ mod tests {
             agent: Some("a0".into()),
         };
         assert_eq!(
-            decide_claim(&running, &claim(2)),
+            decide_claim(Some(&running), &claim(2)),
             ClaimDecision::Refuse("already claimed by a0".into())
         );
+        assert!(matches!(
+            decide_claim(None, &claim(2)),
+            ClaimDecision::Refuse(reason) if reason.starts_with("unknown run")
+        ));
         let cancelled = ClaimView {
             status: RunStatus::Cancelled,
             ..queued
         };
         assert_eq!(
-            decide_claim(&cancelled, &claim(2)),
+            decide_claim(Some(&cancelled), &claim(2)),
             ClaimDecision::Refuse("the run is already cancelled".into())
         );
     }

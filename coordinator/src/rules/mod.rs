@@ -19,8 +19,8 @@ mod webhook;
 use slimci_proto::RunResult;
 
 pub use claim::{
-    CancelDecision, ClaimDecision, ClaimView, EventDisposition, decide_cancel, decide_claim,
-    event_disposition,
+    CANCELLED_BY_USER, CancelDecision, ClaimDecision, ClaimView, EventDisposition, decide_cancel,
+    decide_claim, event_disposition,
 };
 pub use dispatch::{ActiveRun, Caps, SubmitDecision, decide_submit, dispatch};
 pub use fate::{

@@ -5,8 +5,7 @@
 use slimci_proto::{AgentEvent, EventBody, Outcome, RunKind};
 use sqlx::{Sqlite, Transaction};
 
-use super::rows::run_from_row;
-use super::{Result, Run, Store, corrupt, production};
+use super::{Result, Run, Store, corrupt, production, runs};
 use crate::rules::{self, EventDisposition, Finish, FinishedAttempt, RunStatus};
 
 /// What applying an agent event did.
@@ -30,11 +29,7 @@ impl Store {
     pub async fn apply_event(&self, event: &AgentEvent) -> Result<Applied> {
         let mut transaction = self.begin_immediate().await?;
         let run_id = event.run_id.to_string();
-        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
-            .bind(&run_id)
-            .fetch_optional(&mut *transaction)
-            .await?;
-        let Some(run) = row.as_ref().map(run_from_row).transpose()? else {
+        let Some(run) = runs::read_run(&mut *transaction, event.run_id).await? else {
             return Ok(Applied {
                 disposition: EventDisposition::StaleAttempt,
                 finished: None,

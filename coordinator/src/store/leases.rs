@@ -19,19 +19,13 @@ impl Store {
     /// Grants or refuses an agent's claim, atomically: at most one claim of an attempt wins. A
     /// granted claim holds a lease of length `lease`.
     pub async fn claim(&self, claim: &ClaimRequest, lease: Duration) -> Result<ClaimDecision> {
-        let Some(run) = self.run(claim.run_id).await? else {
-            return Ok(ClaimDecision::Refuse(format!(
-                "unknown run {}",
-                claim.run_id
-            )));
-        };
-        let view = ClaimView {
+        let view = self.run(claim.run_id).await?.map(|run| ClaimView {
             status: run.status,
             attempt: run.attempt,
-            agent: run.agent.clone(),
-        };
-        if let ClaimDecision::Refuse(reason) = rules::decide_claim(&view, claim) {
-            return Ok(ClaimDecision::Refuse(reason));
+            agent: run.agent,
+        });
+        if let refused @ ClaimDecision::Refuse(_) = rules::decide_claim(view.as_ref(), claim) {
+            return Ok(refused);
         }
         let updated = sqlx::query(
             "UPDATE runs SET status = 'running', agent = ?, started_ms = ?, lease_expires_ms = ?
@@ -47,9 +41,7 @@ impl Store {
         if updated.rows_affected() == 1 {
             Ok(ClaimDecision::Grant)
         } else {
-            Ok(ClaimDecision::Refuse(
-                "claimed concurrently by another agent".to_owned(),
-            ))
+            Ok(ClaimDecision::lost_race())
         }
     }
 

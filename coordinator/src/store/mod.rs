@@ -32,8 +32,8 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 pub use events::Applied;
 pub use rows::{
-    ArtifactRecord, NewRun, PhaseRecord, ProductionState, PullRequest, Run, RunFilter,
-    SweepCandidate, phase_order,
+    ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,
+    RunFilter, SweepCandidate, phase_order,
 };
 
 #[derive(Debug, thiserror::Error)]

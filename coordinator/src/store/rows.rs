@@ -20,6 +20,15 @@ pub struct ProductionState {
     pub updated_ms: i64,
 }
 
+/// The production state stamped on a CI run as it is dispatched (the `state_*` columns): what
+/// it compares against, even after a later deploy moved the repository's production state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductionStamp {
+    pub deploy_run_id: RunId,
+    pub sha: Sha,
+    pub manifest_sha256: String,
+}
+
 /// What the coordinator knows of a pull request from webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullRequest {
@@ -66,11 +75,8 @@ pub struct Run {
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub timeout_secs: u64,
-    /// The production state a CI run compares against, stamped as it is dispatched: the
-    /// deploy run, its commit and its manifest's sha256 (all three or none).
-    pub state_run_id: Option<RunId>,
-    pub state_sha: Option<Sha>,
-    pub state_manifest_sha256: Option<String>,
+    /// The production state a CI run compares against, stamped as it is dispatched.
+    pub compared_against: Option<ProductionStamp>,
     pub progress_done: u32,
     pub progress_total: u32,
     /// The last applied event's sequence number of the current attempt; 0 before the first
@@ -224,6 +230,22 @@ fn flag(row: &SqliteRow, column: &str) -> Result<bool> {
     Ok(row.try_get::<i64, _>(column)? != 0)
 }
 
+fn production_stamp(row: &SqliteRow) -> Result<Option<ProductionStamp>> {
+    match (
+        run_id(row, "state_run_id")?,
+        sha(row, "state_sha")?,
+        text(row, "state_manifest_sha256")?,
+    ) {
+        (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Ok(Some(ProductionStamp {
+            deploy_run_id,
+            sha,
+            manifest_sha256,
+        })),
+        (None, None, None) => Ok(None),
+        _ => Err(corrupt("a run with part of a production state stamp")),
+    }
+}
+
 // ---- row decoders ----
 
 pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
@@ -243,9 +265,7 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
         started_ms: row.try_get("started_ms")?,
         finished_ms: row.try_get("finished_ms")?,
         timeout_secs: row.try_get::<i64, _>("timeout_secs")? as u64,
-        state_run_id: run_id(row, "state_run_id")?,
-        state_sha: sha(row, "state_sha")?,
-        state_manifest_sha256: text(row, "state_manifest_sha256")?,
+        compared_against: production_stamp(row)?,
         progress_done: row.try_get::<i64, _>("progress_done")? as u32,
         progress_total: row.try_get::<i64, _>("progress_total")? as u32,
         last_seq: row.try_get::<i64, _>("last_seq")? as u64,

@@ -4,9 +4,23 @@
 
 use slimci_proto::{IsolationName, NodeResult, PrNumber, RepoName, RunId, RunKind, Sha};
 
+use sqlx::{Executor, Sqlite};
+
 use super::rows::{artifact_from_row, node_from_row, phase_from_row, run_from_row};
 use super::{ArtifactRecord, NewRun, PhaseRecord, Result, Run, RunFilter, Store, now_ms};
 use crate::rules::{self, RunStatus};
+
+/// Reads run `id` through `executor` (the pool, or a transaction that will write it).
+pub(super) async fn read_run<'e>(
+    executor: impl Executor<'e, Database = Sqlite>,
+    id: RunId,
+) -> Result<Option<Run>> {
+    let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(run_from_row).transpose()
+}
 
 impl Store {
     pub async fn insert_run(&self, run: &NewRun) -> Result<()> {
@@ -38,11 +52,7 @@ impl Store {
     }
 
     pub async fn run(&self, id: RunId) -> Result<Option<Run>> {
-        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(run_from_row).transpose()
+        read_run(&self.pool, id).await
     }
 
     pub async fn runs(&self, filter: &RunFilter) -> Result<Vec<Run>> {
