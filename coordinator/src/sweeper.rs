@@ -64,7 +64,7 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
             (Some(Some(github_state)), _) if github_state == "open" => continue,
             (Some(Some(_)), _) => "closed on GitHub",
             (Some(None), _) => "unknown to GitHub",
-            (None, Some(pull)) if pull.state == "open" => continue,
+            (None, Some(pull)) if pull.open => continue,
             (None, Some(_)) => "closed",
             (None, None) => "unknown (never seen in a webhook)",
         };

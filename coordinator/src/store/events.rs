@@ -89,20 +89,10 @@ impl Store {
             }
             EventBody::Log { .. } | EventBody::Released { .. } => {}
             EventBody::Sandbox(report) => {
-                let json = serde_json::to_string(report).map_err(corrupt)?;
-                sqlx::query("UPDATE runs SET sandbox = ? WHERE id = ?")
-                    .bind(json)
-                    .bind(&run_id)
-                    .execute(&mut *transaction)
-                    .await?;
+                store_report(&mut transaction, &run_id, Report::Sandbox, report).await?;
             }
             EventBody::Caches(report) => {
-                let json = serde_json::to_string(report).map_err(corrupt)?;
-                sqlx::query("UPDATE runs SET caches = ? WHERE id = ?")
-                    .bind(json)
-                    .bind(&run_id)
-                    .execute(&mut *transaction)
-                    .await?;
+                store_report(&mut transaction, &run_id, Report::Caches, report).await?;
             }
             EventBody::Finished(outcome) => {
                 finished = Some(finish(&mut transaction, &run, outcome, at).await?);
@@ -129,6 +119,30 @@ fn disposition(run: &Run, event: &AgentEvent) -> EventDisposition {
         event.attempt,
         event.seq,
     )
+}
+
+/// The agent's reports a run keeps as JSON, each in a column of its own.
+enum Report {
+    Sandbox,
+    Caches,
+}
+
+async fn store_report(
+    transaction: &mut Transaction<'_, Sqlite>,
+    run_id: &str,
+    report: Report,
+    value: &impl serde::Serialize,
+) -> Result<()> {
+    let sql = match report {
+        Report::Sandbox => "UPDATE runs SET sandbox = ? WHERE id = ?",
+        Report::Caches => "UPDATE runs SET caches = ? WHERE id = ?",
+    };
+    sqlx::query(sql)
+        .bind(serde_json::to_string(value).map_err(corrupt)?)
+        .bind(run_id)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
 }
 
 /// Ends `run` with its attempt's outcome, as `rules::decide_finish` says.

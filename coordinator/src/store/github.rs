@@ -30,7 +30,7 @@ impl Store {
         )
         .bind(pull.repository.as_str())
         .bind(pull.pr.0 as i64)
-        .bind(&pull.state)
+        .bind(if pull.open { "open" } else { "closed" })
         .bind(pull.draft as i64)
         .bind(pull.head_sha.as_ref().map(Sha::as_str))
         .bind(now_ms())

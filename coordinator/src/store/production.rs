@@ -70,3 +70,43 @@ pub(super) async fn stored_manifest_sha256(
     .fetch_optional(&mut **transaction)
     .await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{new_run, store};
+    use super::*;
+    use crate::store::ProductionStamp;
+    use slimci_proto::RunKind;
+
+    #[tokio::test]
+    async fn a_ci_run_keeps_the_production_state_stamped_on_it() {
+        let (_dir, store) = store().await;
+        let deploy = new_run(RunKind::Deploy);
+        store.insert_run(&deploy).await.unwrap();
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        assert_eq!(
+            store.run(run.id).await.unwrap().unwrap().compared_against,
+            None
+        );
+        let production = ProductionState {
+            repository: run.repository.clone(),
+            deploy_run_id: deploy.id,
+            sha: Sha::parse(&"cd".repeat(20)).unwrap(),
+            manifest_sha256: "cafe".into(),
+            updated_ms: 0,
+        };
+        store
+            .stamp_production_state(run.id, &production)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.run(run.id).await.unwrap().unwrap().compared_against,
+            Some(ProductionStamp {
+                deploy_run_id: deploy.id,
+                sha: production.sha,
+                manifest_sha256: "cafe".into(),
+            })
+        );
+    }
+}

@@ -34,8 +34,8 @@ pub struct ProductionStamp {
 pub struct PullRequest {
     pub repository: RepoName,
     pub pr: PrNumber,
-    /// `open` or `closed`, as GitHub says.
-    pub state: String,
+    /// GitHub says its `state` is `open` (else `closed`).
+    pub open: bool,
     pub draft: bool,
     pub head_sha: Option<Sha>,
 }
@@ -348,7 +348,7 @@ pub(super) fn pull_request_from_row(row: &SqliteRow) -> Result<PullRequest> {
     Ok(PullRequest {
         repository: repository(row, "repository")?,
         pr: pr_number(row, "pr")?.ok_or_else(|| corrupt("a pull request without number"))?,
-        state: row.try_get("state")?,
+        open: row.try_get::<String, _>("state")? == "open",
         draft: flag(row, "draft")?,
         head_sha: sha(row, "head_sha")?,
     })
