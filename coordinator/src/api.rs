@@ -298,15 +298,11 @@ impl AppState {
     }
 
     fn run_view(&self, run: Run) -> RunView {
-        let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256)
-        {
-            (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(StateView {
-                deploy_run_id,
-                sha: sha.to_string(),
-                manifest_sha256: manifest_sha256.clone(),
-            }),
-            _ => None,
-        };
+        let production_state = run.compared_against.as_ref().map(|stamp| StateView {
+            deploy_run_id: stamp.deploy_run_id,
+            sha: stamp.sha.to_string(),
+            manifest_sha256: stamp.manifest_sha256.clone(),
+        });
         RunView {
             url: format!("{}/api/v1/runs/{}", self.public_url, run.id),
             id: run.id,
@@ -457,7 +453,7 @@ async fn cancel_run(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let id = parse_run_id(&id)?;
-    let run = crate::runs::cancel(&state, id, "cancelled by user")
+    let run = crate::runs::cancel(&state, id, crate::rules::CANCELLED_BY_USER)
         .await
         .map_err(|error| match error {
             crate::runs::CancelError::Unknown(_) => ApiError::NotFound(error.to_string()),
@@ -790,9 +786,7 @@ async fn get_production_state(
         .await?
         .map(Json)
         .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "repository `{name}` has no production state yet; run `slimci deploy --repo {name}`"
-            ))
+            ApiError::NotFound(crate::rules::no_production_state_message(&repository.name))
         })
 }
 
@@ -811,7 +805,7 @@ async fn heartbeat(
         .renew_leases(
             request.agent.as_str(),
             &request.leases,
-            crate::leases::lease_ms(&state),
+            crate::leases::lease_duration(&state),
         )
         .await?;
     for lease in &lost {
@@ -838,7 +832,7 @@ async fn claim(
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let decision = state
         .store
-        .claim(&request, crate::leases::lease_ms(&state))
+        .claim(&request, crate::leases::lease_duration(&state))
         .await?;
     let _ = state.changes.send(request.run_id);
     let response = match decision {

@@ -547,11 +547,12 @@ pub fn comment_body(run: &Run, nodes: &[NodeResult], run_url: &str, logs_url: &s
     if let Some(message) = &run.message {
         let _ = writeln!(body, "\n> {}", message.lines().next().unwrap_or_default());
     }
-    if let (Some(deploy), Some(state_sha)) = (run.state_run_id, &run.state_sha) {
+    if let Some(stamp) = &run.compared_against {
         let _ = writeln!(
             body,
-            "\nCompared against production state: deploy run `{deploy}` of commit `{}`.",
-            short(state_sha.as_str())
+            "\nCompared against production state: deploy run `{}` of commit `{}`.",
+            stamp.deploy_run_id,
+            short(stamp.sha.as_str())
         );
     }
     let failures: Vec<&NodeResult> = nodes
@@ -756,9 +757,11 @@ mod tests {
             started_ms: Some(1_000),
             finished_ms: Some(93_000),
             timeout_secs: 600,
-            state_run_id: Some(RunId::new()),
-            state_sha: Some(Sha::parse(&"cd".repeat(20)).unwrap()),
-            state_manifest_sha256: None,
+            compared_against: Some(crate::store::ProductionStamp {
+                deploy_run_id: RunId::new(),
+                sha: Sha::parse(&"cd".repeat(20)).unwrap(),
+                manifest_sha256: "ef".repeat(32),
+            }),
             progress_done: 0,
             progress_total: 0,
             last_seq: 0,

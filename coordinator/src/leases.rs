@@ -1,8 +1,9 @@
 //! Runs outlive their agents. A claimed attempt holds a lease that the agent's heartbeats renew;
-//! the reaper retries an attempt whose lease ran out as the next attempt, or ends the run
-//! `error` once `max_attempts` attempts were lost (a poison job: its job message is
-//! dead-lettered with the reason). An agent that gives an attempt up (it is shutting down) sends
-//! `Released`, handled the same way at once.
+//! the reaper gives up an attempt whose lease ran out, and an agent that gives an attempt up (it
+//! is shutting down) sends `Released`, handled the same way at once. What a lost attempt becomes
+//! is `rules::decide_lost_attempt`'s call: the next attempt, or the end of the run (`error` once
+//! `max_attempts` attempts were lost: a poison job, whose job message is dead-lettered with the
+//! reason).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,55 +12,57 @@ use slimci_proto::{Attempt, RunId};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::rules::RunStatus;
-use crate::store::{Retry, StoreError};
+use crate::rules::{LostAttempt, LostReason};
+use crate::store::StoreError;
 
-pub fn lease_ms(state: &AppState) -> i64 {
-    (state.config.reliability.lease_secs as i64) * 1000
+/// How long a claim or a heartbeat keeps an attempt the agent's.
+pub fn lease_duration(app: &AppState) -> Duration {
+    Duration::from_secs(app.config.reliability.lease_secs)
 }
 
-/// Ends attempt `attempt` of `run` without a result and acts on what the store decided.
+/// Ends attempt `attempt` of `run` without a result and acts on what became of it; none if
+/// that attempt was not running any more.
 pub async fn give_up_attempt(
-    state: &AppState,
+    app: &AppState,
     run: RunId,
     attempt: Attempt,
-    reason: &str,
-) -> Result<Retry, StoreError> {
-    let retry = state
+    reason: &LostReason,
+) -> Result<Option<LostAttempt>, StoreError> {
+    let lost = app
         .store
-        .retry_attempt(run, attempt, reason, state.config.reliability.max_attempts)
+        .lose_attempt(run, attempt, reason, app.config.reliability.max_attempts)
         .await?;
-    match retry {
-        Retry::NotRunning => {}
-        Retry::Retried(next) => {
-            tracing::warn!(%run, lost = %attempt, next = %next, %reason, "attempt lost; retrying");
-            state.outbox.notify_one();
+    match &lost {
+        None => {}
+        Some(LostAttempt::Retry { next, .. }) => {
+            tracing::warn!(%run, lost = %attempt, %next, %reason, "attempt lost; retrying");
         }
-        Retry::Ended(RunStatus::Error) => {
+        Some(LostAttempt::GiveUp { message }) => {
             tracing::error!(%run, attempts = %attempt, %reason, "out of attempts: dead-lettering the job");
-            state.dead_jobs.lock().expect("dead jobs lock").push((
-                run,
-                format!("gave up after {attempt} attempts; the last: {reason}"),
-            ));
-            state.outbox.notify_one();
+            app.dead_jobs
+                .lock()
+                .expect("dead jobs lock")
+                .push((run, message.clone()));
         }
-        Retry::Ended(status) => {
-            tracing::info!(%run, status = status.as_str(), %reason, "attempt lost while it was being stopped; ended");
-            state.outbox.notify_one();
+        Some(ended @ (LostAttempt::Superseded { .. } | LostAttempt::Cancelled { .. })) => {
+            tracing::info!(%run, status = ended.status().as_str(), %reason, "attempt lost while it was being stopped; ended");
         }
     }
-    let _ = state.changes.send(run);
-    Ok(retry)
+    if lost.is_some() {
+        app.outbox.notify_one();
+    }
+    let _ = app.changes.send(run);
+    Ok(lost)
 }
 
 /// Every second: attempts whose lease ran out are given up.
-pub async fn reaper_loop(state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn reaper_loop(app: Arc<AppState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let expired = match state.store.expired_leases().await {
+        let expired = match app.store.expired_leases().await {
             Ok(expired) => expired,
             Err(error) => {
                 tracing::error!(%error, "cannot read expired leases");
@@ -67,12 +70,11 @@ pub async fn reaper_loop(state: Arc<AppState>, shutdown: CancellationToken) {
             }
         };
         for run in expired {
-            let reason = format!(
-                "its agent {} sent no heartbeat for {} s (it died, or lost the coordinator)",
-                run.agent.as_deref().unwrap_or("?"),
-                state.config.reliability.lease_secs
-            );
-            if let Err(error) = give_up_attempt(&state, run.id, run.attempt, &reason).await {
+            let reason = LostReason::LeaseExpired {
+                agent: run.agent.clone(),
+                lease_secs: app.config.reliability.lease_secs,
+            };
+            if let Err(error) = give_up_attempt(&app, run.id, run.attempt, &reason).await {
                 tracing::error!(%error, run = %run.id, "cannot retry an expired attempt");
             }
         }

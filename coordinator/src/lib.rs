@@ -96,7 +96,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     });
     let extended = state
         .store
-        .extend_all_leases(leases::lease_ms(&state))
+        .extend_all_leases(leases::lease_duration(&state))
         .await?;
     if extended > 0 {
         tracing::info!(

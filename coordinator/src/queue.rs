@@ -17,7 +17,7 @@ use slimci_proto::{
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::rules::{self, ActiveRun, Caps, EventDisposition, RunStatus};
+use crate::rules::{self, ActiveRun, Caps, EventDisposition, LostReason, RunStatus};
 use crate::store::Run;
 
 /// How often a cancel is broadcast again while its run is still building.
@@ -26,18 +26,18 @@ const CANCEL_RESEND: Duration = Duration::from_secs(10);
 /// The job message for the current attempt of a queued run.
 pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
     let repository = state.config.repository(run.repository.as_str())?;
-    let production_state = match (run.state_run_id, &run.state_sha, &run.state_manifest_sha256) {
-        (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(ProductionStateRef {
-            deploy_run_id,
-            sha: sha.clone(),
+    let production_state = run
+        .compared_against
+        .as_ref()
+        .map(|stamp| ProductionStateRef {
+            deploy_run_id: stamp.deploy_run_id,
+            sha: stamp.sha.clone(),
             manifest_url: format!(
-                "{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json",
-                state.public_url
+                "{}/api/v1/runs/{}/artifacts/manifest.json",
+                state.public_url, stamp.deploy_run_id
             ),
-            manifest_sha256: manifest_sha256.clone(),
-        }),
-        _ => None,
-    };
+            manifest_sha256: stamp.manifest_sha256.clone(),
+        });
     Some(Job {
         run_id: run.id,
         attempt: run.attempt,
@@ -67,16 +67,14 @@ async fn runs_to_dispatch(state: &AppState) -> Vec<ActiveRun> {
     };
     let (out, waiting_rules): (Vec<ActiveRun>, Vec<ActiveRun>) =
         active.into_iter().partition(|run| run.dispatched);
-    let caps = Caps {
-        global: state.config.scheduling.global_cap,
-        per_repository: state
+    let caps = Caps::from_configured(
+        state.config.scheduling.global_cap,
+        state
             .config
             .repositories
             .iter()
-            .filter(|repository| repository.max_concurrent > 0)
-            .map(|repository| (repository.name.clone(), repository.max_concurrent))
-            .collect(),
-    };
+            .map(|repository| (repository.name.clone(), repository.max_concurrent)),
+    );
     let chosen = rules::dispatch(&waiting_rules, &out, &caps);
     waiting_rules
         .into_iter()
@@ -154,8 +152,8 @@ async fn publish_session(
             publisher
                 .publish_to_queue(&topology.jobs_queue(), &payload)
                 .await?;
-            if let Err(error) = state.store.mark_published(run.id).await {
-                tracing::error!(%error, run = %run.id, "published, but could not mark it; it may be published twice (claims are fenced)");
+            if let Err(error) = state.store.mark_dispatched(run.id).await {
+                tracing::error!(%error, run = %run.id, "dispatched, but could not mark it; it may be dispatched twice (claims are fenced)");
             }
             tracing::info!(run = %run.id, attempt = %run.attempt, "job queued");
         }
@@ -203,7 +201,7 @@ async fn publish_session(
             }
             let message = ControlMessage::Cancel {
                 run_id: run,
-                reason: "cancelled by user".to_owned(),
+                reason: rules::CANCELLED_BY_USER.to_owned(),
             };
             publisher
                 .publish(
@@ -330,7 +328,10 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
         return Ok(());
     }
     if let EventBody::Released { reason } = &event.body {
-        let reason = format!("agent {} released it: {reason}", event.agent);
+        let reason = LostReason::Released {
+            agent: event.agent.clone(),
+            reason: reason.clone(),
+        };
         crate::leases::give_up_attempt(state, event.run_id, event.attempt, &reason).await?;
         return Ok(());
     }

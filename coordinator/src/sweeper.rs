@@ -43,7 +43,8 @@ pub enum SweepError {
 pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, SweepError> {
     let cutoff = crate::store::now_ms() - (state.config.sweeper.max_age_secs as i64) * 1000;
     let mut queued = 0;
-    for (repository_name, pr, last_finished) in state.store.sweep_candidates(cutoff).await? {
+    for candidate in state.store.sweep_candidates(cutoff).await? {
+        let (repository_name, pr) = (candidate.repository, candidate.pr);
         let Some(repository) = state.config.repository(repository_name.as_str()).cloned() else {
             continue;
         };
@@ -51,7 +52,7 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
         let on_github = match (github, &repository.github) {
             (Some(github), Some(full_name)) => match github.pull_request_state(full_name, pr).await
             {
-                Ok(state) => Some(state),
+                Ok(open_or_closed) => Some(open_or_closed),
                 Err(error) => {
                     tracing::warn!(%error, repository = %repository_name, %pr, "sweeper cannot ask GitHub about the PR; skipping it this time");
                     continue;
@@ -63,11 +64,11 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
             (Some(Some(github_state)), _) if github_state == "open" => continue,
             (Some(Some(_)), _) => "closed on GitHub",
             (Some(None), _) => "unknown to GitHub",
-            (None, Some(pull)) if pull.state == "open" => continue,
+            (None, Some(pull)) if pull.open => continue,
             (None, Some(_)) => "closed",
             (None, None) => "unknown (never seen in a webhook)",
         };
-        let age_hours = (crate::store::now_ms() - last_finished) as f64 / 3_600_000.0;
+        let age_hours = (crate::store::now_ms() - candidate.last_finished_ms) as f64 / 3_600_000.0;
         let teardown = runs::teardown(state, &repository, pr).await?;
         queued += 1;
         tracing::info!(

@@ -169,7 +169,7 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
         .upsert_pull_request(&PullRequest {
             repository: repository.name.clone(),
             pr,
-            state: event.pull_request.state.clone(),
+            open: event.pull_request.state == "open",
             draft: event.pull_request.draft,
             head_sha: Some(head_sha.clone()),
         })
