@@ -155,7 +155,11 @@ impl Client {
 
     /// `GET /api/v1/runs/{id}/logs?follow=true`, resuming after line `resume_after` (0: from
     /// the start).
-    pub async fn follow_logs(&self, id: RunId, resume_after: u64) -> Result<LogStream, ClientError> {
+    pub async fn follow_logs(
+        &self,
+        id: RunId,
+        resume_after: u64,
+    ) -> Result<LogStream, ClientError> {
         let request = self
             .request(Method::GET, run_logs_url(&self.base, id))
             .query(&[("follow", "true")])
@@ -174,7 +178,11 @@ impl Client {
         let response = self
             .send(self.request(Method::GET, artifact_url(&self.base, id, name)))
             .await?;
-        Ok(response.bytes().await.map_err(ClientError::Answer)?.to_vec())
+        Ok(response
+            .bytes()
+            .await
+            .map_err(ClientError::Answer)?
+            .to_vec())
     }
 
     /// `GET /api/v1/repositories`.

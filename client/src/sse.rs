@@ -47,7 +47,10 @@ pub fn parse_event(raw: &str) -> SseEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
     /// A log line; `number` counts lines over all attempts, from 1 (resume after it).
-    Line { number: Option<u64>, text: String },
+    Line {
+        number: Option<u64>,
+        text: String,
+    },
     Progress(Progress),
     /// The run ended; the stream closes after this. `None` if its data could not be read.
     End(Option<LogEnd>),

@@ -25,7 +25,10 @@ mod tests {
     #[test]
     fn urls_hang_off_the_run() {
         let id = RunId::new();
-        assert_eq!(run_url("http://c", id), format!("http://c/api/v1/runs/{id}"));
+        assert_eq!(
+            run_url("http://c", id),
+            format!("http://c/api/v1/runs/{id}")
+        );
         assert_eq!(
             run_logs_url("http://c", id),
             format!("http://c/api/v1/runs/{id}/logs")

@@ -58,8 +58,8 @@ pub struct Progress {
 /// The data of the log stream's final `end` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEnd {
-    pub status: RunStatus,
     pub message: Option<String>,
+    pub status: RunStatus,
 }
 
 /// A run. The list answers without the fields marked "full view only".

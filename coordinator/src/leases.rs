@@ -10,7 +10,7 @@ use std::time::Duration;
 use slimci_proto::{Attempt, RunId};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::rules::RunStatus;
 use crate::store::{Retry, StoreError};
 

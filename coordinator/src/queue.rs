@@ -16,7 +16,7 @@ use slimci_proto::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::rules::{self, ActiveRun, Caps, EventDisposition, RunStatus};
 use crate::store::Run;
 
@@ -191,6 +191,11 @@ async fn publish_session(
                 return Err(error);
             }
             tracing::info!(run = %run_id, %reason, "poison job dead-lettered");
+        }
+        if state.fleet.probe_due() {
+            let consumers =
+                slimci_broker::consumer_count(publisher.channel(), &topology.jobs_queue()).await?;
+            state.fleet.record_jobs_consumers(consumers);
         }
         let pending = state.store.cancel_pending_runs().await.unwrap_or_default();
         cancels_sent.retain(|run, _| pending.contains(run));
