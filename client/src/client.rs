@@ -144,6 +144,12 @@ impl Client {
             .await
     }
 
+    /// `GET /api/v1/runs/{id}` as the coordinator wrote it, for showing it raw.
+    pub async fn run_json(&self, id: RunId) -> Result<serde_json::Value, ClientError> {
+        self.json(self.request(Method::GET, run_url(&self.base, id)))
+            .await
+    }
+
     /// `GET /api/v1/runs/{id}/logs`: the log so far, every attempt.
     pub async fn logs(&self, id: RunId) -> Result<String, ClientError> {
         self.send(self.request(Method::GET, run_logs_url(&self.base, id)))
