@@ -30,10 +30,7 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
         (Some(deploy_run_id), Some(sha), Some(manifest_sha256)) => Some(ProductionStateRef {
             deploy_run_id,
             sha: sha.clone(),
-            manifest_url: format!(
-                "{}/api/v1/runs/{deploy_run_id}/artifacts/manifest.json",
-                state.public_url
-            ),
+            manifest_url: state.artifact_url(deploy_run_id, "manifest.json"),
             manifest_sha256: manifest_sha256.clone(),
         }),
         _ => None,

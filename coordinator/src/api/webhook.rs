@@ -145,24 +145,28 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8], event: &str) -> Result<T, 
         .map_err(|error| ApiError::BadRequest(format!("not a GitHub `{event}` payload: {error}")))
 }
 
-fn unknown_repository(full_name: &str) -> Response {
-    answer(
-        StatusCode::ACCEPTED,
-        format!(
-            "repository `{full_name}` is not configured here (no [[repository]] with github = \"{full_name}\"); nothing queued"
-        ),
-        None,
-    )
+/// The configured repository a payload is about, or the answer that it is not configured here.
+fn configured_repository(
+    state: &AppState,
+    payload: &Repository,
+) -> Result<RepositoryConfig, Box<Response>> {
+    let full_name = &payload.full_name;
+    state.config.repository_for_github(full_name).cloned().ok_or_else(|| {
+        Box::new(answer(
+            StatusCode::ACCEPTED,
+            format!(
+                "repository `{full_name}` is not configured here (no [[repository]] with github = \"{full_name}\"); nothing queued"
+            ),
+            None,
+        ))
+    })
 }
 
 async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let event: PullRequestEvent = parse(body, "pull_request")?;
-    let Some(repository) = state
-        .config
-        .repository_for_github(&event.repository.full_name)
-        .cloned()
-    else {
-        return Ok(unknown_repository(&event.repository.full_name));
+    let repository = match configured_repository(state, &event.repository) {
+        Ok(repository) => repository,
+        Err(not_configured) => return Ok(*not_configured),
     };
     let pr = PrNumber(event.number);
     let head_sha = parse_sha(&event.pull_request.head.sha)?;
@@ -234,12 +238,9 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
 
 async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let event: PushEvent = parse(body, "push")?;
-    let Some(repository) = state
-        .config
-        .repository_for_github(&event.repository.full_name)
-        .cloned()
-    else {
-        return Ok(unknown_repository(&event.repository.full_name));
+    let repository = match configured_repository(state, &event.repository) {
+        Ok(repository) => repository,
+        Err(not_configured) => return Ok(*not_configured),
     };
     let production_ref = format!("refs/heads/{}", repository.production_branch);
     if event.git_ref != production_ref || event.deleted {
