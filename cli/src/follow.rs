@@ -37,7 +37,8 @@ async fn follow_run(client: &Client, id: RunId) -> anyhow::Result<()> {
             Ok(stream) => stream,
             Err(error) if failures < 30 => {
                 failures += 1;
-                eprintln!("slimci: lost the log stream ({error}); reconnecting");
+                let error = anyhow::Error::from(error);
+                eprintln!("slimci: lost the log stream ({error:#}); reconnecting");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }

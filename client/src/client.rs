@@ -11,9 +11,11 @@ use crate::sse::LogStream;
 use crate::urls::{artifact_url, run_logs_url, run_url};
 use crate::views::{ProductionStateView, RepositoryView, RunView};
 
+/// Why a call failed. The transport errors keep their cause as `source()`; print the chain
+/// (`anyhow`'s `{:#}`) to see it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the slimci coordinator at {base}: {source}")]
+    #[error("cannot reach the slimci coordinator at {base}")]
     Unreachable {
         base: String,
         #[source]
@@ -22,7 +24,7 @@ pub enum ClientError {
     /// The coordinator answered 4xx or 5xx; `message` is its `error`, or the body.
     #[error("{message} (HTTP {status})")]
     Refused { status: StatusCode, message: String },
-    #[error("cannot read the coordinator's answer: {0}")]
+    #[error("cannot read the coordinator's answer")]
     Answer(#[source] reqwest::Error),
 }
 
