@@ -28,8 +28,6 @@ use crate::app::AppState;
 use crate::runs::Submitted;
 use crate::store::{Run, StoreError};
 
-pub use views::wire_status;
-
 /// Largest JSON body any route accepts.
 const MAX_JSON_BODY: usize = 64 * 1024;
 
