@@ -215,6 +215,22 @@ pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<
     Ok(())
 }
 
+/// How many consumers `queue` has, by a passive declare: it changes nothing, and fails (closing
+/// the channel) if the queue does not exist.
+pub async fn consumer_count(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.consumer_count())
+}
+
 /// A channel in confirm mode: every publish returns only once the broker has taken
 /// responsibility for the message.
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use slimci_proto::{Attempt, RunId};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::rules::{LostAttempt, LostReason};
 use crate::store::StoreError;
 

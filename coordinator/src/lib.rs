@@ -3,11 +3,14 @@
 //! production state.
 //!
 //! Layers: `rules` holds the decisions (no I/O); `store`, `logs` and `artifacts` hold state;
-//! `api` (HTTP) and `queue` (AMQP) are adapters that call the rules and the stores.
+//! `app` is the state every part shares; `runs` and `leases` act on runs; `api` (HTTP, with the
+//! GitHub webhook), `queue` (AMQP) and `github` (REST) are adapters that call them.
 
 pub mod api;
+pub mod app;
 pub mod artifacts;
 pub mod config;
+pub mod fleet;
 pub mod github;
 pub mod leases;
 pub mod logs;
@@ -16,7 +19,6 @@ pub mod rules;
 pub mod runs;
 pub mod store;
 pub mod sweeper;
-pub mod webhook;
 
 use std::sync::Arc;
 
@@ -25,7 +27,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::store::{Store, StoreError};
 
@@ -93,6 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         shutdown: shutdown.clone(),
         submit_lock: tokio::sync::Mutex::new(()),
         dead_jobs: std::sync::Mutex::new(Vec::new()),
+        fleet: fleet::Fleet::default(),
     });
     let extended = state
         .store

@@ -16,7 +16,7 @@ use slimci_proto::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::rules::{self, ActiveRun, Caps, EventDisposition, LostReason, RunStatus};
 use crate::store::Run;
 
@@ -32,10 +32,7 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
         .map(|stamp| ProductionStateRef {
             deploy_run_id: stamp.deploy_run_id,
             sha: stamp.sha.clone(),
-            manifest_url: format!(
-                "{}/api/v1/runs/{}/artifacts/manifest.json",
-                state.public_url, stamp.deploy_run_id
-            ),
+            manifest_url: state.artifact_url(stamp.deploy_run_id, "manifest.json"),
             manifest_sha256: stamp.manifest_sha256.clone(),
         });
     Some(Job {
@@ -189,6 +186,11 @@ async fn publish_session(
                 return Err(error);
             }
             tracing::info!(run = %run_id, %reason, "poison job dead-lettered");
+        }
+        if state.fleet.probe_due() {
+            let consumers =
+                slimci_broker::consumer_count(publisher.channel(), &topology.jobs_queue()).await?;
+            state.fleet.record_jobs_consumers(consumers);
         }
         let pending = state.store.cancel_pending_runs().await.unwrap_or_default();
         cancels_sent.retain(|run, _| pending.contains(run));

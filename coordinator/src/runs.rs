@@ -5,8 +5,8 @@
 
 use slimci_proto::{PrNumber, RunId, RunKind};
 
-use crate::api::AppState;
-use crate::config::RepositoryConfig;
+use crate::app::AppState;
+use crate::config::{Config, RepositoryConfig};
 use crate::rules::{self, Admission, CancelDecision, RunStatus, SubmitDecision, ValidRequest};
 use crate::store::{NewRun, Run, StoreError};
 
@@ -141,8 +141,13 @@ pub async fn teardown(
     repository: &RepositoryConfig,
     pr: PrNumber,
 ) -> Result<Submitted, StoreError> {
-    let timeout = repository
-        .run_timeout_secs
-        .unwrap_or(state.config.limits.run_timeout_secs);
+    let timeout = run_timeout_secs(&state.config, repository);
     submit(state, rules::teardown_request(repository, pr, timeout)).await
+}
+
+/// How long a run of `repository` may take: its own limit, or the coordinator's.
+pub fn run_timeout_secs(config: &Config, repository: &RepositoryConfig) -> u64 {
+    repository
+        .run_timeout_secs
+        .unwrap_or(config.limits.run_timeout_secs)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::app::AppState;
 use crate::github::GitHub;
 use crate::runs;
 

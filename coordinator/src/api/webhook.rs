@@ -4,7 +4,8 @@
 //! secret, compared in constant time); anything unsigned or forged gets 401 and changes
 //! nothing. A delivery id seen before (`X-GitHub-Delivery`) is answered without being processed
 //! again. What each action does is `rules::pull_request_action`; the runs go through
-//! `runs::submit`, so the supersede and dedupe rules are the same as for the CLI.
+//! `runs::submit`, so the supersede and dedupe rules are the same as for the CLI. The payload's
+//! fields become a `ValidRequest` directly (its SHA parsed once), not a `RunRequest` of strings.
 
 use std::sync::Arc;
 
@@ -16,10 +17,12 @@ use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
-use slimci_proto::PrNumber;
+use slimci_proto::{IsolationName, PrNumber, RunKind, Sha};
 
-use crate::api::{ApiError, AppState};
-use crate::rules::{self, PullRequestAction, RunRequest};
+use super::{ApiError, submission_status};
+use crate::app::AppState;
+use crate::config::RepositoryConfig;
+use crate::rules::{self, PullRequestAction, ValidRequest};
 use crate::runs;
 use crate::store::PullRequest;
 
@@ -142,28 +145,31 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8], event: &str) -> Result<T, 
         .map_err(|error| ApiError::BadRequest(format!("not a GitHub `{event}` payload: {error}")))
 }
 
-fn unknown_repository(full_name: &str) -> Response {
-    answer(
-        StatusCode::ACCEPTED,
-        format!(
-            "repository `{full_name}` is not configured here (no [[repository]] with github = \"{full_name}\"); nothing queued"
-        ),
-        None,
-    )
+/// The configured repository a payload is about, or the answer that it is not configured here.
+fn configured_repository(
+    state: &AppState,
+    payload: &Repository,
+) -> Result<RepositoryConfig, Box<Response>> {
+    let full_name = &payload.full_name;
+    state.config.repository_for_github(full_name).cloned().ok_or_else(|| {
+        Box::new(answer(
+            StatusCode::ACCEPTED,
+            format!(
+                "repository `{full_name}` is not configured here (no [[repository]] with github = \"{full_name}\"); nothing queued"
+            ),
+            None,
+        ))
+    })
 }
 
 async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let event: PullRequestEvent = parse(body, "pull_request")?;
-    let Some(repository) = state
-        .config
-        .repository_for_github(&event.repository.full_name)
-        .cloned()
-    else {
-        return Ok(unknown_repository(&event.repository.full_name));
+    let repository = match configured_repository(state, &event.repository) {
+        Ok(repository) => repository,
+        Err(not_configured) => return Ok(*not_configured),
     };
     let pr = PrNumber(event.number);
-    let head_sha = slimci_proto::Sha::parse(&event.pull_request.head.sha)
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let head_sha = parse_sha(&event.pull_request.head.sha)?;
     state
         .store
         .upsert_pull_request(&PullRequest {
@@ -180,19 +186,9 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
         repository.build_drafts,
     ) {
         PullRequestAction::Build => {
-            let request = RunRequest {
-                repository: repository.name.to_string(),
-                kind: Some("ci".to_owned()),
-                pr: Some(pr.0),
-                sha: Some(head_sha.to_string()),
-                git_ref: None,
-            };
-            submit(
-                state,
-                &request,
-                format!("CI run of {} for PR #{pr}", head_sha.short()),
-            )
-            .await
+            let what = format!("CI run of {} for PR #{pr}", head_sha.short());
+            let request = pull_request_build(state, &repository, pr, head_sha)?;
+            submit(state, request, what).await
         }
         PullRequestAction::SkipDraft => Ok(answer(
             StatusCode::OK,
@@ -242,12 +238,9 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
 
 async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let event: PushEvent = parse(body, "push")?;
-    let Some(repository) = state
-        .config
-        .repository_for_github(&event.repository.full_name)
-        .cloned()
-    else {
-        return Ok(unknown_repository(&event.repository.full_name));
+    let repository = match configured_repository(state, &event.repository) {
+        Ok(repository) => repository,
+        Err(not_configured) => return Ok(*not_configured),
     };
     let production_ref = format!("refs/heads/{}", repository.production_branch);
     if event.git_ref != production_ref || event.deleted {
@@ -260,37 +253,61 @@ async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             None,
         ));
     }
-    let request = RunRequest {
-        repository: repository.name.to_string(),
-        kind: Some("deploy".to_owned()),
+    let sha = parse_sha(&event.after)?;
+    let what = format!("deploy of {}", sha.short());
+    let request = ValidRequest {
+        repository: repository.name.clone(),
+        kind: RunKind::Deploy,
         pr: None,
-        sha: Some(event.after.clone()),
-        git_ref: Some(repository.production_branch.clone()),
+        sha: Some(sha),
+        fetch_ref: production_ref,
+        isolation: None,
+        timeout_secs: runs::run_timeout_secs(&state.config, &repository),
     };
-    submit(
-        state,
-        &request,
-        format!("deploy of {}", &event.after[..12.min(event.after.len())]),
-    )
-    .await
+    submit(state, request, what).await
+}
+
+fn parse_sha(text: &str) -> Result<Sha, ApiError> {
+    Sha::parse(text).map_err(|error| ApiError::BadRequest(error.to_string()))
+}
+
+/// The CI run of a pull request's head commit: built from `refs/pull/<pr>/head` into the PR's
+/// isolation.
+fn pull_request_build(
+    state: &AppState,
+    repository: &RepositoryConfig,
+    pr: PrNumber,
+    head_sha: Sha,
+) -> Result<ValidRequest, ApiError> {
+    if pr.0 == 0 {
+        return Err(ApiError::BadRequest(
+            rules::RequestError::ZeroPr.to_string(),
+        ));
+    }
+    Ok(ValidRequest {
+        repository: repository.name.clone(),
+        kind: RunKind::Ci,
+        pr: Some(pr),
+        sha: Some(head_sha),
+        fetch_ref: format!("refs/pull/{pr}/head"),
+        isolation: Some(IsolationName::for_pr(&repository.name, pr)),
+        timeout_secs: runs::run_timeout_secs(&state.config, repository),
+    })
 }
 
 /// Submits a run for a webhook: 201 with the new run, or 200 with the one already queued or
 /// building for the same commit.
 async fn submit(
     state: &AppState,
-    request: &RunRequest,
+    request: ValidRequest,
     what: String,
 ) -> Result<Response, ApiError> {
-    let valid = rules::validate_request(&state.config, request)
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    let submitted = runs::submit(state, valid).await?;
-    let status = if submitted.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(answer(status, what, Some(submitted.run.id)))
+    let submitted = runs::submit(state, request).await?;
+    Ok(answer(
+        submission_status(&submitted),
+        what,
+        Some(submitted.run.id),
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,146 @@
+//! Runs for people: the table of `slimci runs`, the summary after a run, the exit code.
+
+use std::process::ExitCode;
+
+use slimci_client::{RunStatus, RunView, is_failure};
+use slimci_proto::RunKind;
+
+/// 0 success, 1 the build failed (models or tests), 2 anything else.
+pub fn exit_code(status: RunStatus) -> ExitCode {
+    match status {
+        RunStatus::Success => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::from(1),
+        _ => ExitCode::from(2),
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..12.min(sha.len())]
+}
+
+pub fn print_runs(runs: &[RunView]) {
+    println!(
+        "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  CREATED",
+        "ID", "KIND", "REPOSITORY", "PR", "SHA", "STATUS", "SECONDS"
+    );
+    for run in runs {
+        println!(
+            "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  {}",
+            run.id.to_string(),
+            run.kind.as_str(),
+            run.repository,
+            run.pr
+                .map(|pr| pr.to_string())
+                .unwrap_or_else(|| "-".into()),
+            run.sha.as_deref().map(short).unwrap_or("-"),
+            run.status.as_str(),
+            run.duration_s
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            run.created_at,
+        );
+    }
+}
+
+pub fn print_summary(run: &RunView) {
+    let what = match (run.kind, run.pr) {
+        (RunKind::Ci, Some(pr)) => format!("ci of {} PR #{pr}", run.repository),
+        (RunKind::Teardown, Some(pr)) => format!("teardown of {} PR #{pr}", run.repository),
+        _ => format!("deploy of {}", run.repository),
+    };
+    let sha = run
+        .sha
+        .as_deref()
+        .map(|sha| format!(" at {}", short(sha)))
+        .unwrap_or_default();
+    let duration = run
+        .duration_s
+        .map(|s| format!(" in {s:.1} s"))
+        .unwrap_or_default();
+    println!();
+    println!("run {} — {what}{sha}: {}{duration}", run.id, run.status);
+    if let Some(state) = &run.production_state {
+        println!(
+            "compared against production state of deploy {} (commit {})",
+            state.deploy_run_id,
+            short(&state.sha)
+        );
+    }
+    if let Some(caches) = &run.caches {
+        let mut used: Vec<String> = [
+            ("git", &caches.git),
+            ("state", &caches.state),
+            ("deps", &caches.deps),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name} {}", value.as_deref()?)))
+        .collect();
+        if let Some(parse) = &caches.parse {
+            used.push(match &caches.parse_reason {
+                Some(reason) => format!("{parse} parse ({reason})"),
+                None => format!("{parse} parse"),
+            });
+        }
+        if !used.is_empty() {
+            println!("caches: {}", used.join(", "));
+        }
+    }
+    if let Some(message) = &run.message {
+        println!("{message}");
+    }
+    if let Some(position) = run.queue_position {
+        println!("waiting to start: position {position} in line");
+    }
+    if let Some(summary) = &run.summary {
+        println!();
+        println!(
+            "  {:>8}  {:>6}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}",
+            "selected", "built", "passed", "failed", "warned", "errors", "skipped"
+        );
+        println!(
+            "  {:>8}  {:>6}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}",
+            summary.selected,
+            summary.built,
+            summary.tests_passed,
+            summary.tests_failed,
+            summary.warned,
+            summary.errored,
+            summary.skipped
+        );
+    }
+    let failures: Vec<_> = run
+        .nodes
+        .iter()
+        .flatten()
+        .filter(|node| is_failure(node))
+        .collect();
+    if !failures.is_empty() {
+        println!();
+        println!("failures:");
+        for node in failures {
+            println!(
+                "  {} {}: {}",
+                node.status.to_uppercase(),
+                node.unique_id,
+                node.message
+                    .as_deref()
+                    .unwrap_or_default()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_status() {
+        assert_eq!(exit_code(RunStatus::Success), ExitCode::SUCCESS);
+        assert_eq!(exit_code(RunStatus::Failed), ExitCode::from(1));
+        assert_eq!(exit_code(RunStatus::Cancelled), ExitCode::from(2));
+    }
+}

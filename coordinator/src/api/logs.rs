@@ -1,0 +1,165 @@
+//! `GET /api/v1/runs/{id}/logs`: a run's log as text, or with `?follow=true` as server-sent
+//! events until the run ends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use slimci_client::{LogEnd, Progress};
+use slimci_proto::Attempt;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::views::wire_status;
+use super::{ApiError, ApiResult, load_run, parse_run_id, require_user};
+use crate::app::AppState;
+use crate::store::Run;
+
+#[derive(Deserialize)]
+pub(super) struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+pub(super) async fn get_logs(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> ApiResult<Response> {
+    require_user(&state, &headers)?;
+    let id = parse_run_id(&id)?;
+    let run = load_run(&state, id).await?;
+    if query.follow {
+        // A client resuming after a dropped connection says which line it saw last.
+        let resume_after = headers
+            .get("last-event-id")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0);
+        return Ok(follow_logs(state, run, resume_after).into_response());
+    }
+    let mut text = String::new();
+    for attempt in 1..=run.attempt.0 {
+        if run.attempt.0 > 1 {
+            text.push_str(&format!("[slimci] attempt {attempt}\n"));
+        }
+        let mut offset = 0;
+        loop {
+            let (lines, next) = state
+                .logs
+                .read_from(id, Attempt(attempt), offset)
+                .map_err(|error| ApiError::Internal(error.to_string()))?;
+            if lines.is_empty() {
+                break;
+            }
+            for line in lines {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            offset = next;
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// Server-sent events: `log` (one line each, `id` = line number), `progress` (`{done,total}`),
+/// and a final `end` carrying the run's terminal status, after which the stream closes.
+fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoResponse {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(256);
+    let mut changes = state.changes.subscribe();
+    tokio::spawn(async move {
+        let id = run.id;
+        let mut attempt = Attempt(1);
+        let mut offset = 0u64;
+        let mut line_number = 0u64;
+        let mut progress = (u32::MAX, u32::MAX);
+        loop {
+            let Ok(Some(run)) = state.store.run(id).await else {
+                return;
+            };
+            // Drain every attempt up to the current one; lines of finished attempts are final.
+            loop {
+                let Ok((lines, next)) = state.logs.read_from(id, attempt, offset) else {
+                    return;
+                };
+                for line in lines {
+                    line_number += 1;
+                    if line_number <= resume_after {
+                        continue;
+                    }
+                    let event = Event::default()
+                        .event("log")
+                        .id(line_number.to_string())
+                        .data(line);
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                offset = next;
+                if attempt < run.attempt {
+                    attempt = Attempt(attempt.0 + 1);
+                    offset = 0;
+                    continue;
+                }
+                break;
+            }
+            if (run.progress_done, run.progress_total) != progress {
+                progress = (run.progress_done, run.progress_total);
+                let data = serde_json::to_string(&Progress {
+                    done: progress.0,
+                    total: progress.1,
+                })
+                .expect("progress serializes");
+                if sender
+                    .send(Ok(Event::default().event("progress").data(data)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if run.status.is_terminal() {
+                // The terminal status is written after the last log batch was applied.
+                let (lines, _) = state
+                    .logs
+                    .read_from(id, attempt, offset)
+                    .unwrap_or_default();
+                if lines.is_empty() {
+                    let data = serde_json::to_string(&LogEnd {
+                        message: run.message,
+                        status: wire_status(run.status),
+                    })
+                    .expect("the end serializes");
+                    let _ = sender
+                        .send(Ok(Event::default().event("end").data(data)))
+                        .await;
+                    return;
+                }
+                continue;
+            }
+            // Wait for a change to this run; the timeout covers missed notifications.
+            let deadline = tokio::time::sleep(Duration::from_secs(2));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    () = sender.closed() => return,
+                    () = state.shutdown.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Ok(changed) if changed != id => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(receiver))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
