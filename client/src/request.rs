@@ -21,3 +21,29 @@ pub struct RunRequest {
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_sent_is_what_is_received_and_unknown_fields_are_refused() {
+        let sent = RunRequest {
+            repository: "shop".into(),
+            kind: Some("ci".into()),
+            pr: Some(4),
+            sha: Some("ab".repeat(20)),
+            git_ref: None,
+        };
+        let wire = serde_json::to_string(&sent).unwrap();
+        assert!(
+            !wire.contains("ref"),
+            "fields left out are not sent: {wire}"
+        );
+        assert_eq!(serde_json::from_str::<RunRequest>(&wire).unwrap(), sent);
+        assert!(
+            serde_json::from_str::<RunRequest>(r#"{"repository":"shop","nightly":true}"#).is_err(),
+            "unknown fields are refused"
+        );
+    }
+}

@@ -17,6 +17,35 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    pub const ALL: [RunStatus; 8] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Success,
+        RunStatus::Failed,
+        RunStatus::Error,
+        RunStatus::Cancelled,
+        RunStatus::Superseded,
+        RunStatus::TimedOut,
+    ];
+
+    /// The status of a run whose agent reported `result`.
+    pub fn from_result(result: slimci_proto::RunResult) -> RunStatus {
+        use slimci_proto::RunResult;
+        match result {
+            RunResult::Success => RunStatus::Success,
+            RunResult::Failed => RunStatus::Failed,
+            RunResult::Error => RunStatus::Error,
+            RunResult::Cancelled => RunStatus::Cancelled,
+            RunResult::TimedOut => RunStatus::TimedOut,
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RunStatus> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+
     pub fn is_terminal(self) -> bool {
         !matches!(self, RunStatus::Queued | RunStatus::Running)
     }
@@ -46,21 +75,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_wire_name_is_the_display_name() {
-        for status in [
-            RunStatus::Queued,
-            RunStatus::Running,
-            RunStatus::Success,
-            RunStatus::Failed,
-            RunStatus::Error,
-            RunStatus::Cancelled,
-            RunStatus::Superseded,
-            RunStatus::TimedOut,
-        ] {
+    fn statuses_round_trip_by_their_wire_names() {
+        for status in RunStatus::ALL {
+            assert_eq!(RunStatus::parse(status.as_str()), Some(status));
             assert_eq!(
                 serde_json::to_value(status).unwrap(),
-                serde_json::json!(status.as_str())
+                serde_json::Value::from(status.as_str())
             );
         }
+        assert_eq!(
+            RunStatus::ALL
+                .iter()
+                .filter(|status| !status.is_terminal())
+                .count(),
+            2
+        );
     }
 }

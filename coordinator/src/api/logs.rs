@@ -15,7 +15,6 @@ use slimci_proto::Attempt;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::views::wire_status;
 use super::{ApiError, ApiResult, load_run, parse_run_id, require_user};
 use crate::app::AppState;
 use crate::store::Run;
@@ -133,7 +132,7 @@ fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoRe
                 if lines.is_empty() {
                     let data = serde_json::to_string(&LogEnd {
                         message: run.message,
-                        status: wire_status(run.status),
+                        status: run.status,
                     })
                     .expect("the end serializes");
                     let _ = sender

@@ -20,25 +20,6 @@ use crate::rules::{self, RunStatus};
 use crate::runs::CancelError;
 use crate::store::RunFilter;
 
-/// The request as the client sent it, in the form `rules::validate_request` reads. Both name
-/// every field, so a field added to one and not the other does not compile.
-fn request_for_rules(request: slimci_client::RunRequest) -> rules::RunRequest {
-    let slimci_client::RunRequest {
-        repository,
-        kind,
-        pr,
-        sha,
-        git_ref,
-    } = request;
-    rules::RunRequest {
-        repository,
-        kind,
-        pr,
-        sha,
-        git_ref,
-    }
-}
-
 pub(super) async fn create_run(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -46,7 +27,7 @@ pub(super) async fn create_run(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let request: slimci_client::RunRequest = parse_json(&body)?;
-    let valid = rules::validate_request(&state.config, &request_for_rules(request))
+    let valid = rules::validate_request(&state.config, &request)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let submitted = crate::runs::submit(&state, valid).await?;
     let status = submission_status(&submitted);
@@ -139,39 +120,4 @@ pub(super) async fn teardown_pull_request(
     let submitted = crate::runs::teardown(&state, &repository, pr).await?;
     let status = submission_status(&submitted);
     Ok((status, Json(full_run_view(&state, submitted.run).await?)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn what_the_client_sends_is_what_the_rules_read() {
-        let sent = slimci_client::RunRequest {
-            repository: "shop".into(),
-            kind: Some("ci".into()),
-            pr: Some(4),
-            sha: Some("ab".repeat(20)),
-            git_ref: None,
-        };
-        let wire = serde_json::to_vec(&sent).unwrap();
-        let received: slimci_client::RunRequest = serde_json::from_slice(&wire).unwrap();
-        let read = request_for_rules(received);
-        assert_eq!(
-            (
-                read.repository.as_str(),
-                read.kind.as_deref(),
-                read.pr,
-                read.git_ref
-            ),
-            ("shop", Some("ci"), Some(4), None)
-        );
-        assert!(
-            serde_json::from_str::<slimci_client::RunRequest>(
-                r#"{"repository":"shop","nightly":true}"#
-            )
-            .is_err(),
-            "unknown fields are refused"
-        );
-    }
 }

@@ -9,7 +9,6 @@ use slimci_proto::{RepoName, RunId, Topology};
 
 use super::ApiResult;
 use crate::app::AppState;
-use crate::rules::RunStatus;
 use crate::store::{ArtifactRecord, Run, now_ms};
 
 /// A time as the API spells it: RFC 3339 UTC with milliseconds.
@@ -21,21 +20,6 @@ fn time(ms: i64) -> String {
 
 fn seconds(from: i64, to: i64) -> f64 {
     (to - from).max(0) as f64 / 1000.0
-}
-
-/// A run status as the API spells it.
-pub fn wire_status(status: RunStatus) -> slimci_client::RunStatus {
-    use slimci_client::RunStatus as Wire;
-    match status {
-        RunStatus::Queued => Wire::Queued,
-        RunStatus::Running => Wire::Running,
-        RunStatus::Success => Wire::Success,
-        RunStatus::Failed => Wire::Failed,
-        RunStatus::Error => Wire::Error,
-        RunStatus::Cancelled => Wire::Cancelled,
-        RunStatus::Superseded => Wire::Superseded,
-        RunStatus::TimedOut => Wire::TimedOut,
-    }
 }
 
 fn artifact_view(state: &AppState, run: RunId, artifact: ArtifactRecord) -> ArtifactView {
@@ -74,7 +58,7 @@ pub fn run_view(state: &AppState, run: Run) -> RunView {
         sha: run.sha.map(|sha| sha.to_string()),
         git_ref: run.fetch_ref,
         isolation: run.isolation.map(|name| name.to_string()),
-        status: wire_status(run.status),
+        status: run.status,
         message: run.message,
         attempt: run.attempt,
         agent: run.agent,
@@ -165,16 +149,4 @@ pub async fn production_state_view(
             manifest_sha256: production.manifest_sha256,
             updated_at: time(production.updated_ms),
         }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wire_statuses_are_spelled_as_the_store_spells_them() {
-        for status in RunStatus::ALL {
-            assert_eq!(wire_status(status).as_str(), status.as_str());
-        }
-    }
 }

@@ -16,8 +16,6 @@ mod fixtures;
 mod request;
 mod webhook;
 
-use slimci_proto::RunResult;
-
 pub use claim::{
     CANCELLED_BY_USER, CancelDecision, ClaimDecision, ClaimView, EventDisposition, decide_cancel,
     decide_claim, event_disposition,
@@ -33,81 +31,5 @@ pub use request::{
 };
 pub use webhook::{PullRequestAction, pull_request_action};
 
-/// Where a run stands. The last six are terminal: nothing moves a run out of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    Queued,
-    Running,
-    Success,
-    Failed,
-    Error,
-    Cancelled,
-    Superseded,
-    TimedOut,
-}
-
-impl RunStatus {
-    pub const ALL: [RunStatus; 8] = [
-        RunStatus::Queued,
-        RunStatus::Running,
-        RunStatus::Success,
-        RunStatus::Failed,
-        RunStatus::Error,
-        RunStatus::Cancelled,
-        RunStatus::Superseded,
-        RunStatus::TimedOut,
-    ];
-
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Queued | RunStatus::Running)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Queued => "queued",
-            RunStatus::Running => "running",
-            RunStatus::Success => "success",
-            RunStatus::Failed => "failed",
-            RunStatus::Error => "error",
-            RunStatus::Cancelled => "cancelled",
-            RunStatus::Superseded => "superseded",
-            RunStatus::TimedOut => "timed_out",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<RunStatus> {
-        RunStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == text)
-    }
-
-    pub fn from_result(result: RunResult) -> RunStatus {
-        match result {
-            RunResult::Success => RunStatus::Success,
-            RunResult::Failed => RunStatus::Failed,
-            RunResult::Error => RunStatus::Error,
-            RunResult::Cancelled => RunStatus::Cancelled,
-            RunResult::TimedOut => RunStatus::TimedOut,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_round_trip() {
-        for status in RunStatus::ALL {
-            assert_eq!(RunStatus::parse(status.as_str()), Some(status));
-        }
-        assert_eq!(
-            RunStatus::ALL
-                .iter()
-                .filter(|status| !status.is_terminal())
-                .count(),
-            2
-        );
-    }
-}
+/// Where a run stands: one definition, shared with the user API (`slimci_client`).
+pub use slimci_client::RunStatus;

@@ -1,25 +1,12 @@
 //! Requests for runs: validating a `RunRequest` against the configuration, the teardown
 //! request for a closed PR, and admission (a CI run needs production state).
 
-use serde::Deserialize;
 use slimci_proto::{IsolationName, PrNumber, RepoName, RunKind, Sha};
 
 use crate::config::{Config, RepositoryConfig};
 
-/// `POST /api/v1/runs` as it arrives, before validation.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunRequest {
-    pub repository: String,
-    /// `ci` (default) or `deploy`.
-    pub kind: Option<String>,
-    pub pr: Option<u64>,
-    pub sha: Option<String>,
-    /// For a deploy: the branch to build (default: the production branch). For CI: the ref
-    /// that holds the PR's commits (default `refs/pull/<pr>/head`, GitHub's convention).
-    #[serde(rename = "ref")]
-    pub git_ref: Option<String>,
-}
+/// `POST /api/v1/runs` as it arrives, before validation: the user API's own type.
+pub use slimci_client::RunRequest;
 
 /// A request the coordinator accepts, resolved against the configuration.
 #[derive(Debug, Clone, PartialEq)]
