@@ -495,7 +495,7 @@ impl Drop for Cluster {
                 Some(())
             };
             runtime
-                .block_on(tokio::time::timeout(BROKER_DEADLINE, cleanup))
+                .block_on(async { tokio::time::timeout(BROKER_DEADLINE, cleanup).await })
                 .ok()?;
             done.send(()).ok()
         });
