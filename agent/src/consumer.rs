@@ -202,6 +202,9 @@ impl Worker {
         delivery: lapin::message::Delivery,
         cancel: CancellationToken,
     ) {
+        // The coordinator starts the lease when it grants the claim, after this instant: the
+        // agent counts its lease from here, so it never thinks it has more time than it has.
+        let claim_sent_at = tokio::time::Instant::now();
         let claim = self
             .services
             .coordinator
@@ -230,7 +233,7 @@ impl Worker {
             }
             AfterClaim::Build { lease } => lease,
         };
-        self.held.granted(job.run_id, lease);
+        self.held.granted(job.run_id, lease, claim_sent_at);
         tracing::info!(run = %job.run_id, attempt = %job.attempt, kind = job.run_kind().as_str(), repository = %job.repository, "building");
         let reporter = self.events.reporter(job.run_id, job.attempt);
         let outcome = job::execute(&self.services, job, &reporter, &cancel).await;

@@ -61,14 +61,24 @@ impl HeldAttempts {
         }
     }
 
-    /// The claim was granted: the lease starts now.
-    pub fn granted(&self, run_id: RunId, lease: Duration) {
+    /// The claim sent at `claim_sent_at` was granted: the lease counts from that instant.
+    pub fn granted(&self, run_id: RunId, lease: Duration, claim_sent_at: Instant) {
         if let Some(held) = self.lock().get_mut(&run_id) {
             held.lease = Some(LeaseClock {
                 lease,
-                renewed_at: Instant::now(),
+                renewed_at: claim_sent_at,
             });
         }
+    }
+
+    /// The earliest instant at which a build still holding its lease must be stopped unless
+    /// renewed (`LeaseClock::fence_at`); the heartbeat loop wakes up then at the latest.
+    pub fn earliest_fence(&self) -> Option<Instant> {
+        self.lock()
+            .values()
+            .filter(|held| held.lease_loss.is_none())
+            .filter_map(|held| held.lease.map(|clock| clock.fence_at()))
+            .min()
     }
 
     pub fn remove(&self, run_id: RunId) {
@@ -109,9 +119,14 @@ impl HeldAttempts {
         }
     }
 
-    /// Applies a heartbeat's answer (`None`: it failed) about the leases `sent`, and stops every
-    /// build whose lease verdict says so.
-    pub fn apply_heartbeat(&self, sent: &[Lease], answer: Option<&HeartbeatResponse>) {
+    /// Applies the answer (`None`: it failed) to a heartbeat sent at `sent_at` about the leases
+    /// `sent`, and stops every build whose lease verdict says so.
+    pub fn apply_heartbeat(
+        &self,
+        sent: &[Lease],
+        answer: Option<&HeartbeatResponse>,
+        sent_at: Instant,
+    ) {
         let now = Instant::now();
         let mut attempts = self.lock();
         for (run_id, held) in attempts.iter_mut() {
@@ -123,7 +138,7 @@ impl HeldAttempts {
                 attempt: held.attempt,
             };
             let said = rules::lease_answer(&lease, sent, answer);
-            match rules::lease_verdict(clock, said, now) {
+            match rules::lease_verdict(clock, said, sent_at, now) {
                 LeaseVerdict::KeepBuilding(clock) => held.lease = Some(clock),
                 LeaseVerdict::Stop(loss) => {
                     match &loss {
@@ -151,7 +166,7 @@ mod tests {
         let (run_id, cancel) = (RunId::new(), CancellationToken::new());
         assert!(held.register(run_id, Attempt(1), cancel.clone()));
         assert!(held.leases_to_renew().leases.is_empty(), "not granted yet");
-        held.granted(run_id, lease);
+        held.granted(run_id, lease, Instant::now());
         (held, run_id, cancel)
     }
 
@@ -161,10 +176,10 @@ mod tests {
         let sent = held.leases_to_renew();
         assert_eq!(sent.shortest, Some(Duration::from_secs(4)));
         tokio::time::advance(Duration::from_secs(2)).await;
-        held.apply_heartbeat(&sent.leases, None);
+        held.apply_heartbeat(&sent.leases, None, Instant::now());
         assert!(!cancel.is_cancelled());
         tokio::time::advance(Duration::from_secs(2)).await;
-        held.apply_heartbeat(&sent.leases, None);
+        held.apply_heartbeat(&sent.leases, None, Instant::now());
         assert!(cancel.is_cancelled());
         assert_eq!(
             held.lease_loss(run_id),
@@ -184,7 +199,7 @@ mod tests {
                 lease_secs: 4,
                 lost: Vec::new(),
             };
-            held.apply_heartbeat(&sent.leases, Some(&answer));
+            held.apply_heartbeat(&sent.leases, Some(&answer), Instant::now());
         }
         assert!(!cancel.is_cancelled());
         let sent = held.leases_to_renew();
@@ -192,7 +207,7 @@ mod tests {
             lease_secs: 4,
             lost: sent.leases.clone(),
         };
-        held.apply_heartbeat(&sent.leases, Some(&answer));
+        held.apply_heartbeat(&sent.leases, Some(&answer), Instant::now());
         assert!(cancel.is_cancelled());
         assert_eq!(held.lease_loss(run_id), Some(LeaseLoss::NotOurs));
     }

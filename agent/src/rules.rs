@@ -61,11 +61,22 @@ pub fn lease_length(lease_secs: u64) -> Duration {
     Duration::from_secs(lease_secs.max(1))
 }
 
-/// A lease the agent holds: how long it is, and when it was last renewed (or granted).
+/// A lease the agent holds: how long it is, and when it was last renewed (or granted), counted
+/// from when the agent *sent* the request that renewed it. The coordinator renewed it later
+/// than that, so the agent's clock never runs behind the coordinator's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseClock {
     pub lease: Duration,
     pub renewed_at: Instant,
+}
+
+impl LeaseClock {
+    /// When a build that has not been renewed since must stop: three quarters into the lease,
+    /// leaving the last quarter for stopping its process tree before the coordinator may retry
+    /// the attempt elsewhere.
+    pub fn fence_at(&self) -> Instant {
+        self.renewed_at + self.lease * 3 / 4
+    }
 }
 
 /// What the last heartbeat said about one lease.
@@ -133,23 +144,41 @@ impl fmt::Display for LeaseLoss {
     }
 }
 
-/// The lease verdict for one build, given its lease, the coordinator's answer, and the time.
-/// A build that could not be renewed for three quarters of its lease is stopped before the
-/// coordinator may retry it elsewhere (the rest of the lease covers stopping the tree).
-pub fn lease_verdict(clock: LeaseClock, answer: LeaseAnswer, now: Instant) -> LeaseVerdict {
+/// The lease verdict for one build, given its lease, the coordinator's answer to a heartbeat
+/// sent at `sent_at`, and the time. A renewal counts from `sent_at`. A build that could not be
+/// renewed for three quarters of its lease is stopped before the coordinator may retry it
+/// elsewhere (the rest of the lease covers stopping the tree).
+pub fn lease_verdict(
+    clock: LeaseClock,
+    answer: LeaseAnswer,
+    sent_at: Instant,
+    now: Instant,
+) -> LeaseVerdict {
     let clock = match answer {
         LeaseAnswer::NotOurs => return LeaseVerdict::Stop(LeaseLoss::NotOurs),
         LeaseAnswer::Renewed { lease_secs } => LeaseClock {
             lease: lease_length(lease_secs),
-            renewed_at: now,
+            renewed_at: sent_at.max(clock.renewed_at),
         },
         LeaseAnswer::NoAnswer => clock,
     };
-    let unrenewed = now.saturating_duration_since(clock.renewed_at);
-    if unrenewed > clock.lease * 3 / 4 {
+    if now > clock.fence_at() {
+        let unrenewed = now.saturating_duration_since(clock.renewed_at);
         return LeaseVerdict::Stop(LeaseLoss::Unrenewed { unrenewed });
     }
     LeaseVerdict::KeepBuilding(clock)
+}
+
+/// When the heartbeat loop wakes up next: after `interval`, or at the earliest fence of a
+/// build still holding its lease if that comes first, so a build is stopped at its fence and
+/// not up to a heartbeat interval later.
+pub fn next_heartbeat_wake(
+    now: Instant,
+    interval: Duration,
+    earliest_fence: Option<Instant>,
+) -> Instant {
+    let next = now + interval;
+    earliest_fence.map_or(next, |fence| next.min(fence.max(now)))
 }
 
 /// How long to wait between heartbeats: a third of the shortest lease held (at least 200 ms),
@@ -250,20 +279,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_renewed_lease_keeps_building_from_now() {
+    async fn a_renewed_lease_counts_from_when_its_heartbeat_was_sent() {
         let granted = Instant::now();
         let clock = LeaseClock {
             lease: Duration::from_secs(12),
             renewed_at: granted,
         };
-        tokio::time::advance(Duration::from_secs(11)).await;
-        let now = Instant::now();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let sent_at = Instant::now();
+        // The answer takes 3 s: the coordinator renewed somewhere in between.
+        tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(
-            lease_verdict(clock, LeaseAnswer::Renewed { lease_secs: 20 }, now),
+            lease_verdict(
+                clock,
+                LeaseAnswer::Renewed { lease_secs: 20 },
+                sent_at,
+                Instant::now()
+            ),
             LeaseVerdict::KeepBuilding(LeaseClock {
                 lease: Duration::from_secs(20),
-                renewed_at: now,
+                renewed_at: sent_at,
             })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_wakes_at_the_earliest_fence_when_it_comes_before_the_next_heartbeat() {
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(next_heartbeat_wake(now, second, None), now + second);
+        assert_eq!(
+            next_heartbeat_wake(now, second, Some(now + second / 4)),
+            now + second / 4
+        );
+        assert_eq!(
+            next_heartbeat_wake(now, second, Some(now + second * 5)),
+            now + second
+        );
+        assert_eq!(
+            next_heartbeat_wake(now + second, second, Some(now)),
+            now + second,
+            "a fence already passed means now, never the past"
         );
     }
 
@@ -275,12 +331,12 @@ mod tests {
         };
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(
-            lease_verdict(clock, LeaseAnswer::NoAnswer, Instant::now()),
+            lease_verdict(clock, LeaseAnswer::NoAnswer, Instant::now(), Instant::now()),
             LeaseVerdict::KeepBuilding(clock),
             "exactly three quarters is still in time"
         );
         tokio::time::advance(Duration::from_millis(1)).await;
-        let verdict = lease_verdict(clock, LeaseAnswer::NoAnswer, Instant::now());
+        let verdict = lease_verdict(clock, LeaseAnswer::NoAnswer, Instant::now(), Instant::now());
         let LeaseVerdict::Stop(loss) = verdict else {
             panic!("{verdict:?}");
         };
@@ -297,7 +353,7 @@ mod tests {
             renewed_at: Instant::now(),
         };
         assert_eq!(
-            lease_verdict(clock, LeaseAnswer::NotOurs, Instant::now()),
+            lease_verdict(clock, LeaseAnswer::NotOurs, Instant::now(), Instant::now()),
             LeaseVerdict::Stop(LeaseLoss::NotOurs)
         );
     }
