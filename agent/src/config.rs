@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 pub use slimci_broker::AmqpConfig;
+use slimci_config_file::{ConfigFileError, inline_or_file, load_toml};
 use slimci_proto::AgentName;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,16 +262,8 @@ fn default_keep() -> usize {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid agent configuration: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -324,26 +317,6 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-fn inline_or_file(
-    what: &str,
-    inline: &Option<String>,
-    file: &Option<PathBuf>,
-) -> Result<Option<String>, ConfigError> {
-    match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
-            "set `{what}` or `{what}_file`, not both"
-        ))),
-        (Some(value), None) => Ok(Some(value.clone())),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|text| Some(text.trim().to_owned()))
-            .map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            }),
-        (None, None) => Ok(None),
-    }
-}
-
 /// The absolute path of `program`: as given when it has a slash, else looked up in the agent's
 /// own PATH. dbt's PATH is built from this directory, never from a relative entry, so a
 /// checkout can never shadow it.
@@ -374,14 +347,7 @@ fn resolve_executable(program: &Path) -> Result<PathBuf, ConfigError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let config: Config = load_toml(path, "agent")?;
         config.validate()?;
         let dbt = resolve_executable(&config.dbt)?;
         Ok(Config {

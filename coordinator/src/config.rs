@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 pub use slimci_broker::AmqpConfig;
+use slimci_config_file::{ConfigFileError, inline_or_file, load_toml};
 use slimci_proto::RepoName;
 
 /// Everything `slimci-coordinator` reads at start.
@@ -278,16 +279,8 @@ fn default_branch() -> String {
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid coordinator configuration: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -308,40 +301,9 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-fn read_secret(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(|text| text.trim().to_owned())
-        .map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-fn inline_or_file(
-    what: &str,
-    inline: &Option<String>,
-    file: &Option<PathBuf>,
-) -> Result<Option<String>, ConfigError> {
-    match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
-            "set `{what}` or `{what}_file`, not both"
-        ))),
-        (Some(value), None) => Ok(Some(value.clone())),
-        (None, Some(path)) => read_secret(path).map(Some),
-        (None, None) => Ok(None),
-    }
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let config: Config = load_toml(path, "coordinator")?;
         config.validate()?;
         Ok(config)
     }
@@ -438,7 +400,7 @@ impl Config {
                     (None, Some(app_id), Some(path)) => Some(GitHubAuth::App {
                         app_id,
                         private_key_pem: std::fs::read(path).map_err(|source| {
-                            ConfigError::Read {
+                            ConfigFileError::Read {
                                 path: path.clone(),
                                 source,
                             }
@@ -486,10 +448,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "test.toml".into(),
-            source,
-        })?;
+        let config: Config =
+            slimci_config_file::parse_toml(text, Path::new("test.toml"), "coordinator")?;
         config.validate()?;
         Ok(config)
     }
