@@ -12,7 +12,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use slimci_broker::{BrokerError, ConfirmedPublisher};
+use slimci_broker::BrokerError;
 use slimci_proto::{CheckedJob, EventBody, ToAgentMessage, Topology};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -58,14 +58,13 @@ async fn consume_session(
     drain: &CancellationToken,
 ) -> Result<(), BrokerError> {
     let config = &worker.services.config;
-    let connection = slimci_broker::connect(
+    let (connection, publisher) = slimci_broker::open_session(
         amqp_url,
         &format!("slimci-agent {} jobs", config.name),
+        &worker.topology,
         drain,
     )
     .await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
-    slimci_broker::declare_topology(publisher.channel(), &worker.topology).await?;
     let channel = connection.create_channel().await?;
     // One message at a time, and only while a slot is free: a job is acknowledged as soon as
     // its claim is granted, so no message waits unacknowledged behind a long build (RabbitMQ's

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use slimci_broker::{BrokerError, ConfirmedPublisher};
+use slimci_broker::BrokerError;
 use slimci_proto::{AgentEvent, AgentName, Attempt, EventBody, RunId, Topology};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -148,9 +148,8 @@ async fn publish_session(
     closed: &mut bool,
     give_up: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection = slimci_broker::connect(amqp_url, "slimci-agent events", give_up).await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
-    slimci_broker::declare_topology(publisher.channel(), topology).await?;
+    let (_connection, publisher) =
+        slimci_broker::open_session(amqp_url, "slimci-agent events", topology, give_up).await?;
     let queue = topology.events_queue();
     loop {
         while let Some(outgoing) = buffer.front_mut() {

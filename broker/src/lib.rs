@@ -161,6 +161,20 @@ fn dead_letter_arguments(topology: &Topology, dead_queue: &str) -> FieldTable {
     arguments
 }
 
+/// A connection named `name`, a confirmed publisher on it, and the topology declared: how every
+/// session of the coordinator and the agent starts.
+pub async fn open_session(
+    url: &str,
+    name: &str,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> Result<(Connection, ConfirmedPublisher), BrokerError> {
+    let connection = connect(url, name, shutdown).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    declare_topology(publisher.channel(), topology).await?;
+    Ok((connection, publisher))
+}
+
 /// Declares every queue and exchange of the topology. Idempotent; both sides call it on every
 /// (re)connect, so either may start first.
 pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {

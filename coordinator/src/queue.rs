@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use slimci_broker::{BrokerError, ConfirmedPublisher};
+use slimci_broker::BrokerError;
 use slimci_proto::{
     AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId, RunKind,
     ToAgentMessage, Topology,
@@ -121,10 +121,9 @@ async fn publish_session(
     topology: &Topology,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection =
-        slimci_broker::connect(amqp_url, "slimci-coordinator publisher", shutdown).await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
-    slimci_broker::declare_topology(publisher.channel(), topology).await?;
+    let (connection, publisher) =
+        slimci_broker::open_session(amqp_url, "slimci-coordinator publisher", topology, shutdown)
+            .await?;
     tracing::info!("job publisher connected");
     // When each pending cancel was last broadcast. An agent whose control link was down when it
     // went out gets it again; agents ignore cancels of runs they are not building.
@@ -246,10 +245,9 @@ async fn events_session(
     topology: &Topology,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection =
-        slimci_broker::connect(amqp_url, "slimci-coordinator events", shutdown).await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
-    slimci_broker::declare_topology(publisher.channel(), topology).await?;
+    let (connection, publisher) =
+        slimci_broker::open_session(amqp_url, "slimci-coordinator events", topology, shutdown)
+            .await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(64, BasicQosOptions::default()).await?;
     let mut consumer = channel
