@@ -334,6 +334,20 @@ async fn list_comments(
     axum::Json(Value::Array(page)).into_response()
 }
 
+/// A comment's text, refused as GitHub does when it is missing or over 65,536 characters.
+fn comment_text(body: &Value) -> Result<&str, Response> {
+    let Some(text) = body["body"].as_str() else {
+        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed"));
+    };
+    if text.chars().count() > 65_536 {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Body is too long (maximum is 65536 characters)",
+        ));
+    }
+    Ok(text)
+}
+
 async fn create_comment(
     State(state): State<Shared>,
     Path((owner, repo, number)): Path<(String, String, u64)>,
@@ -351,15 +365,10 @@ async fn create_comment(
     if !authorized(&state, &headers) {
         return error(StatusCode::UNAUTHORIZED, "Bad credentials");
     }
-    let Some(text) = body["body"].as_str() else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed");
+    let text = match comment_text(&body) {
+        Ok(text) => text,
+        Err(refused) => return refused,
     };
-    if text.chars().count() > 65_536 {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Body is too long (maximum is 65536 characters)",
-        );
-    }
     let mut fake = state.lock().unwrap();
     fake.next_id += 1;
     let id = fake.next_id;
@@ -389,15 +398,10 @@ async fn update_comment(
     if !authorized(&state, &headers) {
         return error(StatusCode::UNAUTHORIZED, "Bad credentials");
     }
-    let Some(text) = body["body"].as_str() else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed");
+    let text = match comment_text(&body) {
+        Ok(text) => text,
+        Err(refused) => return refused,
     };
-    if text.chars().count() > 65_536 {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Body is too long (maximum is 65536 characters)",
-        );
-    }
     let mut fake = state.lock().unwrap();
     match fake.comments.get_mut(&id) {
         Some(comment) => {
