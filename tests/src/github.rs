@@ -334,16 +334,14 @@ async fn list_comments(
     axum::Json(Value::Array(page)).into_response()
 }
 
-/// A comment's text, refused as GitHub does when it is missing or over 65,536 characters.
-fn comment_text(body: &Value) -> Result<&str, Response> {
+/// A comment's text, refused (422, with GitHub's message) when it is missing or over 65,536
+/// characters.
+fn comment_text(body: &Value) -> Result<&str, &'static str> {
     let Some(text) = body["body"].as_str() else {
-        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed"));
+        return Err("Validation Failed");
     };
     if text.chars().count() > 65_536 {
-        return Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Body is too long (maximum is 65536 characters)",
-        ));
+        return Err("Body is too long (maximum is 65536 characters)");
     }
     Ok(text)
 }
@@ -367,7 +365,7 @@ async fn create_comment(
     }
     let text = match comment_text(&body) {
         Ok(text) => text,
-        Err(refused) => return refused,
+        Err(refused) => return error(StatusCode::UNPROCESSABLE_ENTITY, refused),
     };
     let mut fake = state.lock().unwrap();
     fake.next_id += 1;
@@ -400,7 +398,7 @@ async fn update_comment(
     }
     let text = match comment_text(&body) {
         Ok(text) => text,
-        Err(refused) => return refused,
+        Err(refused) => return error(StatusCode::UNPROCESSABLE_ENTITY, refused),
     };
     let mut fake = state.lock().unwrap();
     match fake.comments.get_mut(&id) {
