@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 use slimci_client::{PhaseView, ProductionStateView, RunRequest, RunStatus, RunView, Submitted};
-use slimci_proto::{NodeResult, RunId};
+use slimci_proto::{NodeResult, RunId, SandboxReport};
 
 use crate::Cluster;
 use crate::process::tail;
@@ -50,6 +50,14 @@ pub fn nodes_of(run: &RunView) -> &[NodeResult] {
     run.nodes
         .as_deref()
         .unwrap_or_else(|| panic!("no nodes in {run:?}"))
+}
+
+/// The protections a run's build had (the agent's report); panics, printing the run, before
+/// the build started.
+pub fn sandbox_of(run: &RunView) -> &SandboxReport {
+    run.sandbox
+        .as_ref()
+        .unwrap_or_else(|| panic!("no sandbox in {run:?}"))
 }
 
 impl Cluster {

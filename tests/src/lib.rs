@@ -18,7 +18,7 @@ pub mod sandbox;
 pub mod storm;
 pub mod wait;
 
-pub use api::{REPOSITORY, ci_request, deploy_request, nodes_of, phases_of};
+pub use api::{REPOSITORY, ci_request, deploy_request, nodes_of, phases_of, sandbox_of};
 pub use binaries::{binary, dbt, python, reachable_copy, workspace_root};
 pub use cluster::{Cluster, ClusterOptions, WEBHOOK_SECRET};
 pub use inspect::{attempt_spans, disk_usage, dump_database, record_file};

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use slimci_client::{RunStatus, RunView};
-use slimci_proto::{CacheReport, SandboxReport};
-use slimci_tests::{Cluster, ClusterOptions, ci_request, edits, nodes_of};
+use slimci_proto::CacheReport;
+use slimci_tests::{Cluster, ClusterOptions, ci_request, edits, nodes_of, sandbox_of};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -25,12 +25,6 @@ fn caches(run: &RunView) -> &CacheReport {
     run.caches
         .as_ref()
         .unwrap_or_else(|| panic!("no caches in {run:?}"))
-}
-
-fn sandbox(run: &RunView) -> &SandboxReport {
-    run.sandbox
-        .as_ref()
-        .unwrap_or_else(|| panic!("no sandbox in {run:?}"))
 }
 
 async fn ci(cluster: &mut Cluster, pr: u64, sha: &str) -> RunView {
@@ -105,8 +99,8 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
     assert_eq!(used.state.as_deref(), Some("hit"), "{second:?}");
     assert_eq!(used.git.as_deref(), Some("fetched"), "{second:?}");
     // The build ran on the slot's pre-started dbt, confined to the build's own rules.
-    assert!(sandbox(&second).prestarted, "{second:?}");
-    assert_eq!(sandbox(&second).landlock, "full", "{second:?}");
+    assert!(sandbox_of(&second).prestarted, "{second:?}");
+    assert_eq!(sandbox_of(&second).landlock, "full", "{second:?}");
     // The reused parse changes nothing about what is built.
     assert_eq!(built_models(&second), built_models(&first));
     assert_eq!(built_models(&second).len(), 6, "{second:?}");

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use slimci_client::{RunStatus, RunView};
-use slimci_proto::{RunId, SandboxReport};
+use slimci_proto::RunId;
 use slimci_tests::sandbox::{
     MarkerGuard, add_model, assert_gone, build_pids_current, case, hostile_project, marker,
     processes_with,
 };
 use slimci_tests::{
-    AGENT_TOKEN, AMQP_URL, Cluster, ClusterOptions, ci_request, dump_database, nodes_of, wait_for,
+    AGENT_TOKEN, AMQP_URL, Cluster, ClusterOptions, ci_request, dump_database, nodes_of,
+    sandbox_of, wait_for,
 };
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -60,13 +61,6 @@ async fn finish(cluster: &mut Cluster, id: RunId) -> (RunView, String) {
     let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
     let log = cluster.log(id).await.unwrap();
     (run, log)
-}
-
-/// The protections the run's build had.
-fn sandbox(run: &RunView) -> &SandboxReport {
-    run.sandbox
-        .as_ref()
-        .unwrap_or_else(|| panic!("no sandbox in {run:?}"))
 }
 
 /// The run's message, which it must have.
@@ -156,7 +150,7 @@ async fn agent_credentials_never_reach_dbt() {
     assert!(tmpdir.contains("/runs/"), "{tmpdir}");
 
     // The run records what protected it.
-    let sandbox = sandbox(&run);
+    let sandbox = sandbox_of(&run);
     assert!(sandbox.pid_namespace, "{sandbox:?}");
     assert_eq!(sandbox.landlock, "full", "{sandbox:?}");
     assert!(sandbox.landlock_abi.unwrap() >= 1, "{sandbox:?}");
@@ -260,7 +254,7 @@ async fn writes_outside_the_build_are_denied() {
     assert_eq!(run.status, RunStatus::Failed, "{run:?}\n{log}");
     // It ran on a pre-started dbt, loaded under rules covering every build of the agent
     // (another PR's database included) and then confined to this build's own.
-    assert!(sandbox(&run).prestarted, "{run:?}");
+    assert!(sandbox_of(&run).prestarted, "{run:?}");
     // The run's message names the failing model; its node message and the log say why.
     assert!(message(&run).contains("model.hostile.escape"), "{run:?}");
     let node = nodes_of(&run)
@@ -304,7 +298,7 @@ async fn unbounded_memory_ends_as_memory_limit_and_the_agent_serves_on() {
     let message = message(&run);
     assert!(message.starts_with("memory limit:"), "{message}");
     assert!(message.contains("512 MiB"), "{message}");
-    assert_eq!(sandbox(&run).memory_limit_bytes, Some(512u64 << 20));
+    assert_eq!(sandbox_of(&run).memory_limit_bytes, Some(512u64 << 20));
     assert!(log.contains("memory limit:"), "{log}");
 
     let next = pull_request(&cluster, 2, &[("harmless.sql", case("harmless.sql", &[]))]).await;
