@@ -58,13 +58,19 @@ impl Client {
     /// `base` is the coordinator's URL (`http://127.0.0.1:8080`); `token` its API token, when
     /// it requires one.
     pub fn new(base: &str, token: Option<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("HTTP client");
+        Client::with_http(base, token, http)
+    }
+
+    /// As [`Client::new`], over `http` (its own deadlines, e.g. a whole-request timeout).
+    pub fn with_http(base: &str, token: Option<String>, http: reqwest::Client) -> Client {
         Client {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .expect("HTTP client"),
+            http,
         }
     }
 

@@ -73,6 +73,10 @@ pub struct Cluster {
     pub url: String,
     pub coordinator: Process,
     pub agents: Vec<Process>,
+    /// The user API, typed (`api.rs` wraps it for the tests).
+    pub client: slimci_client::Client,
+    /// Plain HTTP with the same deadlines, for what is not the user API (webhooks, agent
+    /// routes, `/healthz`) and for requests that are wrong on purpose.
     pub http: reqwest::Client,
 }
 
@@ -117,9 +121,10 @@ impl Cluster {
             agent_env: options.agent_env,
             prefix,
             origin,
-            url,
+            url: url.clone(),
             coordinator,
             agents: Vec::new(),
+            client: user_api(&url),
             http: http_client(),
         };
         // Ready means the coordinator has declared its queues, so tests may count messages.
@@ -247,6 +252,7 @@ threads = 4
         std::fs::write(&config, text)?;
         self.coordinator = start_coordinator(self.dir.path(), "coordinator-restarted")?;
         self.url = wait_for_address(self.dir.path(), &self.coordinator).await?;
+        self.client = user_api(&self.url);
         Ok(())
     }
 
@@ -294,108 +300,6 @@ threads = 4
             .env("SLIMCI_COORDINATOR", &self.url)
             .stdin(Stdio::null());
         command
-    }
-
-    pub async fn post_run(&self, body: Value) -> anyhow::Result<(u16, Value)> {
-        let response = self
-            .http
-            .post(format!("{}/api/v1/runs", self.url))
-            .json(&body)
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        Ok((status, response.json().await?))
-    }
-
-    pub async fn run(&self, id: &str) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .get(format!("{}/api/v1/runs/{id}", self.url))
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("GET run {id}: HTTP {}", response.status());
-        }
-        Ok(response.json().await?)
-    }
-
-    /// `GET /api/v1/repositories/shop/production-state`.
-    pub async fn production_state(&self) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .get(format!(
-                "{}/api/v1/repositories/shop/production-state",
-                self.url
-            ))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "production state: HTTP {}",
-            response.status()
-        );
-        Ok(response.json().await?)
-    }
-
-    pub async fn runs(&self) -> anyhow::Result<Vec<Value>> {
-        let response = self
-            .http
-            .get(format!("{}/api/v1/runs?limit=1000", self.url))
-            .send()
-            .await?;
-        Ok(response.json().await?)
-    }
-
-    pub async fn log(&self, id: &str) -> anyhow::Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/api/v1/runs/{id}/logs", self.url))
-            .send()
-            .await?
-            .text()
-            .await?)
-    }
-
-    /// Waits until the run is terminal and returns it.
-    pub async fn wait_for_run(&mut self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let result = wait_for(&format!("run {id} to end"), timeout, || async {
-            let run = self.run(id).await?;
-            Ok((!matches!(run["status"].as_str(), Some("queued" | "running"))).then_some(run))
-        })
-        .await;
-        if result.is_err() {
-            self.assert_all_alive();
-            eprintln!("coordinator log:\n{}", tail(&self.coordinator.log));
-            for agent in &self.agents {
-                eprintln!("{} log:\n{}", agent.name, tail(&agent.log));
-            }
-        }
-        result
-    }
-
-    /// Deploys main and waits for it to succeed; returns the run.
-    pub async fn deploy(&mut self) -> anyhow::Result<Value> {
-        let (status, run) = self
-            .post_run(serde_json::json!({ "repository": "shop", "kind": "deploy" }))
-            .await?;
-        anyhow::ensure!(
-            status == 201,
-            "deploy request answered {status}: {run}\ncoordinator log:\n{}",
-            tail(&self.coordinator.log)
-        );
-        let run = self
-            .wait_for_run(
-                run["id"].as_str().unwrap_or_default(),
-                Duration::from_secs(180),
-            )
-            .await?;
-        anyhow::ensure!(
-            run["status"] == "success",
-            "deploy ended {}: {}",
-            run["status"],
-            run["message"]
-        );
-        Ok(run)
     }
 
     /// Posts a GitHub webhook, signed with `secret` (or unsigned when none); returns the status
@@ -517,6 +421,11 @@ pub fn http_client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("an HTTP client")
+}
+
+/// The typed user API of the coordinator at `url`, on the harness's deadlines.
+fn user_api(url: &str) -> slimci_client::Client {
+    slimci_client::Client::with_http(url, None, http_client())
 }
 
 fn listening(address: &str) -> bool {

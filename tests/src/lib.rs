@@ -5,6 +5,7 @@
 //! directory and dies with the test; a wait fails at once, naming the process, when one died.
 //! Dropping the cluster kills every process group it started and deletes its queues.
 
+pub mod api;
 pub mod binaries;
 pub mod broker;
 pub mod cluster;
@@ -17,6 +18,7 @@ pub mod sandbox;
 pub mod storm;
 pub mod wait;
 
+pub use api::{REPOSITORY, ci_request, deploy_request, nodes_of, phases_of, sandbox_of};
 pub use binaries::{binary, dbt, python, reachable_copy, workspace_root};
 pub use cluster::{Cluster, ClusterOptions, WEBHOOK_SECRET};
 pub use inspect::{attempt_spans, disk_usage, dump_database, record_file};

@@ -17,9 +17,9 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// An RFC 3339 time of the API (a JSON string) as Unix milliseconds.
-pub fn ms_of(value: &Value) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(value.as_str()?)
+/// An RFC 3339 time of the API as Unix milliseconds.
+pub fn ms_of(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|time| time.timestamp_millis())
 }

@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
+use slimci_client::RunStatus;
+use slimci_proto::RunKind;
 
 use crate::broker::PrivateBroker;
-use crate::{Cluster, ClusterOptions, binary};
+use crate::{Cluster, ClusterOptions, binary, ci_request};
 
 pub struct StormConfig {
     pub runs: usize,
@@ -86,11 +88,11 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
     let started = Instant::now();
     let mut ids = Vec::new();
     for pr in 1..=config.runs as u64 {
-        let (status, run) = cluster
-            .post_run(json!({ "repository": "shop", "pr": pr, "sha": sha }))
-            .await?;
-        anyhow::ensure!(status == 201, "run {pr}: {status} {run}");
-        ids.push(run["id"].as_str().unwrap_or_default().to_owned());
+        let run = cluster
+            .create_run(&ci_request(pr, &sha))
+            .await
+            .with_context(|| format!("run {pr}"))?;
+        ids.push(run.id);
     }
     let mut report = StormReport {
         runs: ids.len(),
@@ -102,10 +104,9 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
     let deadline = Instant::now() + config.deadline;
     loop {
         let runs = cluster.runs().await.unwrap_or_default();
-        let ours: Vec<&Value> = runs.iter().filter(|run| run["kind"] == "ci").collect();
-        let done = ours
+        let done = runs
             .iter()
-            .filter(|run| !matches!(run["status"].as_str(), Some("queued" | "running")))
+            .filter(|run| run.kind == RunKind::Ci && run.status.is_terminal())
             .count();
         if done == ids.len() {
             break;
@@ -135,20 +136,22 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
     }
     report.drain_s = started.elapsed().as_secs_f64();
     for id in &ids {
-        let run = cluster.run(id).await?;
-        let status = run["status"].as_str().unwrap_or("?").to_owned();
-        let attempts = run["attempt"].as_u64().unwrap_or(1) as u32;
+        let run = cluster.run(*id).await?;
+        let attempts = run.attempt.0;
         report.retries += u64::from(attempts.saturating_sub(1));
         report.max_attempts_of_a_run = report.max_attempts_of_a_run.max(attempts);
-        if matches!(status.as_str(), "queued" | "running") {
-            report.lost += 1;
-        } else {
+        if run.status.is_terminal() {
             report.terminal += 1;
+        } else {
+            report.lost += 1;
         }
-        if status == "error" && !report.by_status.contains_key("error") {
-            println!("first error: {}", run["message"]);
+        if run.status == RunStatus::Error && !report.by_status.contains_key("error") {
+            println!("first error: {:?}", run.message);
         }
-        *report.by_status.entry(status).or_default() += 1;
+        *report
+            .by_status
+            .entry(run.status.as_str().to_owned())
+            .or_default() += 1;
     }
     for spans in crate::attempt_spans(&record).values() {
         let mut concurrent = 1;

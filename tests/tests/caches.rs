@@ -6,32 +6,31 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use slimci_tests::{Cluster, ClusterOptions, edits};
+use slimci_client::{RunStatus, RunView};
+use slimci_proto::CacheReport;
+use slimci_tests::{Cluster, ClusterOptions, ci_request, edits, nodes_of, sandbox_of};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn built_models(run: &Value) -> BTreeSet<String> {
-    run["nodes"]
-        .as_array()
-        .unwrap()
+fn built_models(run: &RunView) -> BTreeSet<String> {
+    nodes_of(run)
         .iter()
-        .filter(|node| node["resource_type"] == "model")
-        .map(|node| node["unique_id"].as_str().unwrap().to_owned())
+        .filter(|node| node.resource_type == "model")
+        .map(|node| node.unique_id.clone())
         .collect()
 }
 
-async fn ci(cluster: &mut Cluster, pr: u64, sha: &str) -> Value {
-    let (status, run) = cluster
-        .post_run(json!({ "repository": "shop", "pr": pr, "sha": sha }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{run}");
-    let run = cluster
-        .wait_for_run(run["id"].as_str().unwrap(), RUN_TIMEOUT)
-        .await
-        .unwrap();
-    assert_eq!(run["status"], "success", "{run}");
+/// The caches a run reports using.
+fn caches(run: &RunView) -> &CacheReport {
+    run.caches
+        .as_ref()
+        .unwrap_or_else(|| panic!("no caches in {run:?}"))
+}
+
+async fn ci(cluster: &mut Cluster, pr: u64, sha: &str) -> RunView {
+    let run = cluster.create_run(&ci_request(pr, sha)).await.unwrap();
+    let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
     run
 }
 
@@ -64,25 +63,26 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
         .unwrap();
 
     let deploy = cluster.deploy().await.unwrap();
-    assert_eq!(deploy["caches"]["deps"], "installed", "{deploy}");
-    assert_eq!(deploy["caches"]["parse"], "full", "{deploy}");
+    assert_eq!(
+        caches(&deploy).deps.as_deref(),
+        Some("installed"),
+        "{deploy:?}"
+    );
+    assert_eq!(caches(&deploy).parse.as_deref(), Some("full"), "{deploy:?}");
 
     let first_sha = cluster
         .origin
         .pull_request(1, &[edits::ADD_COLUMN])
         .unwrap();
     let first = ci(&mut cluster, 1, &first_sha).await;
-    let caches = &first["caches"];
-    assert_eq!(caches["deps"], "hit", "{first}");
-    assert_eq!(caches["state"], "downloaded", "{first}");
+    let used = caches(&first);
+    assert_eq!(used.deps.as_deref(), Some("hit"), "{first:?}");
+    assert_eq!(used.state.as_deref(), Some("downloaded"), "{first:?}");
     // The first CI run's profile differs from the deploy's: a full parse, and dbt says why.
-    assert_eq!(caches["parse"], "full", "{first}");
+    assert_eq!(used.parse.as_deref(), Some("full"), "{first:?}");
     assert!(
-        caches["parse_reason"]
-            .as_str()
-            .unwrap()
-            .contains("not found"),
-        "{first}"
+        used.parse_reason.as_deref().unwrap().contains("not found"),
+        "{first:?}"
     );
 
     // Another PR, another database and another commit: the profile is the same, so dbt reuses
@@ -92,19 +92,19 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
         .pull_request(2, &[edits::ADD_COLUMN, edits::RESPACE])
         .unwrap();
     let second = ci(&mut cluster, 2, &second_sha).await;
-    let caches = &second["caches"];
-    assert_eq!(caches["parse"], "partial", "{second}");
-    assert!(caches.get("parse_reason").is_none(), "{second}");
-    assert_eq!(caches["deps"], "hit", "{second}");
-    assert_eq!(caches["state"], "hit", "{second}");
-    assert_eq!(caches["git"], "fetched", "{second}");
+    let used = caches(&second);
+    assert_eq!(used.parse.as_deref(), Some("partial"), "{second:?}");
+    assert!(used.parse_reason.is_none(), "{second:?}");
+    assert_eq!(used.deps.as_deref(), Some("hit"), "{second:?}");
+    assert_eq!(used.state.as_deref(), Some("hit"), "{second:?}");
+    assert_eq!(used.git.as_deref(), Some("fetched"), "{second:?}");
     // The build ran on the slot's pre-started dbt, confined to the build's own rules.
-    assert_eq!(second["sandbox"]["prestarted"], true, "{second}");
-    assert_eq!(second["sandbox"]["landlock"], "full", "{second}");
+    assert!(sandbox_of(&second).prestarted, "{second:?}");
+    assert_eq!(sandbox_of(&second).landlock, "full", "{second:?}");
     // The reused parse changes nothing about what is built.
     assert_eq!(built_models(&second), built_models(&first));
-    assert_eq!(built_models(&second).len(), 6, "{second}");
-    let log = cluster.log(second["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(built_models(&second).len(), 6, "{second:?}");
+    let log = cluster.log(second.id).await.unwrap();
     assert!(log.contains("reusing a saved parse"), "{log}");
     assert!(log.contains("packages restored from the cache"), "{log}");
     // Each PR wrote its own database, under its own directory.
@@ -129,12 +129,10 @@ async fn a_second_pr_reuses_the_parse_and_the_packages_of_the_first() {
         )
         .unwrap();
     let third = ci(&mut cluster, 3, &third_sha).await;
-    assert_eq!(third["caches"]["parse"], "full", "{third}");
+    assert_eq!(caches(&third).parse.as_deref(), Some("full"), "{third:?}");
 
     // `slimci show` says what the run used.
-    let output = cluster
-        .run_cli(&["show", second["id"].as_str().unwrap()])
-        .await;
+    let output = cluster.run_cli(&["show", &second.id.to_string()]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("caches: git fetched, state hit, deps hit, partial parse"),
@@ -157,7 +155,7 @@ async fn the_agent_keeps_its_caches_within_their_size_limit() {
         .pull_request(1, &[edits::ADD_COLUMN])
         .unwrap();
     let run = ci(&mut cluster, 1, &sha).await;
-    assert_eq!(run["caches"]["parse"], "full", "{run}");
+    assert_eq!(caches(&run).parse.as_deref(), Some("full"), "{run:?}");
     let cache = cluster.agent_work_dir(0).join("cache");
     slimci_tests::wait_for(
         "the agent to evict its caches",
@@ -175,7 +173,8 @@ async fn the_agent_keeps_its_caches_within_their_size_limit() {
         .pull_request(2, &[edits::ADD_COLUMN])
         .unwrap();
     let run = ci(&mut cluster, 2, &sha).await;
-    assert_eq!(run["caches"]["state"], "downloaded", "{run}");
-    assert_eq!(run["caches"]["git"], "fetched", "{run}");
-    assert_eq!(run["caches"]["parse"], "full", "{run}");
+    let used = caches(&run);
+    assert_eq!(used.state.as_deref(), Some("downloaded"), "{run:?}");
+    assert_eq!(used.git.as_deref(), Some("fetched"), "{run:?}");
+    assert_eq!(used.parse.as_deref(), Some("full"), "{run:?}");
 }

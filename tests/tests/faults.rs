@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
+use slimci_client::{RunRequest, RunStatus, RunView};
+use slimci_proto::{Attempt, RunId};
 use slimci_tests::broker::PrivateBroker;
 use slimci_tests::measure::process_gone;
 use slimci_tests::storm::{StormConfig, storm};
-use slimci_tests::{Cluster, ClusterOptions, binary, wait_for, workspace_root};
+use slimci_tests::{Cluster, ClusterOptions, binary, deploy_request, wait_for, workspace_root};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -26,30 +28,38 @@ fn stub_options(agents: usize, coordinator_toml: &str) -> ClusterOptions {
 }
 
 /// Makes main's stub build behave as `stub` and deploys it; returns the run id (not waited on).
-async fn deploy_with(cluster: &Cluster, stub: Value) -> String {
+async fn deploy_with(cluster: &Cluster, stub: Value) -> RunId {
     let sha = cluster
         .origin
         .commit_file_on_main("slimci_stub.json", &stub.to_string())
         .unwrap();
-    let (status, run) = cluster
-        .post_run(json!({ "repository": "shop", "kind": "deploy", "sha": sha, "ref": "main" }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{run}");
-    run["id"].as_str().unwrap().to_owned()
+    let request = RunRequest {
+        sha: Some(sha),
+        git_ref: Some("main".to_owned()),
+        ..deploy_request()
+    };
+    cluster.create_run(&request).await.unwrap().id
 }
 
-async fn wait_running(cluster: &Cluster, id: &str) -> Value {
+async fn wait_running(cluster: &Cluster, id: RunId) -> RunView {
     wait_for("the run to be building", TIMEOUT, || async {
         let run = cluster.run(id).await?;
-        let building = run["status"] == "running"
-            && run["phases"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p["phase"] == "build"));
+        let building = run.status == RunStatus::Running
+            && run
+                .phases
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|p| p.phase == "build"));
         Ok(building.then_some(run))
     })
     .await
     .unwrap()
+}
+
+/// The name of the agent that took the run.
+fn agent_of(run: &RunView) -> &str {
+    run.agent
+        .as_deref()
+        .unwrap_or_else(|| panic!("no agent in {run:?}"))
 }
 
 fn agent_index(cluster: &Cluster, name: &str) -> usize {
@@ -67,16 +77,16 @@ async fn an_agent_killed_mid_build_is_retried_elsewhere_without_overlap() {
         .unwrap();
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 4000, "record": record })).await;
-    let running = wait_running(&cluster, &id).await;
-    let victim = agent_index(&cluster, running["agent"].as_str().unwrap());
+    let running = wait_running(&cluster, id).await;
+    let victim = agent_index(&cluster, agent_of(&running));
     cluster.kill_agent(victim);
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "success", "{run}");
-    assert_eq!(run["attempt"], 2, "retried once");
-    assert_ne!(run["agent"], running["agent"], "on the other agent");
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    assert_eq!(run.attempt, Attempt(2), "retried once");
+    assert_ne!(run.agent, running.agent, "on the other agent");
     // The stub's records: attempt 1's last sign of life came before attempt 2 started.
     let spans = slimci_tests::attempt_spans(&record);
-    let spans = spans.get(&id).expect("records of the run");
+    let spans = spans.get(&id.to_string()).expect("records of the run");
     assert_eq!(spans.len(), 2, "{spans:?}");
     let (first, second) = if spans[0].0 < spans[1].0 {
         (spans[0], spans[1])
@@ -84,7 +94,7 @@ async fn an_agent_killed_mid_build_is_retried_elsewhere_without_overlap() {
         (spans[1], spans[0])
     };
     assert!(first.1 < second.0, "attempts overlapped: {spans:?}");
-    let log = cluster.log(&id).await.unwrap();
+    let log = cluster.log(id).await.unwrap();
     assert!(log.contains("[slimci] attempt 2"), "{log}");
     cluster.restart_agent(victim).unwrap();
     let _ = std::fs::remove_file(&record);
@@ -103,10 +113,11 @@ async fn a_build_longer_than_the_consumer_timeout_completes_once() {
     .unwrap();
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 7000, "record": record })).await;
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "success", "{run}");
-    assert_eq!(run["attempt"], 1);
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    assert_eq!(run.attempt, Attempt(1));
     let spans = slimci_tests::attempt_spans(&record);
+    let id = id.to_string();
     assert_eq!(spans[&id].len(), 1, "built once: {spans:?}");
     assert!(
         spans[&id][0].1 - spans[&id][0].0 >= 6000,
@@ -129,23 +140,26 @@ async fn a_poison_job_is_dead_lettered_after_max_attempts() {
     // Whatever agent takes it dies, twice.
     for attempt in 1..=2 {
         let running = wait_for("an attempt to build", TIMEOUT, || async {
-            let run = cluster.run(&id).await?;
-            Ok((run["status"] == "running" && run["attempt"] == attempt).then_some(run))
+            let run = cluster.run(id).await?;
+            Ok(
+                (run.status == RunStatus::Running && run.attempt == Attempt(attempt))
+                    .then_some(run),
+            )
         })
         .await
         .unwrap();
-        let victim = agent_index(&cluster, running["agent"].as_str().unwrap());
+        let victim = agent_index(&cluster, agent_of(&running));
         cluster.kill_agent(victim);
         cluster.restart_agent(victim).unwrap();
     }
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "error");
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Error);
     assert!(
-        run["message"]
-            .as_str()
+        run.message
+            .as_deref()
             .unwrap()
             .contains("gave up after 2 attempts"),
-        "{run}"
+        "{run:?}"
     );
     wait_for(
         "the poison job in the dead-letter queue",
@@ -164,13 +178,13 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
         .unwrap();
     // Graceful: one SIGTERM, the running build finishes, the agent exits by itself.
     let id = deploy_with(&cluster, json!({ "duration_ms": 3000 })).await;
-    wait_running(&cluster, &id).await;
+    wait_running(&cluster, id).await;
     cluster.agents[0].signal(Signal::SIGTERM);
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
     assert_eq!(
-        (run["status"].as_str(), run["attempt"].as_u64()),
-        (Some("success"), Some(1)),
-        "{run}"
+        (run.status, run.attempt),
+        (RunStatus::Success, Attempt(1)),
+        "{run:?}"
     );
     let pid = cluster.agents[0].pid();
     wait_for("the agent to exit", TIMEOUT, || async {
@@ -184,7 +198,7 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
     // Forced: two SIGTERMs, the build is released and another agent finishes it.
     cluster.start_agent("leaving", 1).unwrap();
     let id = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 7 })).await;
-    wait_running(&cluster, &id).await;
+    wait_running(&cluster, id).await;
     cluster.start_agent("staying", 1).unwrap();
     cluster.agents[0].signal(Signal::SIGTERM);
     let leaving_log = cluster.agents[0].log.clone();
@@ -197,10 +211,10 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
     .await
     .unwrap();
     cluster.agents[0].signal(Signal::SIGTERM);
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
-    assert_eq!(run["status"], "success", "{run}");
-    assert_eq!(run["attempt"], 2);
-    assert_eq!(run["agent"], "staying");
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    assert_eq!(run.attempt, Attempt(2));
+    assert_eq!(run.agent.as_deref(), Some("staying"));
     let leaving = std::fs::read_to_string(&cluster.agents[0].log).unwrap();
     assert!(leaving.contains("released the attempt"), "{leaving}");
     cluster.agents.remove(0);
@@ -218,15 +232,15 @@ async fn runs_survive_a_broker_restart_mid_queue_and_a_coordinator_restart_mid_b
     .unwrap();
     let first = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 50 })).await;
     let second = deploy_with(&cluster, json!({ "duration_ms": 500, "log_lines": 50 })).await;
-    wait_running(&cluster, &first).await;
+    wait_running(&cluster, first).await;
     broker.restart().await.unwrap();
     cluster.restart_coordinator().await.unwrap();
-    for id in [&first, &second] {
+    for id in [first, second] {
         let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
         assert_eq!(
-            (run["status"].as_str(), run["attempt"].as_u64()),
-            (Some("success"), Some(1)),
-            "{run}"
+            (run.status, run.attempt),
+            (RunStatus::Success, Attempt(1)),
+            "{run:?}"
         );
         let log = cluster.log(id).await.unwrap();
         assert_eq!(
@@ -249,11 +263,11 @@ async fn hostile_volumes_are_cut_not_crashed() {
     // A 10 MB line, invalid UTF-8, and 100 MB of log (the long variant prints 1 GB).
     let id = deploy_with(&cluster, json!({ "duration_ms": 0, "line_bytes": 10_000_000, "invalid_utf8": true, "log_bytes": 100_000_000u64 })).await;
     let run = cluster
-        .wait_for_run(&id, Duration::from_secs(300))
+        .wait_for_run(id, Duration::from_secs(300))
         .await
         .unwrap();
-    assert_eq!(run["status"], "success", "{run}");
-    let log = cluster.log(&id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    let log = cluster.log(id).await.unwrap();
     assert!(
         log.len() <= 1_100_000,
         "the stored log is capped: {} bytes",
@@ -272,7 +286,7 @@ async fn hostile_volumes_are_cut_not_crashed() {
         log.contains("invalid \u{fffd}\u{fffd} utf-8"),
         "invalid UTF-8 was replaced"
     );
-    // Oversized and malformed API bodies.
+    // Oversized and malformed API bodies: raw HTTP on purpose.
     let response = cluster
         .http
         .post(format!("{}/api/v1/runs", cluster.url))
@@ -318,7 +332,7 @@ async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() 
     let mut cluster = Cluster::start(stub_options(1, "")).await.unwrap();
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 60000, "record": record })).await;
-    wait_running(&cluster, &id).await;
+    wait_running(&cluster, id).await;
     // The stub records `start` once its SIGTERM handler is in place.
     wait_for("the stub dbt to start", TIMEOUT, || async {
         let records = std::fs::read_to_string(&record).unwrap_or_default();
@@ -330,16 +344,10 @@ async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() 
     .await
     .unwrap();
     let asked = std::time::Instant::now();
-    let response = cluster
-        .http
-        .post(format!("{}/api/v1/runs/{id}/cancel", cluster.url))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-    let run = cluster.wait_for_run(&id, TIMEOUT).await.unwrap();
+    cluster.client.cancel(id).await.unwrap();
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
     let took = asked.elapsed();
-    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
     assert!(took < Duration::from_secs(3), "cancel took {took:?}");
     // The stub records `end` only from its SIGTERM handler (or a normal end, 60 s away).
     let records = std::fs::read_to_string(&record).unwrap();

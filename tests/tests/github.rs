@@ -4,8 +4,11 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use slimci_client::{RunStatus, RunView};
+use slimci_proto::{RunId, RunKind};
 use slimci_tests::github::{FakeGitHub, pull_request_payload, push_payload};
-use slimci_tests::{Cluster, ClusterOptions, WEBHOOK_SECRET, edits, wait_for};
+use slimci_tests::measure::ms_of;
+use slimci_tests::{Cluster, ClusterOptions, WEBHOOK_SECRET, edits, phases_of, wait_for};
 
 const REPO: &str = "acme/shop";
 const TOKEN: &str = "ghp_e2e_token";
@@ -51,7 +54,7 @@ async fn open_pr(
 }
 
 /// Deploys main through a `push` webhook, as GitHub would on merge.
-async fn deploy_by_push(cluster: &mut Cluster) -> Value {
+async fn deploy_by_push(cluster: &mut Cluster) -> RunView {
     let main = cluster.origin.main_sha().unwrap();
     let (status, answer) = cluster
         .webhook(
@@ -64,12 +67,20 @@ async fn deploy_by_push(cluster: &mut Cluster) -> Value {
         .unwrap();
     assert_eq!(status, 201, "{answer}");
     let run = cluster
-        .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&answer), RUN_TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(run["status"], "success", "{run}");
-    assert_eq!(run["kind"], "deploy");
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    assert_eq!(run.kind, RunKind::Deploy);
     run
+}
+
+/// The run a webhook's answer names (webhook answers are not the user API: raw JSON).
+fn run_of(answer: &Value) -> RunId {
+    let id = answer["run"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no run in {answer}"));
+    RunId::parse(id).unwrap()
 }
 
 async fn final_status(github: &FakeGitHub, sha: &str) -> Value {
@@ -194,16 +205,16 @@ async fn the_same_delivery_twice_runs_once() {
     let (_, reopened) = open_pr(&cluster, "reopened", 3, &sha, false).await;
     assert_eq!(reopened["run"], answer["run"]);
     let run = cluster
-        .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&answer), RUN_TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(run["status"], "success");
+    assert_eq!(run.status, RunStatus::Success);
     let ci_runs = cluster
         .runs()
         .await
         .unwrap()
         .into_iter()
-        .filter(|run| run["kind"] == "ci")
+        .filter(|run| run.kind == RunKind::Ci)
         .count();
     assert_eq!(ci_runs, 1);
     cluster.assert_all_alive();
@@ -219,17 +230,13 @@ async fn a_newer_commit_supersedes_the_running_build_after_its_tree_is_gone() {
         .pull_request(5, &[edits::ADD_COLUMN])
         .unwrap();
     let (_, answer) = open_pr(&cluster, "opened", 5, &first_sha, false).await;
-    let first_id = answer["run"].as_str().unwrap().to_owned();
+    let first_id = run_of(&answer);
     wait_for(
         "the first build to be running dbt",
         Duration::from_secs(60),
         || async {
-            let run = cluster.run(&first_id).await?;
-            let building = run["phases"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|phase| phase["phase"] == "build");
+            let run = cluster.run(first_id).await?;
+            let building = phases_of(&run).iter().any(|phase| phase.phase == "build");
             Ok(building.then_some(()))
         },
     )
@@ -260,34 +267,28 @@ async fn a_newer_commit_supersedes_the_running_build_after_its_tree_is_gone() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let first = cluster.wait_for_run(&first_id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(first["status"], "superseded", "{first}");
+    let first = cluster.wait_for_run(first_id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(first.status, RunStatus::Superseded, "{first:?}");
     let runs = cluster.runs().await.unwrap();
     let second = runs
         .iter()
-        .find(|run| run["sha"] == second_sha.as_str())
+        .find(|run| run.sha.as_deref() == Some(second_sha.as_str()))
         .unwrap();
-    let second = cluster.run(second["id"].as_str().unwrap()).await.unwrap();
-    assert_eq!(second["status"], "success");
-    assert_eq!(first["superseded_by"], second["id"]);
+    let second = cluster.run(second.id).await.unwrap();
+    assert_eq!(second.status, RunStatus::Success);
+    assert_eq!(first.superseded_by, Some(second.id));
     // The old tree was confirmed gone (its agent's final report) before the new one was
     // handed out, so before its dbt started.
-    let millis = |text: &Value| {
-        chrono::DateTime::parse_from_rfc3339(text.as_str().unwrap())
-            .unwrap()
-            .timestamp_millis()
-    };
-    let new_build = second["phases"]
-        .as_array()
-        .unwrap()
+    let millis = |text: Option<&str>| ms_of(text.unwrap()).unwrap();
+    let new_build = phases_of(&second)
         .iter()
-        .find(|phase| phase["phase"] == "build")
+        .find(|phase| phase.phase == "build")
         .unwrap();
     assert!(
-        millis(&first["finished_at"]) <= millis(&second["started_at"]),
-        "{first}\n{second}"
+        millis(first.finished_at.as_deref()) <= millis(second.started_at.as_deref()),
+        "{first:?}\n{second:?}"
     );
-    assert!(millis(&first["finished_at"]) <= millis(&new_build["started_at"]));
+    assert!(millis(first.finished_at.as_deref()) <= millis(Some(&new_build.started_at)));
     let agent_log = std::fs::read_to_string(&cluster.agents[0].log).unwrap();
     assert!(
         agent_log.contains("cancelling"),
@@ -329,7 +330,7 @@ async fn three_prs_with_two_slots_two_run_and_one_waits_in_line() {
             .unwrap();
         let (status, answer) = open_pr(&cluster, "opened", pr, &sha, false).await;
         assert_eq!(status, 201, "{answer}");
-        ids.push(answer["run"].as_str().unwrap().to_owned());
+        ids.push(run_of(&answer));
     }
     let waiting = wait_for(
         "two running and one waiting",
@@ -338,10 +339,10 @@ async fn three_prs_with_two_slots_two_run_and_one_waits_in_line() {
             let mut running = 0;
             let mut queued = Vec::new();
             for id in &ids {
-                let run = cluster.run(id).await?;
-                match run["status"].as_str() {
-                    Some("running") => running += 1,
-                    Some("queued") => queued.push(run),
+                let run = cluster.run(*id).await?;
+                match run.status {
+                    RunStatus::Running => running += 1,
+                    RunStatus::Queued => queued.push(run),
                     _ => {}
                 }
             }
@@ -350,13 +351,13 @@ async fn three_prs_with_two_slots_two_run_and_one_waits_in_line() {
     )
     .await
     .unwrap();
-    assert_eq!(waiting["queue_position"], 1, "{waiting}");
-    let pending = github.statuses(waiting["sha"].as_str().unwrap());
+    assert_eq!(waiting.queue_position, Some(1), "{waiting:?}");
+    let pending = github.statuses(waiting.sha.as_deref().unwrap());
     assert!(pending.iter().all(|status| status["state"] == "pending"));
     for id in &ids {
         assert_eq!(
-            cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap()["status"],
-            "success"
+            cluster.wait_for_run(*id, RUN_TIMEOUT).await.unwrap().status,
+            RunStatus::Success
         );
     }
     cluster.assert_all_alive();
@@ -384,17 +385,17 @@ async fn drafts_wait_until_ready_for_review() {
             .await
             .unwrap()
             .iter()
-            .filter(|run| run["kind"] == "ci")
+            .filter(|run| run.kind == RunKind::Ci)
             .count(),
         0
     );
     let (status, answer) = open_pr(&cluster, "ready_for_review", 9, &sha, false).await;
     assert_eq!(status, 201, "{answer}");
     let run = cluster
-        .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&answer), RUN_TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(run["status"], "success");
+    assert_eq!(run.status, RunStatus::Success);
     cluster.assert_all_alive();
 }
 
@@ -451,13 +452,17 @@ async fn one_comment_per_pr_updated_in_place_through_a_github_app_and_github_err
         let action = if round == 0 { "opened" } else { "synchronize" };
         let (_, answer) = open_pr(&cluster, action, 11, &sha, false).await;
         let run = cluster
-            .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+            .wait_for_run(run_of(&answer), RUN_TIMEOUT)
             .await
             .unwrap();
         assert_eq!(
-            run["status"],
-            if round == 1 { "failed" } else { "success" },
-            "{run}"
+            run.status,
+            if round == 1 {
+                RunStatus::Failed
+            } else {
+                RunStatus::Success
+            },
+            "{run:?}"
         );
         final_status(&github, &sha).await;
         shas.push(sha);
@@ -552,7 +557,7 @@ async fn closing_a_pr_drops_its_isolation_and_the_sweeper_drops_what_a_missed_cl
         .unwrap();
     let (_, answer) = open_pr(&cluster, "opened", 30, &sha, false).await;
     cluster
-        .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&answer), RUN_TIMEOUT)
         .await
         .unwrap();
     assert!(cluster.pr_database(30).is_file());
@@ -560,16 +565,16 @@ async fn closing_a_pr_drops_its_isolation_and_the_sweeper_drops_what_a_missed_cl
     let (status, closed) = open_pr(&cluster, "closed", 30, &sha, false).await;
     assert_eq!(status, 201, "{closed}");
     let teardown = cluster
-        .wait_for_run(closed["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&closed), RUN_TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(teardown["status"], "success", "{teardown}");
-    assert_eq!(teardown["kind"], "teardown");
+    assert_eq!(teardown.status, RunStatus::Success, "{teardown:?}");
+    assert_eq!(teardown.kind, RunKind::Teardown);
     assert!(
         !cluster.pr_database(30).exists(),
         "PR 30's database is gone"
     );
-    let log = cluster.log(teardown["id"].as_str().unwrap()).await.unwrap();
+    let log = cluster.log(teardown.id).await.unwrap();
     assert!(
         log.contains("slimci: dropped 6 relations of pr_shop_30"),
         "dropped through dbt:\n{log}"
@@ -627,7 +632,7 @@ async fn closing_a_pr_drops_its_isolation_and_the_sweeper_drops_what_a_missed_cl
         .unwrap();
     let (_, answer) = open_pr(&cluster, "opened", 31, &sha, false).await;
     cluster
-        .wait_for_run(answer["run"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_for_run(run_of(&answer), RUN_TIMEOUT)
         .await
         .unwrap();
     assert!(cluster.pr_database(31).is_file());

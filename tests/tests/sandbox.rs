@@ -4,12 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use slimci_client::{RunStatus, RunView};
+use slimci_proto::RunId;
 use slimci_tests::sandbox::{
     MarkerGuard, add_model, assert_gone, build_pids_current, case, hostile_project, marker,
     processes_with,
 };
-use slimci_tests::{AGENT_TOKEN, AMQP_URL, Cluster, ClusterOptions, dump_database, wait_for};
+use slimci_tests::{
+    AGENT_TOKEN, AMQP_URL, Cluster, ClusterOptions, ci_request, dump_database, nodes_of,
+    sandbox_of, wait_for,
+};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 /// `sandbox.grace_secs` of every test cluster here.
@@ -28,7 +33,7 @@ async fn hostile_cluster(options: ClusterOptions) -> Cluster {
     if let Err(error) = cluster.deploy().await {
         let mut logs = String::new();
         for run in cluster.runs().await.unwrap() {
-            logs += &cluster.log(run["id"].as_str().unwrap()).await.unwrap();
+            logs += &cluster.log(run.id).await.unwrap();
         }
         panic!(
             "{error}\n{logs}\ncoordinator:\n{}",
@@ -40,7 +45,7 @@ async fn hostile_cluster(options: ClusterOptions) -> Cluster {
 
 /// Commits `files` (into `models/`) as pull request `pr` and queues its CI build; returns the
 /// run id.
-async fn pull_request(cluster: &Cluster, pr: u64, files: &[(&str, String)]) -> String {
+async fn pull_request(cluster: &Cluster, pr: u64, files: &[(&str, String)]) -> RunId {
     // add_model commits everything in the working tree: the other files go in with the last.
     let models = cluster.origin.path.join("models");
     let (last, others) = files.split_last().unwrap();
@@ -48,19 +53,21 @@ async fn pull_request(cluster: &Cluster, pr: u64, files: &[(&str, String)]) -> S
         std::fs::write(models.join(file), content).unwrap();
     }
     let sha = add_model(&cluster.origin, pr, last.0, &last.1).unwrap();
-    let (status, run) = cluster
-        .post_run(json!({ "repository": "shop", "pr": pr, "sha": sha }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{run}");
-    run["id"].as_str().unwrap().to_owned()
+    cluster.create_run(&ci_request(pr, &sha)).await.unwrap().id
 }
 
 /// Waits for the run to end; returns it with its stored log.
-async fn finish(cluster: &mut Cluster, id: &str) -> (Value, String) {
+async fn finish(cluster: &mut Cluster, id: RunId) -> (RunView, String) {
     let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
     let log = cluster.log(id).await.unwrap();
     (run, log)
+}
+
+/// The run's message, which it must have.
+fn message(run: &RunView) -> &str {
+    run.message
+        .as_deref()
+        .unwrap_or_else(|| panic!("no message in {run:?}"))
 }
 
 fn pr_dir(cluster: &Cluster, pr: u64) -> std::path::PathBuf {
@@ -113,8 +120,8 @@ async fn agent_credentials_never_reach_dbt() {
         ],
     )
     .await;
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_eq!(run["status"], "success", "{run}\n{log}");
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_eq!(run.status, RunStatus::Success, "{run:?}\n{log}");
 
     let database = dump_database(&cluster.pr_database(1), None).unwrap();
     assert_eq!(
@@ -143,21 +150,21 @@ async fn agent_credentials_never_reach_dbt() {
     assert!(tmpdir.contains("/runs/"), "{tmpdir}");
 
     // The run records what protected it.
-    let sandbox = &run["sandbox"];
-    assert_eq!(sandbox["pid_namespace"], true, "{sandbox}");
-    assert_eq!(sandbox["landlock"], "full", "{sandbox}");
-    assert!(sandbox["landlock_abi"].as_u64().unwrap() >= 1, "{sandbox}");
+    let sandbox = sandbox_of(&run);
+    assert!(sandbox.pid_namespace, "{sandbox:?}");
+    assert_eq!(sandbox.landlock, "full", "{sandbox:?}");
+    assert!(sandbox.landlock_abi.unwrap() >= 1, "{sandbox:?}");
     assert!(
-        matches!(sandbox["cgroup"].as_str(), Some("v1" | "v2")),
-        "{sandbox}"
+        matches!(sandbox.cgroup.as_str(), "v1" | "v2"),
+        "{sandbox:?}"
     );
-    assert_eq!(sandbox["memory_limit_bytes"], 4u64 << 30, "{sandbox}");
-    assert_eq!(sandbox["pids_limit"], 512, "{sandbox}");
-    assert_eq!(sandbox["rlimit_nofile"], 4096, "{sandbox}");
-    assert_eq!(sandbox["core_dumps"], false, "{sandbox}");
+    assert_eq!(sandbox.memory_limit_bytes, Some(4u64 << 30), "{sandbox:?}");
+    assert_eq!(sandbox.pids_limit, Some(512), "{sandbox:?}");
+    assert_eq!(sandbox.rlimit_nofile, 4096, "{sandbox:?}");
+    assert!(!sandbox.core_dumps, "{sandbox:?}");
     if nix::unistd::Uid::effective().is_root() {
-        assert_eq!(sandbox["user"], "slimci-build", "{sandbox}");
-        assert_ne!(sandbox["uid"], 0, "{sandbox}");
+        assert_eq!(sandbox.user, "slimci-build", "{sandbox:?}");
+        assert_ne!(sandbox.uid, 0, "{sandbox:?}");
     }
     cluster.assert_all_alive();
 }
@@ -192,6 +199,7 @@ async fn a_detached_daemon_dies_with_its_run_and_with_a_cancel() {
             })
             .await
             .unwrap();
+            // Raw HTTP on purpose: the status itself (202, the cancel is underway) is checked.
             let response = cluster
                 .http
                 .post(format!("{}/api/v1/runs/{id}/cancel", cluster.url))
@@ -199,19 +207,19 @@ async fn a_detached_daemon_dies_with_its_run_and_with_a_cancel() {
                 .await
                 .unwrap();
             assert_eq!(response.status(), 202);
-            let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-            assert_eq!(run["status"], "cancelled", "{run}");
+            let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
+            assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
             run
         } else {
-            let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
-            assert_eq!(run["status"], "success", "{run}");
+            let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
+            assert_eq!(run.status, RunStatus::Success, "{run:?}");
             run
         };
         // The agent reports the end only once the build's cgroup is empty; allow the kernel a
         // moment to finish the daemon's exit.
         assert_gone("the daemon", &[daemon], Duration::from_secs(1))
             .await
-            .unwrap_or_else(|error| panic!("{error}; run {run}"));
+            .unwrap_or_else(|error| panic!("{error}; run {run:?}"));
         assert!(
             processes_with(&marker).is_empty(),
             "processes with the marker survived the run"
@@ -226,8 +234,8 @@ async fn a_detached_daemon_dies_with_its_run_and_with_a_cancel() {
 async fn writes_outside_the_build_are_denied() {
     let mut cluster = hostile_cluster(options()).await;
     let other = pull_request(&cluster, 2, &[("harmless.sql", case("harmless.sql", &[]))]).await;
-    let other = cluster.wait_for_run(&other, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(other["status"], "success", "{other}");
+    let other = cluster.wait_for_run(other, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(other.status, RunStatus::Success, "{other:?}");
     let other_db = cluster.pr_database(2);
     let other_before = std::fs::read(&other_db).unwrap();
 
@@ -242,26 +250,18 @@ async fn writes_outside_the_build_are_denied() {
         ],
     );
     let id = pull_request(&cluster, 3, &[("escape.py", model)]).await;
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:?}\n{log}");
     // It ran on a pre-started dbt, loaded under rules covering every build of the agent
     // (another PR's database included) and then confined to this build's own.
-    assert_eq!(run["sandbox"]["prestarted"], true, "{run}");
+    assert!(sandbox_of(&run).prestarted, "{run:?}");
     // The run's message names the failing model; its node message and the log say why.
-    assert!(
-        run["message"]
-            .as_str()
-            .unwrap()
-            .contains("model.hostile.escape"),
-        "{run}"
-    );
-    let node = run["nodes"]
-        .as_array()
-        .unwrap()
+    assert!(message(&run).contains("model.hostile.escape"), "{run:?}");
+    let node = nodes_of(&run)
         .iter()
-        .find(|node| node["unique_id"] == "model.hostile.escape")
+        .find(|node| node.unique_id == "model.hostile.escape")
         .unwrap();
-    let message = node["message"].as_str().unwrap();
+    let message = node.message.as_deref().unwrap();
     for what in [
         "write to the agent's config directory: denied (PermissionError: Permission denied)",
         "write to /etc: denied (PermissionError: Permission denied)",
@@ -293,17 +293,17 @@ async fn unbounded_memory_ends_as_memory_limit_and_the_agent_serves_on() {
     })
     .await;
     let id = pull_request(&cluster, 1, &[("memory.py", case("memory.py", &[]))]).await;
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_eq!(run["status"], "error", "{run}\n{log}");
-    let message = run["message"].as_str().unwrap();
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_eq!(run.status, RunStatus::Error, "{run:?}\n{log}");
+    let message = message(&run);
     assert!(message.starts_with("memory limit:"), "{message}");
     assert!(message.contains("512 MiB"), "{message}");
-    assert_eq!(run["sandbox"]["memory_limit_bytes"], 512u64 << 20);
+    assert_eq!(sandbox_of(&run).memory_limit_bytes, Some(512u64 << 20));
     assert!(log.contains("memory limit:"), "{log}");
 
     let next = pull_request(&cluster, 2, &[("harmless.sql", case("harmless.sql", &[]))]).await;
-    let next = cluster.wait_for_run(&next, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(next["status"], "success", "{next}");
+    let next = cluster.wait_for_run(next, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(next.status, RunStatus::Success, "{next:?}");
     cluster.assert_all_alive();
 }
 
@@ -332,7 +332,7 @@ async fn a_fork_bomb_is_bounded() {
     let mut highest = 0;
     let sampling = Instant::now();
     while sampling.elapsed() < Duration::from_secs(3) {
-        if let Some(current) = build_pids_current(&id) {
+        if let Some(current) = build_pids_current(&id.to_string()) {
             highest = highest.max(current);
             assert!(current <= PIDS_LIMIT, "{current} tasks");
         }
@@ -353,11 +353,11 @@ async fn a_fork_bomb_is_bounded() {
     }
     eprintln!("fork bomb: at most {highest} tasks in the build's cgroup (limit {PIDS_LIMIT})");
 
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_ne!(run["status"], "success", "{run}\n{log}");
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_ne!(run.status, RunStatus::Success, "{run:?}\n{log}");
     eprintln!(
-        "fork bomb: the run ended {} after {} s",
-        run["status"], run["duration_s"]
+        "fork bomb: the run ended {} after {:?} s",
+        run.status, run.duration_s
     );
     assert!(
         log.contains(&format!(
@@ -365,15 +365,16 @@ async fn a_fork_bomb_is_bounded() {
         )),
         "{log}"
     );
-    assert!(
-        run["message"].as_str().unwrap().contains("pids limit"),
-        "{run}"
+    assert!(message(&run).contains("pids limit"), "{run:?}");
+    assert_eq!(
+        build_pids_current(&id.to_string()),
+        None,
+        "the build's cgroup is gone"
     );
-    assert_eq!(build_pids_current(&id), None, "the build's cgroup is gone");
 
     let next = pull_request(&cluster, 2, &[("harmless.sql", case("harmless.sql", &[]))]).await;
-    let next = cluster.wait_for_run(&next, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(next["status"], "success", "{next}");
+    let next = cluster.wait_for_run(next, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(next.status, RunStatus::Success, "{next:?}");
     cluster.assert_all_alive();
 }
 
@@ -400,9 +401,9 @@ async fn a_build_past_its_timeout_ends_as_timed_out() {
     let id = pull_request(&cluster, 1, &[("sleep.py", model)]).await;
     wait_for_file(&started).await;
     assert!(!processes_with(&marker).is_empty(), "the child runs");
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_eq!(run["status"], "timed_out", "{run}\n{log}");
-    let duration = run["duration_s"].as_f64().unwrap();
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_eq!(run.status, RunStatus::TimedOut, "{run:?}\n{log}");
+    let duration = run.duration_s.unwrap();
     eprintln!(
         "timeout: the run took {duration:.2} s for a timeout of {TIMEOUT_SECS} s (grace {GRACE_SECS} s): {:.2} s past the deadline",
         duration - TIMEOUT_SECS as f64
@@ -416,11 +417,8 @@ async fn a_build_past_its_timeout_ends_as_timed_out() {
         "ended {duration} s after its start"
     );
     assert!(
-        run["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("exceeded the run timeout of {TIMEOUT_SECS} s")),
-        "{run}"
+        message(&run).contains(&format!("exceeded the run timeout of {TIMEOUT_SECS} s")),
+        "{run:?}"
     );
     assert!(processes_with(&marker).is_empty(), "leftovers");
     cluster.assert_all_alive();
@@ -452,8 +450,8 @@ value = "{UNUSED}"
     })
     .await;
     let id = pull_request(&cluster, 1, &[("secret.py", case("secret.py", &[]))]).await;
-    let (run, log) = finish(&mut cluster, &id).await;
-    assert_eq!(run["status"], "success", "{run}\n{log}");
+    let (run, log) = finish(&mut cluster, id).await;
+    assert_eq!(run.status, RunStatus::Success, "{run:?}\n{log}");
 
     let pem = PEM.replace("\\n", "\n");
     assert!(log.contains("whole secret: [redacted]"), "{log}");
@@ -513,16 +511,16 @@ async fn cancel_from_the_cli_stops_the_build_within_the_grace_period() {
     let id = pull_request(&cluster, 1, &[("sleep.py", model)]).await;
     wait_for_file(&started).await;
     let cancelled_at = Instant::now();
-    let output = cluster.run_cli(&["cancel", &id]).await;
+    let output = cluster.run_cli(&["cancel", &id.to_string()]).await;
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let run = cluster.wait_for_run(&id, RUN_TIMEOUT).await.unwrap();
+    let run = cluster.wait_for_run(id, RUN_TIMEOUT).await.unwrap();
     let elapsed = cancelled_at.elapsed();
     eprintln!("cancel: the run ended {elapsed:.2?} after `slimci cancel` (grace {GRACE_SECS} s)");
-    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
     assert!(
         elapsed >= Duration::from_secs(GRACE_SECS),
         "SIGTERM is ignored, so only the SIGKILL after the grace period ends it: {elapsed:?}"

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use serde_json::{Value, json};
+use slimci_client::{RunStatus, RunView};
 use slimci_tests::measure::{median, ms_of};
-use slimci_tests::{Cluster, ClusterOptions, dbt, workspace_root};
+use slimci_tests::{Cluster, ClusterOptions, ci_request, dbt, deploy_request, workspace_root};
 
 #[derive(Parser)]
 struct Args {
@@ -77,9 +77,14 @@ fn hand_profile(directory: &Path, database: &Path, production: &Path) -> anyhow:
     Ok(())
 }
 
-/// Seconds from the run's time `from` to its time `to` (`created_at`, `finished_at`, ...).
-fn seconds_between(run: &Value, from: &str, to: &str) -> Option<f64> {
-    Some((ms_of(&run[to])? - ms_of(&run[from])?) as f64 / 1000.0)
+/// Seconds from one RFC 3339 time of a run to another (`created_at` to `finished_at`, ...).
+fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
+    Some((ms_of(to?)? - ms_of(from?)?) as f64 / 1000.0)
+}
+
+/// Seconds from the run's request to its result.
+fn end_to_end_seconds(run: &RunView) -> f64 {
+    seconds_between(Some(&run.created_at), run.finished_at.as_deref()).unwrap_or(f64::NAN)
 }
 
 struct Breakdown {
@@ -91,37 +96,38 @@ struct Breakdown {
     parse_mode: String,
 }
 
-fn breakdown(run: &Value) -> Breakdown {
-    let phases: Vec<(String, f64)> = run["phases"]
-        .as_array()
-        .map(|phases| {
-            phases
-                .iter()
-                .map(|phase| {
-                    (
-                        phase["phase"].as_str().unwrap_or_default().to_owned(),
-                        phase["duration_s"].as_f64().unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let last_phase_end = run["phases"]
-        .as_array()
-        .and_then(|phases| phases.last())
-        .and_then(|phase| ms_of(&phase["finished_at"]));
-    let report = match (last_phase_end, ms_of(&run["finished_at"])) {
-        (Some(end), Some(finished)) => (finished - end) as f64 / 1000.0,
-        _ => f64::NAN,
-    };
+fn breakdown(run: &RunView) -> Breakdown {
+    let phases: Vec<(String, f64)> = run
+        .phases
+        .iter()
+        .flatten()
+        .map(|phase| (phase.phase.clone(), phase.duration_s.unwrap_or_default()))
+        .collect();
+    let last_phase_end = run
+        .phases
+        .iter()
+        .flatten()
+        .last()
+        .and_then(|phase| phase.finished_at.as_deref());
+    let report = seconds_between(last_phase_end, run.finished_at.as_deref()).unwrap_or(f64::NAN);
+    let caches = run.caches.clone().unwrap_or_default();
     Breakdown {
-        queue: seconds_between(run, "created_at", "started_at").unwrap_or(f64::NAN),
+        queue: seconds_between(Some(&run.created_at), run.started_at.as_deref())
+            .unwrap_or(f64::NAN),
         phases,
-        startup: run["caches"]["dbt_startup_s"].as_f64().unwrap_or(f64::NAN),
-        parse: run["caches"]["parse_s"].as_f64().unwrap_or(f64::NAN),
+        startup: caches.dbt_startup_s.unwrap_or(f64::NAN),
+        parse: caches.parse_s.unwrap_or(f64::NAN),
         report,
-        parse_mode: run["caches"]["parse"].as_str().unwrap_or("?").to_owned(),
+        parse_mode: parse_mode(run).to_owned(),
     }
+}
+
+/// How dbt parsed the project in the run (`partial`, `full`, ...; `?` when unknown).
+fn parse_mode(run: &RunView) -> &str {
+    run.caches
+        .as_ref()
+        .and_then(|caches| caches.parse.as_deref())
+        .unwrap_or("?")
 }
 
 struct Bench {
@@ -160,19 +166,15 @@ impl Bench {
         )
     }
 
-    async fn slimci(&mut self, sha: &str) -> anyhow::Result<(f64, Value)> {
-        let (status, run) = self
-            .cluster
-            .post_run(json!({ "repository": "shop", "pr": 1, "sha": sha }))
-            .await?;
-        anyhow::ensure!(status == 201, "trigger answered {status}: {run}");
+    async fn slimci(&mut self, sha: &str) -> anyhow::Result<(f64, RunView)> {
         let run = self
             .cluster
-            .wait_for_run(run["id"].as_str().unwrap_or_default(), RUN_TIMEOUT)
-            .await?;
-        anyhow::ensure!(run["status"] == "success", "slimci run: {run}");
-        let seconds = seconds_between(&run, "created_at", "finished_at").unwrap_or(f64::NAN);
-        Ok((seconds, run))
+            .create_run(&ci_request(1, sha))
+            .await
+            .context("trigger")?;
+        let run = self.cluster.wait_for_run(run.id, RUN_TIMEOUT).await?;
+        anyhow::ensure!(run.status == RunStatus::Success, "slimci run: {run:?}");
+        Ok((end_to_end_seconds(&run), run))
     }
 
     fn by_hand(&self, sha: &str) -> anyhow::Result<f64> {
@@ -257,25 +259,19 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     println!("deploying {} models through slimci...", args.models);
-    let (status, deploy) = cluster
-        .post_run(json!({ "repository": "shop", "kind": "deploy" }))
-        .await?;
-    anyhow::ensure!(status == 201, "deploy answered {status}: {deploy}");
-    let mut cluster = cluster;
     let deploy = cluster
-        .wait_for_run(deploy["id"].as_str().unwrap_or_default(), RUN_TIMEOUT)
-        .await?;
-    anyhow::ensure!(deploy["status"] == "success", "deploy: {deploy}");
+        .create_run(&deploy_request())
+        .await
+        .context("deploy")?;
+    let mut cluster = cluster;
+    let deploy = cluster.wait_for_run(deploy.id, RUN_TIMEOUT).await?;
+    anyhow::ensure!(deploy.status == RunStatus::Success, "deploy: {deploy:?}");
     println!(
         "deploy: {:.1} s ({} nodes)",
-        seconds_between(&deploy, "created_at", "finished_at").unwrap_or(f64::NAN),
-        deploy["nodes"].as_array().map_or(0, Vec::len)
+        end_to_end_seconds(&deploy),
+        deploy.nodes.as_ref().map_or(0, Vec::len)
     );
-    let state = cluster.production_state().await?;
-    let manifest_url = state["manifest_url"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let manifest_url = cluster.production_state().await?.manifest_url;
     let state_dir = dir.path().join("state");
     std::fs::create_dir_all(&state_dir)?;
     let manifest = cluster
@@ -331,9 +327,9 @@ async fn main() -> anyhow::Result<()> {
     let warm_b = bench.by_hand(&warm)?;
     println!(
         "warm-up: (a) {warm_a:.2} s ({} parse), (b) {warm_b:.2} s",
-        warm_run["caches"]["parse"].as_str().unwrap_or("?")
+        parse_mode(&warm_run)
     );
-    let selected = warm_run["nodes"].as_array().map_or(0, Vec::len);
+    let selected = warm_run.nodes.as_ref().map_or(0, Vec::len);
     println!("each change selects {selected} nodes (stg_0001 and its descendants, with tests)");
 
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
@@ -347,8 +343,8 @@ async fn main() -> anyhow::Result<()> {
                 0 => {
                     let (seconds, run) = bench.slimci(&sha).await?;
                     anyhow::ensure!(
-                        run["nodes"].as_array().map_or(0, Vec::len) == selected,
-                        "slimci built a different selection: {run}"
+                        run.nodes.as_ref().map_or(0, Vec::len) == selected,
+                        "slimci built a different selection: {run:?}"
                     );
                     line.push_str(&format!("  (a) {seconds:.2} s"));
                     a.push(seconds);

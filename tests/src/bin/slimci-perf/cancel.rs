@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use serde_json::json;
+use slimci_client::RunStatus;
 use slimci_tests::measure::{ms_of, now_ms, p50, pids, process_gone, stub_event, stub_records};
-use slimci_tests::wait_for;
+use slimci_tests::{ci_request, wait_for};
 
 use crate::Args;
-use crate::cluster::{Record, deploy, id_of, pr_commit, print_logs, stub_cluster, submit_ci};
+use crate::cluster::{Record, deploy, pr_commit, print_logs, stub_cluster};
 use crate::report::{spread, verdict};
 
 const CANCEL_TARGET_MS: f64 = 1000.0;
@@ -61,7 +62,7 @@ fn agent_cancelling_ms(log: &Path, run: &str) -> Option<i64> {
             plain.push(c);
         }
     }
-    ms_of(&json!(plain.split_whitespace().next()?))
+    ms_of(plain.split_whitespace().next()?)
 }
 
 /// The cancel latencies of the repetitions, each from the newer commit's POST, in ms.
@@ -121,19 +122,19 @@ pub async fn cancel(args: &Args) -> anyhow::Result<f64> {
         }
     };
     let sha = pr_commit(&cluster, pr, &long(0))?;
-    let mut building = id_of(&submit_ci(&cluster, pr, &sha).await?);
-    wait_started(building.clone()).await?;
+    let mut building = cluster.create_run(&ci_request(pr, &sha)).await?.id;
+    wait_started(building.to_string()).await?;
     let mut figures = CancelFigures::default();
     for seq in 1..=args.cancel_reps {
         // The old build is commit seq - 1. Let it settle into its run, as a real superseded build
         // would have.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let old = building.clone();
+        let old = building;
         let pid = wait_for(
             &format!("run {old}'s stub process"),
             Duration::from_secs(10),
             || {
-                let found = stub_pid(&old);
+                let found = stub_pid(&old.to_string());
                 async move { Ok(found) }
             },
         )
@@ -143,33 +144,29 @@ pub async fn cancel(args: &Args) -> anyhow::Result<f64> {
             wait_gone(pid, Instant::now() + Duration::from_secs(60))
         });
         let submitted = now_ms();
-        let newer = id_of(&submit_ci(&cluster, pr, &sha).await?);
+        let newer = cluster.create_run(&ci_request(pr, &sha)).await?.id;
         let Some(ended) = watcher.await? else {
             print_logs(&cluster);
             bail!("run {old}'s stub (pid {pid}) outlived its cancel by 60 s");
         };
         figures.gone.push((ended - submitted) as f64);
-        let old_run = cluster.wait_for_run(&old, Duration::from_secs(30)).await?;
+        let old_run = cluster.wait_for_run(old, Duration::from_secs(30)).await?;
         ensure!(
-            old_run["status"] == "superseded",
+            old_run.status == RunStatus::Superseded,
             "the old run ended {}",
-            old_run["status"]
+            old_run.status
         );
-        if let Some(finished) = ms_of(&old_run["finished_at"]) {
+        if let Some(finished) = old_run.finished_at.as_deref().and_then(ms_of) {
             figures.superseded.push((finished - submitted) as f64);
         }
-        if let Some(cancelling) = agent_cancelling_ms(&cluster.agents[0].log, &old) {
+        if let Some(cancelling) = agent_cancelling_ms(&cluster.agents[0].log, &old.to_string()) {
             figures.to_agent.push((cancelling - submitted) as f64);
         }
-        let started = wait_started(newer.clone()).await?;
+        let started = wait_started(newer.to_string()).await?;
         figures.next_started.push((started - submitted) as f64);
         building = newer;
     }
-    let _ = cluster
-        .http
-        .post(format!("{}/api/v1/runs/{building}/cancel", cluster.url))
-        .send()
-        .await;
+    let _ = cluster.client.cancel(building).await;
     println!(
         "\n== 2. cancel latency: {} newer commits superseding a building run (the stub exits at once on SIGTERM; sandbox.grace_secs = 5 in the harness, 10 by default)",
         figures.gone.len()

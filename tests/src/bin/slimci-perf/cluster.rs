@@ -1,12 +1,14 @@
 //! The cluster every measurement starts (the harness's, with the stub dbt on
 //! `tests/fixtures/stub`) and what they do with it: set the stub's behaviour per commit, deploy,
-//! submit CI runs, read the API, and the record file the stub writes its start and end to.
+//! read a run's phases, and the record file the stub writes its start and end to.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use serde_json::{Value, json};
+use slimci_client::RunView;
+use slimci_proto::Attempt;
 use slimci_tests::measure::ms_of;
 use slimci_tests::{Cluster, ClusterOptions, binary, wait_for, workspace_root};
 
@@ -84,45 +86,18 @@ pub async fn deploy(cluster: &mut Cluster, record: Option<&Record>) -> anyhow::R
     Ok(())
 }
 
-/// Submits a CI run of PR `pr` at `sha`; the run as the API answered.
-pub async fn submit_ci(cluster: &Cluster, pr: u64, sha: &str) -> anyhow::Result<Value> {
-    let (status, run) = cluster
-        .post_run(json!({ "repository": "shop", "pr": pr, "sha": sha }))
-        .await?;
-    ensure!(status == 201, "CI run of PR {pr}: HTTP {status}: {run}");
-    Ok(run)
-}
-
-/// A run's id.
-pub fn id_of(run: &Value) -> String {
-    run["id"].as_str().unwrap_or_default().to_owned()
-}
-
 /// The started and finished ms of a phase of attempt 1.
-pub fn phase(run: &Value, name: &str) -> (Option<i64>, Option<i64>) {
-    run["phases"]
-        .as_array()
-        .into_iter()
+pub fn phase(run: &RunView, name: &str) -> (Option<i64>, Option<i64>) {
+    run.phases
+        .iter()
         .flatten()
-        .find(|phase| phase["phase"] == name && phase["attempt"] == 1)
+        .find(|phase| phase.phase == name && phase.attempt == Attempt(1))
         .map_or((None, None), |phase| {
-            (ms_of(&phase["started_at"]), ms_of(&phase["finished_at"]))
+            (
+                ms_of(&phase.started_at),
+                phase.finished_at.as_deref().and_then(ms_of),
+            )
         })
-}
-
-/// `GET <path>` of the coordinator's API, which must succeed.
-pub async fn get_json(cluster: &Cluster, path: &str) -> anyhow::Result<Value> {
-    let response = cluster
-        .http
-        .get(format!("{}{path}", cluster.url))
-        .send()
-        .await?;
-    ensure!(
-        response.status().is_success(),
-        "GET {path}: HTTP {}",
-        response.status()
-    );
-    Ok(response.json().await?)
 }
 
 /// The tail of every process's log, when a wait failed.

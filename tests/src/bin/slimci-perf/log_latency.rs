@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use serde_json::json;
+use slimci_client::{Client, LogEvent, RunStatus};
+use slimci_proto::RunId;
+use slimci_tests::ci_request;
 use slimci_tests::measure::{now_ms, p50, percentile};
 
 use crate::Args;
-use crate::cluster::{deploy, id_of, pr_commit, stub_cluster, submit_ci};
+use crate::cluster::{deploy, pr_commit, stub_cluster};
 use crate::report::{spread, verdict};
 
 const LOG_TARGET_MS: f64 = 300.0;
@@ -23,59 +26,26 @@ fn stamped_ms(line: &str) -> Option<i64> {
 }
 
 /// Follows the SSE log of a run; for each stamped line, when it arrived minus its stamp.
-async fn follow_sse(
-    http: reqwest::Client,
-    url: String,
-    deadline: Duration,
-) -> anyhow::Result<Vec<f64>> {
+async fn follow_sse(client: Client, id: RunId, deadline: Duration) -> anyhow::Result<Vec<f64>> {
     let until = Instant::now() + deadline;
-    let mut response = http.get(url).send().await?;
-    ensure!(
-        response.status().is_success(),
-        "follow: HTTP {}",
-        response.status()
-    );
-    let mut buffer = String::new();
+    let mut stream = client.follow_logs(id, 0).await.context("follow")?;
     let mut latencies = Vec::new();
     loop {
         let left = until.saturating_duration_since(Instant::now());
-        let Some(chunk) = tokio::time::timeout(left, response.chunk())
+        let event = tokio::time::timeout(left, stream.next())
             .await
-            .context("following the log: deadline")??
-        else {
-            break;
-        };
+            .context("following the log: deadline")?;
         let arrived = now_ms();
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let mut kind = "message";
-            let mut data = String::new();
-            for line in event.lines() {
-                if let Some(value) = line.strip_prefix("event:") {
-                    kind = if value.trim() == "log" {
-                        "log"
-                    } else if value.trim() == "end" {
-                        "end"
-                    } else {
-                        "other"
-                    };
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+        match event {
+            Some(LogEvent::Line { text, .. }) => {
+                if let Some(stamp) = stamped_ms(&text) {
+                    latencies.push((arrived - stamp) as f64);
                 }
             }
-            match kind {
-                "log" => {
-                    if let Some(stamp) = stamped_ms(&data) {
-                        latencies.push((arrived - stamp) as f64);
-                    }
-                }
-                "end" => return Ok(latencies),
-                _ => {}
-            }
+            Some(LogEvent::Progress(_)) => {}
+            Some(LogEvent::End(_)) | None => return Ok(latencies),
         }
     }
-    Ok(latencies)
 }
 
 /// Runs `slimci logs <id> --follow` and times each stamped line it prints.
@@ -112,21 +82,17 @@ pub async fn log_latency(args: &Args) -> anyhow::Result<f64> {
         "line_interval_ms": args.log_interval_ms,
     });
     let sha = pr_commit(&cluster, 3, &stub)?;
-    let id = id_of(&submit_ci(&cluster, 3, &sha).await?);
+    let id = cluster.create_run(&ci_request(3, &sha)).await?.id;
     let deadline = Duration::from_millis(args.log_interval_ms * u64::from(args.log_lines))
         + Duration::from_secs(60);
-    let sse = tokio::spawn(follow_sse(
-        cluster.http.clone(),
-        format!("{}/api/v1/runs/{id}/logs?follow=true", cluster.url),
-        deadline,
-    ));
+    let sse = tokio::spawn(follow_sse(cluster.client.clone(), id, deadline));
     let mut command = cluster.cli();
-    command.args(["logs", &id, "--follow"]);
+    command.args(["logs", &id.to_string(), "--follow"]);
     let cli = tokio::task::spawn_blocking(move || follow_cli(command, deadline));
     let sse = sse.await??;
     let cli = cli.await??;
-    let run = cluster.wait_for_run(&id, Duration::from_secs(60)).await?;
-    ensure!(run["status"] == "success", "the log run: {run}");
+    let run = cluster.wait_for_run(id, Duration::from_secs(60)).await?;
+    ensure!(run.status == RunStatus::Success, "the log run: {run:?}");
     ensure!(
         sse.len() == args.log_lines as usize,
         "saw {} of {} stamped lines over SSE",

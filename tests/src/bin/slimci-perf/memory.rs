@@ -6,10 +6,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::ensure;
+use slimci_client::RunStatus;
+use slimci_tests::ci_request;
 use slimci_tests::measure::{mb, status_field, status_kb};
 
 use crate::Args;
-use crate::cluster::{deploy, get_json, id_of, stub_cluster, submit_ci};
+use crate::cluster::{deploy, stub_cluster};
 use crate::report::verdict;
 
 const AGENT_RSS_TARGET_MB: f64 = 30.0;
@@ -50,11 +52,11 @@ pub async fn memory(args: &Args) -> anyhow::Result<Memory> {
     let mut ids = Vec::new();
     for pr in 1..=20u64 {
         cluster.origin.point_pull_request(pr, &sha)?;
-        ids.push(id_of(&submit_ci(&cluster, pr, &sha).await?));
+        ids.push(cluster.create_run(&ci_request(pr, &sha)).await?.id);
     }
     for id in &ids {
-        let run = cluster.wait_for_run(id, Duration::from_secs(60)).await?;
-        ensure!(run["status"] == "success", "run {id}: {run}");
+        let run = cluster.wait_for_run(*id, Duration::from_secs(60)).await?;
+        ensure!(run.status == RunStatus::Success, "run {id}: {run:?}");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_after = status_kb(agent_pid, "VmRSS");
@@ -86,21 +88,17 @@ pub async fn memory(args: &Args) -> anyhow::Result<Memory> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let restarted = status_kb(pid, "VmRSS");
     // Read it as people and the CLI would.
-    get_json(&cluster, "/api/v1/runs").await?;
+    // The coordinator's default page (50 runs), as `GET /api/v1/runs` without a limit.
+    cluster.runs_where(None, 50).await?;
     let mut listed = Vec::new();
     for _ in 0..3 {
-        listed = get_json(&cluster, "/api/v1/runs?limit=1000")
-            .await?
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        listed = cluster.runs().await?;
     }
-    get_json(&cluster, "/api/v1/runs?status=success&limit=1000").await?;
-    get_json(&cluster, "/api/v1/repositories").await?;
+    cluster.runs_where(Some(RunStatus::Success), 1000).await?;
+    cluster.client.repositories().await?;
     for run in listed.iter().step_by(100) {
-        let id = id_of(run);
-        cluster.run(&id).await?;
-        cluster.log(&id).await?;
+        cluster.run(run.id).await?;
+        cluster.log(run.id).await?;
     }
     let total = listed.len();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use serde_json::json;
+use slimci_client::RunStatus;
+use slimci_tests::ci_request;
 use slimci_tests::measure::{ms_of, now_ms, p50, status_kb, stub_event, stub_records};
 
 use crate::Args;
-use crate::cluster::{Record, deploy, id_of, phase, pr_commit, stub_cluster, submit_ci};
+use crate::cluster::{Record, deploy, phase, pr_commit, stub_cluster};
 use crate::report::{spread, verdict};
 
 const OVERHEAD_TARGET_MS: f64 = 150.0;
@@ -31,19 +33,21 @@ pub async fn overhead(args: &Args) -> anyhow::Result<Overhead> {
     let stub = |seq: usize| json!({ "duration_ms": 0, "nodes": 3, "log_lines": 5, "record": record.0, "seq": seq });
     // Warm: the git cache holds the repository and the production manifest is cached.
     let sha = pr_commit(&cluster, 1, &stub(0))?;
-    let warm = id_of(&submit_ci(&cluster, 1, &sha).await?);
-    let warm = cluster.wait_for_run(&warm, Duration::from_secs(60)).await?;
-    ensure!(warm["status"] == "success", "warm-up run: {warm}");
+    let warm = cluster.create_run(&ci_request(1, &sha)).await?.id;
+    let warm = cluster.wait_for_run(warm, Duration::from_secs(60)).await?;
+    ensure!(warm.status == RunStatus::Success, "warm-up run: {warm:?}");
 
     let mut timed = Vec::new();
     for seq in 1..=args.overhead_runs {
         let sha = pr_commit(&cluster, 1, &stub(seq))?;
         let posted = now_ms();
-        let run = submit_ci(&cluster, 1, &sha).await?;
+        let run = cluster.create_run(&ci_request(1, &sha)).await?;
         let returned = now_ms();
-        let id = id_of(&run);
-        let run = cluster.wait_for_run(&id, Duration::from_secs(60)).await?;
-        ensure!(run["status"] == "success", "run {seq}: {run}");
+        let id = run.id.to_string();
+        let run = cluster
+            .wait_for_run(run.id, Duration::from_secs(60))
+            .await?;
+        ensure!(run.status == RunStatus::Success, "run {seq}: {run:?}");
         timed.push((id, posted, returned, run));
     }
     let records = stub_records(&record.0);
@@ -77,8 +81,8 @@ pub async fn overhead(args: &Args) -> anyhow::Result<Overhead> {
         let (build_s, build_f) = phase(run, "build");
         let (upload_s, upload_f) = phase(run, "upload");
         let at = [
-            ms_of(&run["created_at"]),
-            ms_of(&run["started_at"]),
+            ms_of(&run.created_at),
+            run.started_at.as_deref().and_then(ms_of),
             checkout_s,
             checkout_f,
             state_s,
@@ -91,7 +95,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<Overhead> {
             build_f,
             upload_s,
             upload_f,
-            ms_of(&run["finished_at"]),
+            run.finished_at.as_deref().and_then(ms_of),
         ];
         for (index, pair) in at.windows(2).enumerate() {
             if let [Some(from), Some(to)] = pair {
@@ -99,7 +103,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<Overhead> {
             }
         }
         let (Some(created), Some(started)) = (at[0], at[9]) else {
-            bail!("run {id} lacks its created_at or the stub's start record: {run}");
+            bail!("run {id} lacks its created_at or the stub's start record: {run:?}");
         };
         from_created.push((started - created) as f64);
         from_post.push((started - posted) as f64);

@@ -8,13 +8,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use serde_json::Value;
+use slimci_client::{RunStatus, RunView};
+use slimci_proto::RunKind;
+use slimci_tests::ci_request;
 use slimci_tests::measure::{
     cpu_ms, machine_busy_ms, mb, ms_of, now_ms, pid_of_command, status_kb,
 };
 
 use crate::Args;
-use crate::cluster::{deploy, get_json, stub_cluster, submit_ci};
+use crate::cluster::{deploy, stub_cluster};
 use crate::report::verdict;
 
 const THROUGHPUT_TARGET_MS: f64 = 20.0;
@@ -54,18 +56,16 @@ pub async fn throughput(args: &Args) -> anyhow::Result<f64> {
     let first_submit = now_ms();
     let started = Instant::now();
     for pr in 1..=args.runs as u64 {
-        submit_ci(&cluster, pr, &sha).await?;
+        cluster.create_run(&ci_request(pr, &sha)).await?;
     }
     let submitted_s = started.elapsed().as_secs_f64();
     // Until every run ended, or the deadline.
     let deadline = started + Duration::from_secs(args.throughput_deadline_secs);
     let outcome = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let queued = get_json(&cluster, "/api/v1/runs?status=queued&limit=1").await?;
-        let running = get_json(&cluster, "/api/v1/runs?status=running&limit=1").await?;
-        if queued.as_array().is_some_and(Vec::is_empty)
-            && running.as_array().is_some_and(Vec::is_empty)
-        {
+        let queued = cluster.runs_where(Some(RunStatus::Queued), 1).await?;
+        let running = cluster.runs_where(Some(RunStatus::Running), 1).await?;
+        if queued.is_empty() && running.is_empty() {
             break "all ended";
         }
         if Instant::now() > deadline {
@@ -77,28 +77,21 @@ pub async fn throughput(args: &Args) -> anyhow::Result<f64> {
     let rabbit_after = rabbit.and_then(cpu_ms);
     let machine_after = machine_busy_ms();
 
-    let runs: Vec<Value> = get_json(&cluster, "/api/v1/runs?limit=1000")
+    let runs: Vec<RunView> = cluster
+        .runs()
         .await?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
         .into_iter()
-        .filter(|run| run["kind"] == "ci")
+        .filter(|run| run.kind == RunKind::Ci)
         .collect();
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     for run in &runs {
-        *by_status
-            .entry(run["status"].as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
+        *by_status.entry(run.status.as_str().to_owned()).or_default() += 1;
     }
-    let done: Vec<&Value> = runs
-        .iter()
-        .filter(|run| !matches!(run["status"].as_str(), Some("queued" | "running")))
-        .collect();
+    let done: Vec<&RunView> = runs.iter().filter(|run| run.status.is_terminal()).collect();
     let succeeded = by_status.get("success").copied().unwrap_or_default();
     let last_finished = done
         .iter()
-        .filter_map(|run| ms_of(&run["finished_at"]))
+        .filter_map(|run| run.finished_at.as_deref().and_then(ms_of))
         .max()
         .unwrap_or(first_submit);
     let all_ended = outcome == "all ended";

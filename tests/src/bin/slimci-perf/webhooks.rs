@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use slimci_client::RunStatus;
 use slimci_tests::WEBHOOK_SECRET;
 use slimci_tests::measure::{p50, percentile};
 
 use crate::Args;
-use crate::cluster::{deploy, get_json, stub_cluster};
+use crate::cluster::{deploy, stub_cluster};
 use crate::report::verdict;
 
 const WEBHOOKS_TARGET_PER_S: f64 = 1000.0;
@@ -188,10 +189,10 @@ pub async fn webhooks(args: &Args) -> anyhow::Result<f64> {
         wall,
         true,
     );
-    let queued = get_json(&cluster, "/api/v1/runs?status=queued&limit=1000")
+    let queued = cluster
+        .runs_where(Some(RunStatus::Queued), 1000)
         .await?
-        .as_array()
-        .map_or(0, Vec::len);
+        .len();
     println!("  runs queued at the end: {queued}");
     Ok(rate)
 }
