@@ -90,7 +90,7 @@ impl CoordinatorClient {
         name: &str,
         bytes: Vec<u8>,
     ) -> Result<(), CoordinatorError> {
-        let url = format!("{}/api/v1/runs/{run_id}/artifacts/{name}", self.base_url);
+        let url = slimci_client::artifact_url(&self.base_url, run_id, name);
         let response = self
             .http
             .put(&url)

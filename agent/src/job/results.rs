@@ -138,7 +138,7 @@ pub fn build_message(
 pub fn failure_summary(nodes: &[NodeResult]) -> String {
     let failed: Vec<&NodeResult> = nodes
         .iter()
-        .filter(|node| matches!(node.status.as_str(), "fail" | "error" | "runtime error"))
+        .filter(|node| slimci_client::is_failure(node))
         .collect();
     if failed.is_empty() {
         return "dbt reported failures".to_owned();
