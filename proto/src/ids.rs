@@ -23,6 +23,10 @@ pub enum IdError {
     AgentName(String),
     #[error("`{0}` is not a run id (expected a UUID)")]
     RunId(String),
+    #[error(
+        "`{0}` is not a PR isolation name: expected `pr_<slug>_<number>` in lower-case letters, digits and `_`, at most 63 bytes"
+    )]
+    IsolationName(String),
 }
 
 /// A run, as the coordinator records it. UUIDv7, so ids sort by creation time.
@@ -206,6 +210,23 @@ impl IsolationName {
         (IsolationName::for_pr(repository, pr).0 == name).then_some(pr)
     }
 
+    /// A name read back (from a job, the store): only the shape of a PR isolation passes.
+    pub fn parse(text: &str) -> Result<IsolationName, IdError> {
+        let valid = text.starts_with("pr_")
+            && text.len() <= MAX_ISOLATION_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && text
+                .rsplit_once('_')
+                .is_some_and(|(_, n)| n.parse::<u64>().is_ok());
+        if valid {
+            Ok(IsolationName(text.to_owned()))
+        } else {
+            Err(IdError::IsolationName(text.to_owned()))
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -220,21 +241,7 @@ impl fmt::Display for IsolationName {
 impl<'de> Deserialize<'de> for IsolationName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        let valid = text.starts_with("pr_")
-            && text.len() <= MAX_ISOLATION_LEN
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && text
-                .rsplit_once('_')
-                .is_some_and(|(_, n)| n.parse::<u64>().is_ok());
-        if valid {
-            Ok(IsolationName(text))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "`{text}` is not a PR isolation name"
-            )))
-        }
+        IsolationName::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 

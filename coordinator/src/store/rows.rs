@@ -217,7 +217,7 @@ fn required_status(row: &SqliteRow) -> Result<RunStatus> {
 
 fn isolation(row: &SqliteRow) -> Result<Option<IsolationName>> {
     text(row, "isolation")?
-        .map(|name| serde_json::from_value(serde_json::Value::String(name)))
+        .map(|name| IsolationName::parse(&name))
         .transpose()
         .map_err(corrupt)
 }
