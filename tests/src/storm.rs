@@ -153,7 +153,8 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
             .entry(run.status.as_str().to_owned())
             .or_default() += 1;
     }
-    for spans in crate::attempt_spans(&record).values() {
+    let mut overlapped = Vec::new();
+    for (run, spans) in crate::attempt_spans(&record) {
         let mut concurrent = 1;
         for (index, a) in spans.iter().enumerate() {
             let mut here = 1;
@@ -165,8 +166,19 @@ pub async fn storm(config: StormConfig) -> anyhow::Result<StormReport> {
             }
             concurrent = concurrent.max(here);
         }
+        if concurrent > 1 {
+            overlapped.push(run);
+        }
         report.max_concurrent_attempts_per_run =
             report.max_concurrent_attempts_per_run.max(concurrent);
+    }
+    // What the stub recorded of the runs whose attempts overlapped, to tell why.
+    let records = std::fs::read_to_string(&record).unwrap_or_default();
+    for run in &overlapped {
+        println!("attempts of run {run} overlapped; the stub's records of it:");
+        for line in records.lines().filter(|line| line.contains(run.as_str())) {
+            println!("  {line}");
+        }
     }
     let _ = std::fs::remove_file(&record);
     drop(cluster);

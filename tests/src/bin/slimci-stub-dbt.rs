@@ -54,12 +54,16 @@ fn record(stub: &Stub, event: &str) {
     let run_dir = std::env::var("DBT_TARGET_PATH").unwrap_or_default();
     let run_dir = run_dir.trim_end_matches("/target").to_owned();
     let line = serde_json::json!({ "run_dir": run_dir, "event": event, "ms": now_ms() as u64, "pid": std::process::id() });
+    // One write(2) per record: several builds append to this file at once, and a line written
+    // in pieces (as `writeln!` of a JSON value does, token by token) interleaves with theirs
+    // into records that mix one build's time with another's directory.
+    let line = format!("{line}\n");
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
     {
-        let _ = writeln!(file, "{line}");
+        let _ = file.write_all(line.as_bytes());
     }
 }
 
