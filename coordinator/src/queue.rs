@@ -11,8 +11,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use slimci_broker::BrokerError;
 use slimci_proto::{
-    AgentEvent, ControlMessage, EventBody, GitTarget, Job, ProductionStateRef, RunId, RunKind,
-    ToAgentMessage, Topology,
+    AgentEvent, ControlMessage, EventBody, GitTarget, Job, JobError, ProductionStateRef, RepoName,
+    RunId, RunKind, ToAgentMessage, Topology,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +23,23 @@ use crate::store::Run;
 /// How often a cancel is broadcast again while its run is still building.
 const CANCEL_RESEND: Duration = Duration::from_secs(10);
 
-/// The job message for the current attempt of a queued run.
-pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
-    let repository = state.config.repository(run.repository.as_str())?;
+/// Why a queued run cannot become a job; the run ends `error` with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRefused {
+    #[error("repository `{0}` is no longer configured")]
+    RepositoryGone(RepoName),
+    #[error("this run cannot be built: {0}")]
+    Invalid(#[from] JobError),
+}
+
+/// The job message for the current attempt of a queued run, checked as an agent will check it
+/// (`Job::check`), so a run that could not be built ends here with the reason instead of
+/// being dead-lettered by the agent.
+pub fn job_for(state: &AppState, run: &Run) -> Result<Job, JobRefused> {
+    let repository = state
+        .config
+        .repository(run.repository.as_str())
+        .ok_or_else(|| JobRefused::RepositoryGone(run.repository.clone()))?;
     let production_state = run
         .compared_against
         .as_ref()
@@ -35,7 +49,7 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
             manifest_url: state.artifact_url(stamp.deploy_run_id, "manifest.json"),
             manifest_sha256: stamp.manifest_sha256.clone(),
         });
-    Some(Job {
+    let job = Job {
         run_id: run.id,
         attempt: run.attempt,
         kind: run.kind,
@@ -50,7 +64,9 @@ pub fn job_for(state: &AppState, run: &Run) -> Option<Job> {
         isolation: run.isolation.clone(),
         production_state,
         timeout_secs: run.timeout_secs,
-    })
+    };
+    job.clone().check()?;
+    Ok(job)
 }
 
 /// The waiting runs the scheduling rules let go now, oldest first.
@@ -135,14 +151,17 @@ async fn publish_session(
                 Some(run) => run,
                 None => continue,
             };
-            let Some(job) = job_for(state, &run) else {
-                let message = format!("repository `{}` is no longer configured", run.repository);
-                let _ = state
-                    .store
-                    .end_queued(run.id, RunStatus::Error, &message)
-                    .await;
-                let _ = state.changes.send(run.id);
-                continue;
+            let job = match job_for(state, &run) {
+                Ok(job) => job,
+                Err(refused) => {
+                    tracing::error!(run = %run.id, %refused, "not dispatched");
+                    let _ = state
+                        .store
+                        .end_queued(run.id, RunStatus::Error, &refused.to_string())
+                        .await;
+                    let _ = state.changes.send(run.id);
+                    continue;
+                }
             };
             let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
             publisher
@@ -159,7 +178,7 @@ async fn publish_session(
             let Ok(Some(run)) = state.store.run(*run_id).await else {
                 continue;
             };
-            let Some(job) = job_for(state, &run) else {
+            let Ok(job) = job_for(state, &run) else {
                 continue;
             };
             let mut headers = FieldTable::default();
