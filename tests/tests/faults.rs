@@ -78,6 +78,15 @@ async fn an_agent_killed_mid_build_is_retried_elsewhere_without_overlap() {
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 4000, "record": record })).await;
     let running = wait_running(&cluster, id).await;
+    // The build phase has begun, but the stub dbt may not have started yet: kill the agent only
+    // once attempt 1 has left a sign of life, so there is a build to overlap with.
+    wait_for("attempt 1's stub dbt to start", TIMEOUT, || async {
+        Ok(slimci_tests::attempt_spans(&record)
+            .contains_key(&id.to_string())
+            .then_some(()))
+    })
+    .await
+    .unwrap();
     let victim = agent_index(&cluster, agent_of(&running));
     cluster.kill_agent(victim);
     let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
