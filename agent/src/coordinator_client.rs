@@ -1,5 +1,5 @@
 //! The agent's HTTP calls to the coordinator: claims, heartbeats, artifact uploads, and the
-//! authorised downloads of production manifests. Every failure is a `CoordinatorError` saying
+//! authorised downloads of production manifests and parses. Every failure is a `CoordinatorError` saying
 //! whether the coordinator did not answer, answered with an HTTP error (and its message), or
 //! answered something that is not a protocol message.
 
@@ -100,6 +100,28 @@ impl CoordinatorClient {
             .await
             .map_err(CoordinatorError::NoAnswer)?;
         success(response).await.map(drop)
+    }
+
+    /// One of a run's artifacts, or none if the run has no artifact of that name.
+    pub async fn download_artifact(
+        &self,
+        run_id: RunId,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, CoordinatorError> {
+        let url = slimci_client::artifact_url(&self.base_url, run_id, name);
+        match self.download(&url).await {
+            Ok(response) => response
+                .bytes()
+                .await
+                .map(|bytes| Some(bytes.to_vec()))
+                .map_err(CoordinatorError::NoAnswer),
+            Err(CoordinatorError::Status { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// A GET of `url` (the coordinator's, named by a job) with the agent's token; the caller

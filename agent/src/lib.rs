@@ -95,6 +95,10 @@ fn open_cache(config: &Config) -> Result<cache::Cache, AgentError> {
             }
         }
     }
+    let unproven = reuse::remove_unproven(&cache);
+    if !unproven.is_empty() {
+        tracing::info!(removed = ?unproven, "cache: removed parses and packages no deploy wrote (saved by an older agent)");
+    }
     let evicted = cache.evict();
     tracing::info!(
         total_bytes = evicted.total_bytes,

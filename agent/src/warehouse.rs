@@ -209,6 +209,24 @@ impl DuckDbWarehouse {
         })
     }
 
+    /// The target a deploy parses production's code against the way CI builds will
+    /// (`job::seed`): the CI profile's shape, with the deploy's new database as production and
+    /// a scratch directory of the run in place of a PR's database. Parsing opens neither.
+    pub fn seed_target(run_dir: &Path, deploy: &Target) -> Target {
+        let production = match deploy {
+            Target::Deploy { database }
+            | Target::Teardown { database }
+            | Target::Ci {
+                production: database,
+                ..
+            } => database.clone(),
+        };
+        Target::Ci {
+            database: run_dir.join("seed-warehouse").join(Self::pr_file()),
+            production,
+        }
+    }
+
     fn pr_dir(&self, repository: &RepoName, isolation: &IsolationName) -> PathBuf {
         self.repository_dir(repository)
             .join("pr")

@@ -76,9 +76,10 @@ pub fn print_summary(run: &RunView) {
         .filter_map(|(name, value)| Some(format!("{name} {}", value.as_deref()?)))
         .collect();
         if let Some(parse) = &caches.parse {
-            used.push(match &caches.parse_reason {
-                Some(reason) => format!("{parse} parse ({reason})"),
-                None => format!("{parse} parse"),
+            used.push(match (&caches.parse_reason, caches.parse_from) {
+                (Some(reason), _) => format!("{parse} parse ({reason})"),
+                (None, Some(deploy)) => format!("{parse} parse from deploy {deploy}"),
+                (None, None) => format!("{parse} parse"),
             });
         }
         if !used.is_empty() {

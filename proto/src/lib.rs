@@ -142,6 +142,8 @@ pub enum Phase {
     Profile,
     Build,
     Upload,
+    /// A deploy's parse of production's code for CI builds (`partial_parse.msgpack`).
+    SeedParse,
 }
 
 impl Phase {
@@ -153,6 +155,7 @@ impl Phase {
             Phase::Profile => "profile",
             Phase::Build => "build",
             Phase::Upload => "upload",
+            Phase::SeedParse => "seed_parse",
         }
     }
 }
@@ -259,6 +262,10 @@ pub struct CacheReport {
     /// dbt's reason for a full parse ("saved manifest not found", "profile has changed", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parse_reason: Option<String>,
+    /// The deploy that wrote the saved parse dbt was given, if one was: for a CI build,
+    /// production's parse; for a deploy, the last deploy's own. Never a PR build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_from: Option<RunId>,
     /// Seconds from starting dbt to its first log line (loading Python and dbt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dbt_startup_s: Option<f64>,

@@ -76,13 +76,22 @@ impl Origin {
         Ok(())
     }
 
-    /// Commits `edits` ((file, old text, new text)) on top of main as pull request `pr`, points
-    /// `refs/pull/<pr>/head` at it, and returns its SHA. Main is left as it was.
+    /// Commits `edits` ((file, old text, new text); an empty old text adds a new file) on top
+    /// of main as pull request `pr`, points `refs/pull/<pr>/head` at it, and returns its SHA.
+    /// Main is left as it was.
     pub fn pull_request(&self, pr: u64, edits: &[(&str, &str, &str)]) -> anyhow::Result<String> {
         let branch = format!("pr-{pr}-{}", uuid::Uuid::new_v4().simple());
         git(&self.path, &["checkout", "-qb", &branch, "main"])?;
         for (file, old, new) in edits {
             let path = self.path.join(file);
+            if old.is_empty() {
+                if path.exists() {
+                    bail!("{file} exists already");
+                }
+                std::fs::write(&path, new)?;
+                git(&self.path, &["add", file])?;
+                continue;
+            }
             let text = std::fs::read_to_string(&path)?;
             if !text.contains(old) {
                 bail!("{file} does not contain {old:?}");

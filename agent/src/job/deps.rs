@@ -1,6 +1,7 @@
 //! The deps phase (only for a project with `packages.yml` or `dependencies.yml`): the
-//! project's packages restored from the packages cache when the package files are unchanged,
-//! otherwise installed by `dbt deps` and then cached.
+//! project's packages restored from the packages cache when a deploy cached the same package
+//! files, otherwise installed by `dbt deps`; a deploy then caches them (a PR never writes the
+//! cache: `reuse`).
 
 use std::path::Path;
 
@@ -9,6 +10,8 @@ use crate::job::attempt_run::AttemptRun;
 use crate::job::dbt::DbtStart;
 use crate::job::stop::Stop;
 use crate::process::Exit;
+use slimci_proto::JobKind;
+
 use crate::reuse;
 
 /// Whether the project has packages to install.
@@ -61,12 +64,21 @@ impl AttemptRun<'_> {
             return Err(Stop::for_dbt(&ran, "dbt deps", self.job.timeout));
         }
         self.caches.deps = Some("installed".to_owned());
+        if !matches!(self.job.kind, JobKind::Deploy) {
+            if cacheable {
+                self.log.slimci(
+                    "packages not cached: only deploys write the packages cache, never a PR build",
+                );
+            }
+            return Ok(());
+        }
         if cacheable && let Some(install) = install {
             let cache = self.services.cache.clone();
-            let project_dir = project.to_owned();
-            let saved = blocking(move || reuse::save_deps(&cache, &key, &project_dir, &install))
-                .await
-                .unwrap_or_else(|error| Some(error.to_string()));
+            let (project_dir, deploy) = (project.to_owned(), self.job.run_id);
+            let saved =
+                blocking(move || reuse::save_deps(&cache, &key, &project_dir, &install, deploy))
+                    .await
+                    .unwrap_or_else(|error| Some(error.to_string()));
             if let Some(reason) = saved {
                 self.log
                     .slimci(format_args!("packages not cached: {reason}"));

@@ -2,8 +2,9 @@
 //! driver (`AttemptRun::run`).
 //!
 //! Phases: checkout (git cache → fresh directory), state fetch (CI only), deps (only when the
-//! project has packages), profile, build, upload; then a successful deploy is made live, any
-//! other deploy copy discarded. A teardown drops its isolation after deps instead. Each phase
+//! project has packages), profile, build, upload, and for a deploy that built, the seed parse
+//! (production's code parsed for CI builds); then a successful deploy is made live, any other
+//! deploy copy discarded. A teardown drops its isolation after deps instead. Each phase
 //! is reported with its timing; the first that fails ends the attempt with a `Stop` saying
 //! which and why.
 
@@ -16,6 +17,7 @@ mod log_sender;
 mod parse_cache;
 mod profile;
 mod results;
+mod seed;
 mod services;
 mod state_fetch;
 mod stop;
@@ -183,6 +185,19 @@ impl AttemptRun<'_> {
             JobKind::Ci { .. } => read_deferred(&self.target_dir().join("manifest.json"), &nodes),
             JobKind::Deploy | JobKind::Teardown { .. } => Vec::new(),
         };
+        if matches!(target, Target::Deploy { .. })
+            && built.result == RunResult::Success
+            && uploaded.is_ok()
+            && self.services.config.cache.partial_parse
+        {
+            self.phase_started(Phase::SeedParse);
+            let seeded = self.seed_parse(&project, &target).await;
+            self.phase_finished(Phase::SeedParse, matches!(seeded, Ok(true)));
+            if let Err(stop) = seeded {
+                self.discard(&target);
+                return Err(stop);
+            }
+        }
         self.publish_or_discard(&target, built, uploaded)?;
         Ok(Outcome {
             result: built.result,

@@ -55,7 +55,7 @@ pub fn profile_name(project_file: &Path) -> Result<String, ProfileError> {
 
 /// From a project directory (`src/<project_dir>`) back up to its run directory: `../`, or
 /// `../../../` for a project in `analytics/dbt`.
-fn up_to_run_dir(project_dir: &str) -> String {
+pub fn up_to_run_dir(project_dir: &str) -> String {
     let depth = Path::new(project_dir)
         .components()
         .filter(|part| matches!(part, Component::Normal(_)))
@@ -80,16 +80,7 @@ impl AttemptRun<'_> {
             self.discard(&target);
             return Err(Stop::error(error.to_string()));
         }
-        // Only the secrets the profile reads reach dbt.
-        let referenced = DuckDbWarehouse::referenced_variables(&profile);
-        self.profile_secrets = self
-            .services
-            .secrets
-            .warehouse
-            .iter()
-            .filter(|secret| referenced.contains(&secret.env_name()))
-            .map(|secret| (secret.env_name(), secret.value.clone()))
-            .collect();
+        self.profile_secrets = self.secrets_read_by(&profile);
         self.paths
             .write
             .push(DuckDbWarehouse::writable_dir(&target).to_owned());
@@ -113,6 +104,18 @@ impl AttemptRun<'_> {
         })
     }
 
+    /// The secrets `profile` reads, as dbt gets them: only those reach dbt.
+    pub fn secrets_read_by(&self, profile: &str) -> Vec<(String, String)> {
+        let referenced = DuckDbWarehouse::referenced_variables(profile);
+        self.services
+            .secrets
+            .warehouse
+            .iter()
+            .filter(|secret| referenced.contains(&secret.env_name()))
+            .map(|secret| (secret.env_name(), secret.value.clone()))
+            .collect()
+    }
+
     /// The warehouse target of the job's kind.
     fn target(&self) -> Result<Target, ProfileError> {
         let (warehouse, repository) = (&self.services.warehouse, &self.job.repository);
@@ -131,7 +134,7 @@ impl AttemptRun<'_> {
 
     /// Links the target into the run directory, writes the profile, and gives both to the
     /// build user.
-    fn write_profile_files(&self, target: &Target, profile: &str) -> Result<(), ProfileError> {
+    pub fn write_profile_files(&self, target: &Target, profile: &str) -> Result<(), ProfileError> {
         let path = self.run_dir.join("profiles").join("profiles.yml");
         DuckDbWarehouse::link(&self.run_dir, target)?;
         std::fs::write(&path, profile).map_err(|source| ProfileError::Write {

@@ -158,6 +158,7 @@ pub fn phase_order(name: &str) -> Option<usize> {
         Phase::Profile,
         Phase::Build,
         Phase::Upload,
+        Phase::SeedParse,
     ]
     .iter()
     .position(|phase| phase.as_str() == name)

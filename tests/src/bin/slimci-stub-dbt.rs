@@ -1,7 +1,7 @@
 //! A stand-in for the dbt CLI, for load and fault tests: it takes the arguments the agent
-//! passes (`build`, `deps`, `run-operation`, `--log-format json`, ...), prints dbt-shaped JSON log
-//! lines, writes `run_results.json` and `manifest.json` into `DBT_TARGET_PATH`, and exits like
-//! dbt (0, 1, 2). SIGTERM ends it at once with 130, as dbt does on an interrupt.
+//! passes (`build`, `deps`, `parse`, `run-operation`, `--log-format json`, ...), prints
+//! dbt-shaped JSON log lines, writes `run_results.json` and `manifest.json` into
+//! `DBT_TARGET_PATH` (`parse`: a stand-in `partial_parse.msgpack`), and exits like dbt (0, 1, 2). SIGTERM ends it at once with 130, as dbt does on an interrupt.
 //!
 //! Its behaviour comes from `slimci_stub.json` in the project directory (the current
 //! directory), committed with the test project so each commit can behave differently:
@@ -67,6 +67,23 @@ fn record(stub: &Stub, event: &str) {
     }
 }
 
+/// What `dbt parse` leaves for partial parsing: a stand-in `partial_parse.msgpack` in
+/// `--target-path` (else `DBT_TARGET_PATH`), so a deploy has a parse to publish.
+fn write_parse(args: &[String]) {
+    let target = args
+        .iter()
+        .position(|arg| arg == "--target-path")
+        .and_then(|at| args.get(at + 1).cloned())
+        .or_else(|| std::env::var("DBT_TARGET_PATH").ok());
+    if let Some(target) = target {
+        let _ = std::fs::create_dir_all(&target);
+        let _ = std::fs::write(
+            std::path::Path::new(&target).join("partial_parse.msgpack"),
+            b"stub parse",
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().cloned().unwrap_or_default();
@@ -88,6 +105,9 @@ fn main() {
         "Running with dbt=stub",
         serde_json::json!({ "version": "stub" }),
     );
+    if command == "parse" {
+        write_parse(&args);
+    }
     if command != "build" {
         let _ = out.flush();
         return;
