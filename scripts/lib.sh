@@ -109,6 +109,8 @@ ensure_test_prerequisites() {
   # The fault tests start RabbitMQ nodes of their own, the GitHub App test makes a key, and the
   # benchmark test downloads a manifest the way a do-it-yourself CI script does.
   apt_install rabbitmq-server openssl curl
+  # The PostgreSQL warehouse tests start servers of their own (initdb, pg_ctl).
+  apt_install postgresql-15 postgresql-client-15
   ensure_build_user
   SLIMCI_DBT=$(ensure_dbt)
   export SLIMCI_DBT

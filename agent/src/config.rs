@@ -113,12 +113,13 @@ pub struct CacheConfig {
     /// each run (entries a running build uses are kept).
     #[serde(default = "default_cache_bytes")]
     pub max_bytes: u64,
-    /// Reuse dbt's `partial_parse.msgpack` across runs whose profile, target, dbt version and
-    /// packages match (dbt still checks each file and reparses what changed).
+    /// Deploys parse production's code for CI builds and publish it; every build starts from
+    /// the saved parse whose profile, target, dbt version and packages match its own (dbt still
+    /// checks each file and reparses what changed). Only deploys save parses.
     #[serde(default = "default_true")]
     pub partial_parse: bool,
-    /// Restore installed packages by the hash of the package files instead of running
-    /// `dbt deps` again.
+    /// Restore the packages a deploy installed, by the hash of the package files, instead of
+    /// running `dbt deps` again. Only deploys save packages.
     #[serde(default = "default_true")]
     pub deps: bool,
 }
@@ -226,6 +227,47 @@ pub enum WarehouseConfig {
         #[serde(default)]
         secrets: std::collections::BTreeMap<String, WarehouseSecret>,
     },
+    /// A PostgreSQL server. Production is the repository's `[repository.warehouse]` database
+    /// and schema on the coordinator; each PR builds into schemas `pr_<slug>_<n>` (and
+    /// `pr_<slug>_<n>_<custom>`) of the same database, reading unchanged parents from
+    /// production through the production manifest.
+    Postgres {
+        host: String,
+        #[serde(default = "default_postgres_port")]
+        port: u16,
+        user: String,
+        /// The password, inline or in a file; it reaches dbt only as
+        /// `DBT_ENV_SECRET_POSTGRES_PASSWORD`.
+        password: Option<String>,
+        password_file: Option<PathBuf>,
+        /// libpq's `sslmode` (`disable`, `require`, `verify-full`, ...); libpq's default when
+        /// unset.
+        sslmode: Option<String>,
+        #[serde(default = "default_threads")]
+        threads: u32,
+    },
+}
+
+impl WarehouseConfig {
+    /// The DuckDB warehouse's root directory, if that is the type.
+    pub fn duckdb_root(&self) -> Option<&Path> {
+        match self {
+            WarehouseConfig::Duckdb { root, .. } => Some(root),
+            WarehouseConfig::Postgres { .. } => None,
+        }
+    }
+
+    /// The type's name as configured.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            WarehouseConfig::Duckdb { .. } => "duckdb",
+            WarehouseConfig::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+fn default_postgres_port() -> u16 {
+    5432
 }
 
 /// One warehouse credential: its value (inline or from a file) and where the profile uses it.
@@ -248,6 +290,14 @@ impl std::fmt::Debug for WarehouseSecret {
             .finish()
     }
 }
+
+/// The environment variable a warehouse secret named `name` reaches dbt as.
+pub fn secret_env_name(name: &str) -> String {
+    format!("DBT_ENV_SECRET_{}", name.to_ascii_uppercase())
+}
+
+/// The name of a PostgreSQL warehouse's password among the warehouse secrets.
+pub const POSTGRES_PASSWORD: &str = "postgres_password";
 
 /// Shortest warehouse secret value accepted: shorter ones would redact ordinary log text.
 pub const MIN_SECRET_CHARS: usize = 6;
@@ -290,7 +340,7 @@ impl ResolvedSecret {
     /// The environment variable dbt reads it from: dbt scrubs `DBT_ENV_SECRET_*` values from
     /// its own logs, and allows them only in profiles.yml and packages.yml.
     pub fn env_name(&self) -> String {
-        format!("DBT_ENV_SECRET_{}", self.name.to_ascii_uppercase())
+        secret_env_name(&self.name)
     }
 }
 
@@ -386,7 +436,11 @@ impl Config {
                 "sandbox.user must name a user".to_owned(),
             ));
         }
-        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
+        let no_secrets = std::collections::BTreeMap::new();
+        let secrets = match &self.warehouse {
+            WarehouseConfig::Duckdb { secrets, .. } => secrets,
+            WarehouseConfig::Postgres { .. } => &no_secrets,
+        };
         for (name, secret) in secrets {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(ConfigError::Invalid(format!(
@@ -415,7 +469,6 @@ impl Config {
 
     /// The agent's configuration file and every secret file it names: dbt may not read them.
     pub fn protected_files(&self) -> Vec<PathBuf> {
-        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
         let mut files: Vec<PathBuf> = [
             &self.amqp.url_file,
             &self.coordinator.token_file,
@@ -425,7 +478,14 @@ impl Config {
         .flatten()
         .cloned()
         .collect();
-        files.extend(secrets.values().filter_map(|s| s.value_file.clone()));
+        match &self.warehouse {
+            WarehouseConfig::Duckdb { secrets, .. } => {
+                files.extend(secrets.values().filter_map(|s| s.value_file.clone()));
+            }
+            WarehouseConfig::Postgres { password_file, .. } => {
+                files.extend(password_file.clone());
+            }
+        }
         files
     }
 
@@ -451,7 +511,26 @@ impl Config {
     }
 
     fn warehouse_secrets(&self) -> Result<Vec<ResolvedSecret>, ConfigError> {
-        let WarehouseConfig::Duckdb { secrets, .. } = &self.warehouse;
+        let secrets = match &self.warehouse {
+            WarehouseConfig::Duckdb { secrets, .. } => secrets,
+            WarehouseConfig::Postgres {
+                password,
+                password_file,
+                ..
+            } => {
+                let value = inline_or_file("warehouse.password", password, password_file)?
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(
+                            "set warehouse.password or warehouse.password_file".to_owned(),
+                        )
+                    })?;
+                return Ok(vec![ResolvedSecret {
+                    name: POSTGRES_PASSWORD.to_owned(),
+                    value,
+                    setting: None,
+                }]);
+            }
+        };
         let mut resolved = Vec::new();
         for (name, secret) in secrets {
             let what = format!("warehouse.secrets.{name}.value");

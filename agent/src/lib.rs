@@ -28,7 +28,7 @@ pub mod state;
 pub mod warehouse;
 pub mod warm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,22 +115,45 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         path: config.work_dir.clone(),
         source,
     })?;
-    let WarehouseConfig::Duckdb {
-        root,
-        threads,
-        keep_deploys,
-        ..
-    } = config.warehouse.clone();
-    // Each secret with a DuckDB setting reaches the profile as an `env_var` reference.
-    let secret_settings: Vec<(String, String)> = secrets
-        .warehouse
-        .iter()
-        .filter_map(|secret| Some((secret.setting.clone()?, secret.env_name())))
-        .collect();
-    std::fs::create_dir_all(&root).map_err(|source| AgentError::WorkDir {
-        path: root.clone(),
-        source,
-    })?;
+    let warehouse = match config.warehouse.clone() {
+        WarehouseConfig::Duckdb {
+            root,
+            threads,
+            keep_deploys,
+            ..
+        } => {
+            std::fs::create_dir_all(&root).map_err(|source| AgentError::WorkDir {
+                path: root.clone(),
+                source,
+            })?;
+            warehouse::Warehouse::DuckDb(warehouse::DuckDbWarehouse {
+                root,
+                threads,
+                keep_deploys,
+                // Each secret with a DuckDB setting reaches the profile as an `env_var`
+                // reference.
+                secret_settings: secrets
+                    .warehouse
+                    .iter()
+                    .filter_map(|secret| Some((secret.setting.clone()?, secret.env_name())))
+                    .collect(),
+            })
+        }
+        WarehouseConfig::Postgres {
+            host,
+            port,
+            user,
+            sslmode,
+            threads,
+            ..
+        } => warehouse::Warehouse::Postgres(warehouse::PostgresWarehouse {
+            host,
+            port,
+            user,
+            sslmode,
+            threads,
+        }),
+    };
     // Run directories belong to the build user; their parent only needs to be searchable.
     let runs = config.work_dir.join("runs");
     std::fs::create_dir_all(&runs)
@@ -174,7 +197,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     // What a pre-started dbt may touch before it knows its build: any build's paths.
     let warm = if config.prestart_dbt {
         let paths = sandbox::BuildPaths {
-            write: vec![runs.clone(), root.clone()],
+            write: std::iter::once(runs.clone())
+                .chain(config.warehouse.duckdb_root().map(Path::to_owned))
+                .collect(),
             read: vec![cache.root().join("state")],
         };
         match warm::WarmPool::new(
@@ -212,12 +237,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
             states: state::StateCache::new(cache.clone()),
             cache,
             dbt_identity,
-            warehouse: Arc::new(warehouse::DuckDbWarehouse {
-                root,
-                threads,
-                keep_deploys,
-                secret_settings,
-            }),
+            warehouse: Arc::new(warehouse),
             config: config.clone(),
             secrets: secrets.clone(),
             coordinator: coordinator.clone(),

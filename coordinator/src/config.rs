@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 pub use slimci_broker::AmqpConfig;
 use slimci_config_file::{ConfigFileError, inline_or_file, load_toml};
-use slimci_proto::RepoName;
+use slimci_proto::{RepoName, RepositoryWarehouse};
 
 /// Everything `slimci-coordinator` reads at start.
 #[derive(Debug, Clone, Deserialize)]
@@ -270,6 +270,39 @@ pub struct RepositoryConfig {
     /// Runs of this repository dispatched at once; 0 for no cap.
     #[serde(default)]
     pub max_concurrent: u32,
+    /// Where production lives and PR schemas go on a server warehouse (PostgreSQL,
+    /// Snowflake); carried by every job of the repository.
+    pub warehouse: Option<RepositoryWarehouseConfig>,
+}
+
+/// `[repository.warehouse]`: see `slimci_proto::RepositoryWarehouse`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryWarehouseConfig {
+    pub database: String,
+    pub schema: String,
+    pub ci_database: Option<String>,
+}
+
+impl RepositoryWarehouseConfig {
+    pub fn to_job(&self) -> RepositoryWarehouse {
+        RepositoryWarehouse {
+            database: self.database.clone(),
+            schema: self.schema.clone(),
+            ci_database: self.ci_database.clone(),
+        }
+    }
+}
+
+/// Whether `name` is a plain identifier (letters, digits, `_`, `$`, not starting with a digit,
+/// at most 63 characters), safe to write into a profile and to compare as the warehouse folds
+/// it.
+fn plain_identifier(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$'))
 }
 
 fn default_branch() -> String {
@@ -343,6 +376,46 @@ impl Config {
                     "repository `{}`: project_dir must stay inside the repository",
                     repository.name
                 )));
+            }
+            if let Some(warehouse) = &repository.warehouse {
+                let names = [
+                    ("database", Some(&warehouse.database)),
+                    ("schema", Some(&warehouse.schema)),
+                    ("ci_database", warehouse.ci_database.as_ref()),
+                ];
+                for (key, value) in names {
+                    if let Some(value) = value
+                        && !plain_identifier(value)
+                    {
+                        return Err(ConfigError::Invalid(format!(
+                            "repository `{}`: warehouse.{key} `{value}` must be a plain identifier (letters, digits, `_`, `$`, not starting with a digit, at most 63 characters)",
+                            repository.name
+                        )));
+                    }
+                }
+                if warehouse.schema.to_ascii_lowercase().starts_with("pr_") {
+                    return Err(ConfigError::Invalid(format!(
+                        "repository `{}`: warehouse.schema `{}` starts like a PR isolation (`pr_`); a teardown could take it for one",
+                        repository.name, warehouse.schema
+                    )));
+                }
+            }
+        }
+        // A PR's schemas are `pr_<slug>_<n>` and `pr_<slug>_<n>_<custom>`: slugs `shop` and
+        // `shop_1` would make `pr_shop_1_5` (shop_1's PR 5) look like a custom schema of
+        // shop's PR 1, which its teardown drops.
+        for a in &self.repositories {
+            for b in &self.repositories {
+                let (short, long) = (a.name.slug(), b.name.slug());
+                if long
+                    .strip_prefix(&format!("{short}_"))
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "repositories `{}` and `{}`: PR schemas of `{}` (`pr_{long}_<n>`) would look like custom schemas of a PR of `{}` (`pr_{short}_<n>_<custom>`), which its teardown drops; rename one",
+                        a.name, b.name, b.name, a.name
+                    )));
+                }
             }
         }
         let prefix_ok = !self.amqp.prefix.is_empty()
@@ -481,6 +554,50 @@ mod tests {
         );
         let error = parse(&text).unwrap_err().to_string();
         assert!(error.contains("would share PR isolation names"), "{error}");
+    }
+
+    #[test]
+    fn slugs_whose_pr_schemas_would_look_like_anothers_custom_schemas_are_refused() {
+        let text = format!(
+            "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"x\"\n[[repository]]\nname = \"shop_1\"\nclone_url = \"y\"\n"
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("would look like custom schemas"), "{error}");
+        let text = format!(
+            "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"x\"\n[[repository]]\nname = \"shop_eu\"\nclone_url = \"y\"\n"
+        );
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn repository_warehouse_settings_are_plain_identifiers() {
+        let repository = |warehouse: &str| {
+            format!(
+                "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"x\"\n[repository.warehouse]\n{warehouse}\n"
+            )
+        };
+        let config = parse(&repository(
+            "database = \"analytics\"\nschema = \"analytics\"",
+        ))
+        .unwrap();
+        let settings = config.repositories[0].warehouse.as_ref().unwrap().to_job();
+        assert_eq!(settings.ci_database(), "analytics");
+        let error = parse(&repository(
+            "database = \"analytics\"\nschema = \"a; drop\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("plain identifier"), "{error}");
+        let error = parse(&repository(
+            "database = \"analytics\"\nschema = \"pr_main\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("starts like a PR isolation"), "{error}");
+        let error = parse(&repository("database = \"analytics\""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("schema"), "{error}");
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub fn job_for(state: &AppState, run: &Run) -> Result<Job, JobRefused> {
         isolation: run.isolation.clone(),
         production_state,
         timeout_secs: run.timeout_secs,
+        warehouse: repository
+            .warehouse
+            .as_ref()
+            .map(|warehouse| warehouse.to_job()),
     };
     job.clone().check()?;
     Ok(job)

@@ -52,6 +52,28 @@ pub struct ProductionStateRef {
     pub manifest_sha256: String,
 }
 
+/// Where a repository's production lives and where its PR schemas go, for agents whose
+/// warehouse is a server (PostgreSQL, Snowflake). The repository's, set on the coordinator and
+/// carried by each job, so every agent builds a repository the same way. DuckDB agents, whose
+/// databases are files per PR, do not use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryWarehouse {
+    /// Production's database (PostgreSQL: the one database everything is in).
+    pub database: String,
+    /// Production's schema: the `schema` of the deploy's profile.
+    pub schema: String,
+    /// The database PR schemas are created in; none means production's database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_database: Option<String>,
+}
+
+impl RepositoryWarehouse {
+    /// The database PR schemas are created in.
+    pub fn ci_database(&self) -> &str {
+        self.ci_database.as_deref().unwrap_or(&self.database)
+    }
+}
+
 /// Which commit to build. CI runs name the exact SHA; a deploy may name a branch that the
 /// agent resolves at checkout time (and reports back in [`EventBody::Started`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +106,9 @@ pub struct Job {
     pub production_state: Option<ProductionStateRef>,
     /// Wall-clock limit for the whole attempt.
     pub timeout_secs: u64,
+    /// The repository's production and CI locations on a server warehouse, if it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warehouse: Option<RepositoryWarehouse>,
 }
 
 /// Why a job is refused before anything runs.
@@ -120,6 +145,8 @@ pub struct CheckedJob {
     /// Wall-clock limit for the whole attempt.
     pub timeout: Duration,
     pub kind: JobKind,
+    /// The repository's production and CI locations on a server warehouse, if it has them.
+    pub warehouse: Option<RepositoryWarehouse>,
 }
 
 /// What a checked job builds, with the data only that kind has.
@@ -198,6 +225,7 @@ impl Job {
             git: self.git,
             timeout: Duration::from_secs(self.timeout_secs),
             kind,
+            warehouse: self.warehouse,
         })
     }
 }
@@ -227,6 +255,7 @@ impl From<CheckedJob> for Job {
             isolation,
             production_state,
             timeout_secs: checked.timeout.as_secs(),
+            warehouse: checked.warehouse,
         }
     }
 }
@@ -254,6 +283,7 @@ pub(crate) mod tests {
             )),
             production_state: None,
             timeout_secs: 3600,
+            warehouse: None,
         }
     }
 

@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use ids::{AgentName, Attempt, IdError, IsolationName, PrNumber, RepoName, RunId, Sha};
-pub use job::{CheckedJob, GitTarget, Job, JobError, JobKind, ProductionStateRef, RunKind};
+pub use job::{
+    CheckedJob, GitTarget, Job, JobError, JobKind, ProductionStateRef, RepositoryWarehouse, RunKind,
+};
 pub use topology::{DEAD_REASON_HEADER, Topology};
 
 /// The protocol version this build speaks. Bump it on any change a peer of the previous version

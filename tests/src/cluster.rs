@@ -27,6 +27,9 @@ pub struct ClusterOptions {
     pub run_timeout_secs: Option<u64>,
     /// Lines of the agents' `[sandbox]` table.
     pub sandbox: String,
+    /// The agents' `[warehouse]` keys instead of a DuckDB warehouse under the cluster's
+    /// directory (e.g. `postgres::Postgres::agent_warehouse`).
+    pub warehouse: Option<String>,
     /// TOML after the agents' `[warehouse]` keys (e.g. `[warehouse.secrets.x]` tables).
     pub warehouse_extra: String,
     /// Extra environment of the agent processes.
@@ -47,6 +50,7 @@ impl Default for ClusterOptions {
             project: None,
             run_timeout_secs: None,
             sandbox: "grace_secs = 5".to_owned(),
+            warehouse: None,
             warehouse_extra: String::new(),
             agent_env: Vec::new(),
             amqp_url: None,
@@ -66,6 +70,7 @@ pub struct Cluster {
     dbt: PathBuf,
     restarts: usize,
     agent_sandbox: String,
+    agent_warehouse: Option<String>,
     agent_warehouse_extra: String,
     agent_env: Vec<(String, String)>,
     pub prefix: String,
@@ -117,6 +122,7 @@ impl Cluster {
             dbt,
             restarts: 0,
             agent_sandbox: options.sandbox,
+            agent_warehouse: options.warehouse,
             agent_warehouse_extra: options.warehouse_extra,
             agent_env: options.agent_env,
             prefix,
@@ -161,9 +167,7 @@ url = "{url}"
 token = "{AGENT_TOKEN}"
 
 [warehouse]
-type = "duckdb"
-root = "{warehouse}"
-threads = 4
+{warehouse}
 {warehouse_extra}
 
 [sandbox]
@@ -176,7 +180,10 @@ threads = 4
                 amqp_url = self.amqp_url,
                 prefix = self.prefix,
                 url = self.url,
-                warehouse = self.warehouse().display(),
+                warehouse = self.agent_warehouse.clone().unwrap_or_else(|| format!(
+                    "type = \"duckdb\"\nroot = \"{}\"\nthreads = 4",
+                    self.warehouse().display()
+                )),
             ),
         )?;
         let process = Process::start_with_env(

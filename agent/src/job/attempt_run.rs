@@ -108,7 +108,7 @@ impl<'a> AttemptRun<'a> {
 
     /// Removes a deploy's copy of production (a PR's database stays for its next build).
     pub fn discard(&self, target: &Target) {
-        if matches!(target, Target::Deploy { .. }) {
+        if target.is_deploy() {
             self.services
                 .warehouse
                 .discard_deploy(&self.job.repository, self.job.run_id);

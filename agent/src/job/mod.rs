@@ -31,7 +31,7 @@ use crate::events::Reporter;
 use crate::job::attempt_run::AttemptRun;
 use crate::job::build::Built;
 use crate::job::stop::Stop;
-use crate::warehouse::{DuckDbWarehouse, Target};
+use crate::warehouse::{Target, writable_dir};
 
 pub use crate::job::profile::{ProfileError, profile_name};
 pub use crate::job::results::{
@@ -185,10 +185,11 @@ impl AttemptRun<'_> {
             JobKind::Ci { .. } => read_deferred(&self.target_dir().join("manifest.json"), &nodes),
             JobKind::Deploy | JobKind::Teardown { .. } => Vec::new(),
         };
-        if matches!(target, Target::Deploy { .. })
+        if target.is_deploy()
             && built.result == RunResult::Success
             && uploaded.is_ok()
             && self.services.config.cache.partial_parse
+            && self.services.warehouse.ci_parse_carries_over()
         {
             self.phase_started(Phase::SeedParse);
             let seeded = self.seed_parse(&project, &target).await;
@@ -217,22 +218,24 @@ impl AttemptRun<'_> {
         uploaded: Result<(), Stop>,
     ) -> Result<(), Stop> {
         let has_manifest = self.target_dir().join("manifest.json").is_file();
-        match (target, built.result, uploaded) {
-            (Target::Deploy { .. }, RunResult::Success, Ok(())) if !has_manifest => {
+        match (target.is_deploy(), built.result, uploaded) {
+            (true, RunResult::Success, Ok(())) if !has_manifest => {
                 self.discard(target);
                 Err(Stop::error(
-                    "dbt succeeded but wrote no manifest.json; production was left as it was",
+                    "dbt succeeded but wrote no manifest.json, so production state was not updated",
                 ))
             }
-            (Target::Deploy { .. }, RunResult::Success, Ok(())) => {
+            (true, RunResult::Success, Ok(())) => {
                 // Production is read by later builds, written by none.
-                self.services
-                    .sandbox
-                    .take_back(DuckDbWarehouse::writable_dir(target))
-                    .map_err(|error| {
-                        self.discard(target);
-                        Stop::error(format!("the build succeeded but {error}"))
-                    })?;
+                if let Some(directory) = writable_dir(target) {
+                    self.services
+                        .sandbox
+                        .take_back(directory)
+                        .map_err(|error| {
+                            self.discard(target);
+                            Stop::error(format!("the build succeeded but {error}"))
+                        })?;
+                }
                 self.services
                     .warehouse
                     .publish_deploy(&self.job.repository, self.job.run_id)
@@ -241,7 +244,9 @@ impl AttemptRun<'_> {
                             "the build succeeded but could not be made live: {error}"
                         ))
                     })?;
-                self.log.slimci("production database swapped in");
+                if matches!(target, Target::DuckDb(_)) {
+                    self.log.slimci("production database swapped in");
+                }
                 Ok(())
             }
             (_, _, Err(stop)) => {

@@ -1,16 +1,16 @@
-//! The profile phase: the warehouse target of the job's kind (a deploy's copy of production,
-//! the PR's own database), linked into the run directory, and the dbt profile pointing at it,
-//! written under the name `dbt_project.yml` asks for. Only the secrets that profile reads will
-//! reach dbt.
+//! The profile phase: the warehouse target of the job's kind (DuckDB: a deploy's copy of
+//! production or the PR's own database, linked into the run directory; a server: production's
+//! schema or the PR's), and the dbt profile pointing at it, written under the name
+//! `dbt_project.yml` asks for. Only the secrets that profile reads will reach dbt.
 
 use std::path::{Component, Path, PathBuf};
-
-use slimci_proto::{IsolationName, JobKind};
 
 use crate::job::attempt_run::AttemptRun;
 use crate::job::stop::Stop;
 use crate::sandbox::SandboxError;
-use crate::warehouse::{DuckDbWarehouse, Target, WarehouseError};
+use crate::warehouse::{
+    DuckDbTarget, DuckDbWarehouse, Target, WarehouseError, referenced_variables, writable_dir,
+};
 
 /// Why the profile could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,6 @@ pub enum ProfileError {
     ProjectNotYaml(#[source] serde_yaml::Error),
     #[error("dbt_project.yml names no `profile`; slimci writes that profile for each run")]
     NoProfileName,
-    #[error("{0} does not exist on this runner")]
-    NoIsolation(IsolationName),
     #[error(transparent)]
     Warehouse(#[from] WarehouseError),
     #[error("cannot write {path}: {source}")]
@@ -69,7 +67,9 @@ impl AttemptRun<'_> {
         let name = profile_name(&project.join("dbt_project.yml"))
             .map_err(|error| Stop::error(error.to_string()))?;
         let target = self
-            .target()
+            .services
+            .warehouse
+            .target(self.job)
             .map_err(|error| Stop::error(error.to_string()))?;
         let profile = self.services.warehouse.profile_yaml(
             &name,
@@ -81,23 +81,15 @@ impl AttemptRun<'_> {
             return Err(Stop::error(error.to_string()));
         }
         self.profile_secrets = self.secrets_read_by(&profile);
-        self.paths
-            .write
-            .push(DuckDbWarehouse::writable_dir(&target).to_owned());
-        if let Target::Ci { production, .. } = &target
+        if let Some(directory) = writable_dir(&target) {
+            self.paths.write.push(directory.to_owned());
+        }
+        if let Target::DuckDb(DuckDbTarget::Ci { production, .. }) = &target
             && let Some(directory) = production.parent()
         {
             self.paths.read.push(directory.to_owned());
         }
-        match &target {
-            Target::Deploy { database } => self.log.slimci(format_args!(
-                "building production into a copy at {}",
-                database.display()
-            )),
-            Target::Ci { database, .. } | Target::Teardown { database } => self.log.slimci(
-                format_args!("building into the PR's own database {}", database.display()),
-            ),
-        }
+        self.log.slimci(target.describe());
         Ok(WrittenProfile {
             target,
             text: profile,
@@ -106,7 +98,7 @@ impl AttemptRun<'_> {
 
     /// The secrets `profile` reads, as dbt gets them: only those reach dbt.
     pub fn secrets_read_by(&self, profile: &str) -> Vec<(String, String)> {
-        let referenced = DuckDbWarehouse::referenced_variables(profile);
+        let referenced = referenced_variables(profile);
         self.services
             .secrets
             .warehouse
@@ -116,35 +108,21 @@ impl AttemptRun<'_> {
             .collect()
     }
 
-    /// The warehouse target of the job's kind.
-    fn target(&self) -> Result<Target, ProfileError> {
-        let (warehouse, repository) = (&self.services.warehouse, &self.job.repository);
-        Ok(match &self.job.kind {
-            JobKind::Deploy => warehouse.begin_deploy(repository, self.job.run_id)?,
-            JobKind::Teardown { isolation, .. } => warehouse
-                .teardown_target(repository, isolation)
-                .ok_or_else(|| ProfileError::NoIsolation(isolation.clone()))?,
-            JobKind::Ci {
-                isolation,
-                production_state,
-                ..
-            } => warehouse.ci_target(repository, isolation, production_state.deploy_run_id)?,
-        })
-    }
-
-    /// Links the target into the run directory, writes the profile, and gives both to the
+    /// Links a DuckDB target into the run directory, writes the profile, and gives both to the
     /// build user.
     pub fn write_profile_files(&self, target: &Target, profile: &str) -> Result<(), ProfileError> {
         let path = self.run_dir.join("profiles").join("profiles.yml");
-        DuckDbWarehouse::link(&self.run_dir, target)?;
+        if let Target::DuckDb(target) = target {
+            DuckDbWarehouse::link(&self.run_dir, target)?;
+        }
         std::fs::write(&path, profile).map_err(|source| ProfileError::Write {
             path: path.clone(),
             source,
         })?;
         self.services.sandbox.hand_over(&path)?;
-        self.services
-            .sandbox
-            .hand_over(DuckDbWarehouse::writable_dir(target))?;
+        if let Some(directory) = writable_dir(target) {
+            self.services.sandbox.hand_over(directory)?;
+        }
         Ok(())
     }
 }

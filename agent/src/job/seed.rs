@@ -17,7 +17,7 @@ use crate::job::profile::{profile_name, up_to_run_dir};
 use crate::job::stop::Stop;
 use crate::process::Exit;
 use crate::reuse;
-use crate::warehouse::{DuckDbWarehouse, Target};
+use crate::warehouse::{Target, writable_dir};
 
 impl AttemptRun<'_> {
     /// Parses production's code for CI builds and publishes the parse; `deploy` is the target
@@ -107,15 +107,18 @@ impl AttemptRun<'_> {
     fn write_seed_profile(&mut self, project: &Path, deploy: &Target) -> Result<String, String> {
         let name =
             profile_name(&project.join("dbt_project.yml")).map_err(|error| error.to_string())?;
-        let target = DuckDbWarehouse::seed_target(&self.run_dir, deploy);
-        let scratch = DuckDbWarehouse::writable_dir(&target);
-        std::fs::create_dir_all(scratch)
-            .map_err(|error| format!("cannot create {}: {error}", scratch.display()))?;
-        let profile = self.services.warehouse.profile_yaml(
-            &name,
-            &target,
-            &up_to_run_dir(&self.job.project_dir),
-        );
+        let warehouse = &self.services.warehouse;
+        let target = warehouse.seed_target(&self.run_dir, deploy).ok_or_else(|| {
+            format!(
+                "on a {} warehouse each PR's profile names its own schema, so no parse carries over between PRs",
+                warehouse.type_name()
+            )
+        })?;
+        if let Some(scratch) = writable_dir(&target) {
+            std::fs::create_dir_all(scratch)
+                .map_err(|error| format!("cannot create {}: {error}", scratch.display()))?;
+        }
+        let profile = warehouse.profile_yaml(&name, &target, &up_to_run_dir(&self.job.project_dir));
         self.write_profile_files(&target, &profile)
             .map_err(|error| error.to_string())?;
         self.profile_secrets = self.secrets_read_by(&profile);

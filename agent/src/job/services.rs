@@ -9,7 +9,7 @@ use crate::coordinator_client::CoordinatorClient;
 use crate::git::GitCache;
 use crate::sandbox::Sandbox;
 use crate::state::StateCache;
-use crate::warehouse::DuckDbWarehouse;
+use crate::warehouse::Warehouse;
 use crate::warm::WarmPool;
 
 /// What every job on this agent shares.
@@ -24,7 +24,7 @@ pub struct Services {
     pub cache: Arc<Cache>,
     /// The installed dbt's identity, part of every parse and packages key.
     pub dbt_identity: String,
-    pub warehouse: Arc<DuckDbWarehouse>,
+    pub warehouse: Arc<Warehouse>,
     pub sandbox: Arc<Sandbox>,
     /// Pre-started dbt for the slots' next builds, when dbt is a Python script here.
     pub warm: Option<Arc<WarmPool>>,

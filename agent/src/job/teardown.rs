@@ -10,12 +10,13 @@ use crate::job::attempt_run::AttemptRun;
 use crate::job::dbt::DbtStart;
 use crate::job::stop::Stop;
 use crate::process::Exit;
-use crate::warehouse::{DuckDbWarehouse, PR_CATALOG};
+use crate::warehouse::writable_dir;
 
-/// The macro a teardown runs. It refuses any name that is not a PR isolation, and with the
-/// `database` strategy (one database per PR, as with DuckDB) refuses unless the target database
-/// is the one named (the agent links the PR's own database under that name); with `schema` (one
-/// schema per PR) it drops only that schema.
+/// The macro a teardown runs. It refuses any name that is not a PR isolation. With the
+/// `database` strategy (one database per PR, as with DuckDB) it empties the target database,
+/// refusing unless it is the one named (the agent links the PR's own database under that name);
+/// with `schemas` (a server warehouse) it drops the schema named and every `<name>_<custom>`
+/// schema of the target database, and nothing else.
 const DROP_ISOLATION_MACRO: &str = include_str!("teardown.sql");
 
 /// The project's first macro directory (`macro-paths`, default `macros`).
@@ -54,10 +55,7 @@ impl AttemptRun<'_> {
         isolation: &IsolationName,
     ) -> Result<Outcome, Stop> {
         let warehouse = self.services.warehouse.clone();
-        if warehouse
-            .pr_database(&self.job.repository, isolation)
-            .is_none()
-        {
+        if !warehouse.may_hold(&self.job.repository, isolation) {
             self.log.slimci(format_args!(
                 "{isolation} does not exist on this runner; nothing to drop"
             ));
@@ -84,8 +82,7 @@ impl AttemptRun<'_> {
             "run-operation".to_owned(),
             "slimci_drop_isolation".to_owned(),
             "--args".to_owned(),
-            serde_json::json!({ "name": isolation.as_str(), "strategy": "database", "database": PR_CATALOG })
-                .to_string(),
+            warehouse.teardown_args(isolation).to_string(),
             "--target".to_owned(),
             "ci".to_owned(),
             "--log-format".to_owned(),
@@ -106,12 +103,11 @@ impl AttemptRun<'_> {
                 self.job.timeout,
             ));
         }
-        let _ = self
-            .services
-            .sandbox
-            .take_back(DuckDbWarehouse::writable_dir(&target));
+        if let Some(directory) = writable_dir(&target) {
+            let _ = self.services.sandbox.take_back(directory);
+        }
         warehouse
-            .remove_pr_database(&self.job.repository, isolation)
+            .remove_isolation(&self.job.repository, isolation)
             .map_err(|error| {
                 Stop::error(format!(
                     "dropped the relations but could not remove the database: {error}"

@@ -3,10 +3,19 @@
   {% if not (name is string and name.startswith('pr_') and name | length <= 63) %}
     {{ exceptions.raise_compiler_error("slimci refuses to drop `" ~ name ~ "`: it is not a PR isolation name") }}
   {% endif %}
-  {% if strategy == 'schema' %}
-    {% do adapter.drop_schema(api.Relation.create(database=target.database, schema=name)) %}
-    {% do adapter.commit() %}
-    {{ log("slimci: dropped schema " ~ name ~ " in " ~ target.database, info=True) }}
+  {% if strategy == 'schemas' %}
+    {# The PR's schema and its custom schemas (`<name>_<custom>`, dbt's default
+       generate_schema_name), compared case-insensitively (Snowflake folds unquoted names). #}
+    {% set dropped = [] %}
+    {% for row in list_schemas(target.database) %}
+      {% set schema = row[0] %}
+      {% if schema | lower == name or (schema | lower).startswith(name ~ '_') %}
+        {% do adapter.drop_schema(api.Relation.create(database=target.database, schema=schema)) %}
+        {% do dropped.append(schema) %}
+      {% endif %}
+    {% endfor %}
+    {# drop_schema commits each drop itself (SQLAdapter). #}
+    {{ log("slimci: dropped " ~ (dropped | length) ~ " schemas of " ~ name ~ " in " ~ target.database ~ ": " ~ (dropped | join(", ")), info=True) }}
   {% elif strategy == 'database' %}
     {% if database is none or target.database != database %}
       {{ exceptions.raise_compiler_error("slimci refuses to empty `" ~ target.database ~ "`: it is not the database of the isolation `" ~ name ~ "`") }}

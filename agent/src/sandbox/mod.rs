@@ -147,11 +147,14 @@ impl Sandbox {
 
         let mut denied: Vec<PathBuf> = config.protected_files();
         let config_path = std::path::absolute(config_path).unwrap_or(config_path.to_owned());
-        let crate::config::WarehouseConfig::Duckdb { root, .. } = &config.warehouse;
         let work_dir = std::path::absolute(&config.work_dir).unwrap_or(config.work_dir.clone());
-        let root = std::path::absolute(root).unwrap_or(root.clone());
+        let root = config
+            .warehouse
+            .duckdb_root()
+            .map(|root| std::path::absolute(root).unwrap_or(root.to_owned()));
         if let Some(dir) = config_path.parent() {
-            if work_dir.starts_with(dir) || root.starts_with(dir) {
+            if work_dir.starts_with(dir) || root.as_ref().is_some_and(|root| root.starts_with(dir))
+            {
                 warnings.push(format!(
                     "the configuration directory {} also holds the work directory or the warehouse; only the configuration file itself is hidden from dbt (keep the configuration in a directory of its own, such as /etc/slimci)",
                     dir.display()
@@ -180,8 +183,9 @@ impl Sandbox {
                 check_reachable(user, &real, true)?;
             }
             check_reachable(user, &config.work_dir, false)?;
-            let crate::config::WarehouseConfig::Duckdb { root, .. } = &config.warehouse;
-            check_reachable(user, root, false)?;
+            if let Some(root) = config.warehouse.duckdb_root() {
+                check_reachable(user, root, false)?;
+            }
         }
         Ok(Sandbox {
             required: settings.required,

@@ -1,6 +1,6 @@
-//! Where dbt builds, and the dbt profile for each run.
+//! The DuckDB warehouse: embedded database files on the agent's disk.
 //!
-//! DuckDB layout under the configured root, per repository (by slug):
+//! Layout under the configured root, per repository (by slug):
 //! ```text
 //! <slug>/deploys/<run id>/prod.duckdb   one per successful deploy (catalog `prod`)
 //! <slug>/current -> deploys/<run id>    the live production database
@@ -11,8 +11,8 @@
 //! directory the build writes: the PR's, or the deploy's) and `production` (the production
 //! database's directory, CI runs only), and the profile reaches the databases through them by
 //! relative paths. So the profile, which dbt hashes to decide whether a saved parse can be
-//! reused, is the same for every PR of a repository, and one PR's parse speeds up the next
-//! (see `reuse`).
+//! reused, is the same for every PR of a repository, and every PR can start from the parse
+//! production's deploy made for CI builds (see `reuse`).
 //! A deploy copies the current database into a new directory, builds there, and on success
 //! swaps `current` with an atomic rename; readers of the old one are never disturbed, and a
 //! failed deploy leaves production as it was. A PR database attaches the production database
@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use slimci_proto::{IsolationName, RepoName, RunId};
 
+use super::{WarehouseError, io};
+
 /// Production's catalog name in every DuckDB profile; deferred relations are `prod.<schema>.<name>`.
 pub const PRODUCTION_CATALOG: &str = "prod";
 /// A PR database's catalog name (its file is `pr.duckdb` in the PR's own directory).
@@ -32,26 +34,7 @@ pub const WAREHOUSE_LINK: &str = "warehouse";
 /// The run directory's link to the production database's directory (CI runs).
 pub const PRODUCTION_LINK: &str = "production";
 
-#[derive(Debug, thiserror::Error)]
-pub enum WarehouseError {
-    #[error("warehouse {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "this runner has no production database for repository `{repository}` (looked in {looked}); agents that build one repository must share the DuckDB warehouse root"
-    )]
-    NoProduction { repository: String, looked: String },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarehouseError + '_ {
-    move |source| WarehouseError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
+#[derive(Clone)]
 pub struct DuckDbWarehouse {
     pub root: PathBuf,
     pub threads: u32,
@@ -63,7 +46,7 @@ pub struct DuckDbWarehouse {
 
 /// What a run's profile points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub enum DuckDbTarget {
     Deploy {
         database: PathBuf,
     },
@@ -101,7 +84,7 @@ impl DuckDbWarehouse {
         &self,
         repository: &RepoName,
         run: RunId,
-    ) -> Result<Target, WarehouseError> {
+    ) -> Result<DuckDbTarget, WarehouseError> {
         let directory = self.deploy_dir(repository, run);
         if directory.exists() {
             std::fs::remove_dir_all(&directory).map_err(io(&directory))?;
@@ -115,7 +98,7 @@ impl DuckDbWarehouse {
         if current.is_file() {
             std::fs::copy(&current, &database).map_err(io(&current))?;
         }
-        Ok(Target::Deploy { database })
+        Ok(DuckDbTarget::Deploy { database })
     }
 
     /// Makes a successful deploy the live production database, then prunes old ones.
@@ -164,7 +147,7 @@ impl DuckDbWarehouse {
         repository: &RepoName,
         isolation: &IsolationName,
         deploy_run: RunId,
-    ) -> Result<Target, WarehouseError> {
+    ) -> Result<DuckDbTarget, WarehouseError> {
         let exact = self
             .deploy_dir(repository, deploy_run)
             .join(Self::database_file());
@@ -203,7 +186,7 @@ impl DuckDbWarehouse {
                 }
             }
         }
-        Ok(Target::Ci {
+        Ok(DuckDbTarget::Ci {
             database,
             production,
         })
@@ -212,16 +195,16 @@ impl DuckDbWarehouse {
     /// The target a deploy parses production's code against the way CI builds will
     /// (`job::seed`): the CI profile's shape, with the deploy's new database as production and
     /// a scratch directory of the run in place of a PR's database. Parsing opens neither.
-    pub fn seed_target(run_dir: &Path, deploy: &Target) -> Target {
+    pub fn seed_target(run_dir: &Path, deploy: &DuckDbTarget) -> DuckDbTarget {
         let production = match deploy {
-            Target::Deploy { database }
-            | Target::Teardown { database }
-            | Target::Ci {
+            DuckDbTarget::Deploy { database }
+            | DuckDbTarget::Teardown { database }
+            | DuckDbTarget::Ci {
                 production: database,
                 ..
             } => database.clone(),
         };
-        Target::Ci {
+        DuckDbTarget::Ci {
             database: run_dir.join("seed-warehouse").join(Self::pr_file()),
             production,
         }
@@ -260,24 +243,24 @@ impl DuckDbWarehouse {
         &self,
         repository: &RepoName,
         isolation: &IsolationName,
-    ) -> Option<Target> {
+    ) -> Option<DuckDbTarget> {
         self.pr_database(repository, isolation)
-            .map(|database| Target::Teardown { database })
+            .map(|database| DuckDbTarget::Teardown { database })
     }
 
     /// The directory a build may write: the deploy's own, or the PR's own.
-    pub fn writable_dir(target: &Target) -> &Path {
+    pub fn writable_dir(target: &DuckDbTarget) -> &Path {
         match target {
-            Target::Deploy { database }
-            | Target::Ci { database, .. }
-            | Target::Teardown { database } => database.parent().unwrap_or(database),
+            DuckDbTarget::Deploy { database }
+            | DuckDbTarget::Ci { database, .. }
+            | DuckDbTarget::Teardown { database } => database.parent().unwrap_or(database),
         }
     }
 
     /// Makes the run directory's links to the target's databases (see the module docs).
-    pub fn link(run_dir: &Path, target: &Target) -> Result<(), WarehouseError> {
+    pub fn link(run_dir: &Path, target: &DuckDbTarget) -> Result<(), WarehouseError> {
         let mut links = vec![(WAREHOUSE_LINK, Self::writable_dir(target))];
-        if let Target::Ci { production, .. } = target {
+        if let DuckDbTarget::Ci { production, .. } = target {
             links.push((PRODUCTION_LINK, production.parent().unwrap_or(production)));
         }
         for (name, destination) in links {
@@ -288,22 +271,24 @@ impl DuckDbWarehouse {
         Ok(())
     }
 
-    /// The `profiles.yml` text for `profile_name` with a single output named after the target.
-    /// Databases are reached through the run directory's links: `up` leads from the project
-    /// directory (dbt's working directory) back to the run directory, e.g. `../`.
-    pub fn profile_yaml(&self, profile_name: &str, target: &Target, up: &str) -> String {
+    /// The profile's output for `target`. Databases are reached through the run directory's
+    /// links: `up` leads from the project directory (dbt's working directory) back to the run
+    /// directory, e.g. `../`.
+    pub fn profile_output(&self, target: &DuckDbTarget, up: &str) -> serde_json::Value {
         let file_name = |path: &Path| {
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
         let mut output = match target {
-            Target::Deploy { database } | Target::Teardown { database } => serde_json::json!({
-                "type": "duckdb",
-                "path": format!("{up}{WAREHOUSE_LINK}/{}", file_name(database)),
-                "threads": self.threads,
-            }),
-            Target::Ci {
+            DuckDbTarget::Deploy { database } | DuckDbTarget::Teardown { database } => {
+                serde_json::json!({
+                    "type": "duckdb",
+                    "path": format!("{up}{WAREHOUSE_LINK}/{}", file_name(database)),
+                    "threads": self.threads,
+                })
+            }
+            DuckDbTarget::Ci {
                 database,
                 production,
             } => serde_json::json!({
@@ -330,51 +315,19 @@ impl DuckDbWarehouse {
                 .collect();
             output["settings"] = serde_json::Value::Object(settings);
         }
-        let target_name = match target {
-            Target::Deploy { .. } => "prod",
-            Target::Ci { .. } | Target::Teardown { .. } => "ci",
-        };
-        let profile = serde_json::json!({
-            profile_name: { "target": target_name, "outputs": { target_name: output } }
-        });
-        serde_yaml::to_string(&profile).expect("profile serializes")
-    }
-
-    /// The environment variables a profile reads with `env_var('...')`, in any of its values.
-    pub fn referenced_variables(profile: &str) -> Vec<String> {
-        fn strings(value: &serde_yaml::Value, out: &mut Vec<String>) {
-            match value {
-                serde_yaml::Value::String(text) => out.push(text.clone()),
-                serde_yaml::Value::Sequence(items) => items.iter().for_each(|v| strings(v, out)),
-                serde_yaml::Value::Mapping(map) => map.values().for_each(|v| strings(v, out)),
-                _ => {}
-            }
-        }
-        let mut texts = Vec::new();
-        match serde_yaml::from_str::<serde_yaml::Value>(profile) {
-            Ok(parsed) => strings(&parsed, &mut texts),
-            Err(_) => texts.push(profile.to_owned()),
-        }
-        let mut names: Vec<String> = texts
-            .iter()
-            .flat_map(|text| text.split("env_var(").skip(1))
-            .filter_map(|rest| {
-                let rest = rest.trim_start();
-                let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
-                let rest = &rest[1..];
-                Some(rest[..rest.find(quote)?].to_owned())
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
+        output
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::warehouse::{Target, Warehouse, referenced_variables};
     use slimci_proto::PrNumber;
+
+    fn profile_yaml(warehouse: DuckDbWarehouse, target: &DuckDbTarget) -> String {
+        Warehouse::DuckDb(warehouse).profile_yaml("shop", &Target::DuckDb(target.clone()), "../")
+    }
 
     fn warehouse(root: &Path) -> DuckDbWarehouse {
         DuckDbWarehouse {
@@ -391,7 +344,8 @@ mod tests {
         let warehouse = warehouse(root.path());
         let repo = RepoName::parse("shop").unwrap();
         let first = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, first).unwrap() else {
+        let DuckDbTarget::Deploy { database } = warehouse.begin_deploy(&repo, first).unwrap()
+        else {
             panic!()
         };
         std::fs::write(&database, "v1").unwrap();
@@ -400,7 +354,8 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&current).unwrap(), "v1");
 
         let failed = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, failed).unwrap() else {
+        let DuckDbTarget::Deploy { database } = warehouse.begin_deploy(&repo, failed).unwrap()
+        else {
             panic!()
         };
         assert_eq!(
@@ -413,7 +368,8 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&current).unwrap(), "v1");
 
         let second = RunId::new();
-        let Target::Deploy { database } = warehouse.begin_deploy(&repo, second).unwrap() else {
+        let DuckDbTarget::Deploy { database } = warehouse.begin_deploy(&repo, second).unwrap()
+        else {
             panic!()
         };
         std::fs::write(&database, "v2").unwrap();
@@ -443,7 +399,7 @@ mod tests {
         .unwrap();
         warehouse.publish_deploy(&repo, deploy).unwrap();
         let target = warehouse.ci_target(&repo, &isolation, deploy).unwrap();
-        let Target::Ci {
+        let DuckDbTarget::Ci {
             database,
             production,
         } = &target
@@ -456,13 +412,13 @@ mod tests {
             root.path().join("shop/pr/pr_shop_5")
         );
         assert!(production.ends_with(format!("shop/deploys/{deploy}/prod.duckdb")));
-        let yaml = warehouse.profile_yaml("shop", &target, "../");
+        let yaml = profile_yaml(warehouse.clone(), &target);
         assert!(yaml.contains("alias: prod"), "{yaml}");
         assert!(yaml.contains("read_only: true"), "{yaml}");
         assert!(yaml.contains("target: ci"), "{yaml}");
         assert!(yaml.contains("path: ../warehouse/pr.duckdb"), "{yaml}");
         assert!(yaml.contains("path: ../production/prod.duckdb"), "{yaml}");
-        assert!(DuckDbWarehouse::referenced_variables(&yaml).is_empty());
+        assert!(referenced_variables(&yaml).is_empty());
 
         // Another PR, another production: the same profile, so dbt's saved parse carries over.
         let other = IsolationName::for_pr(&repo, PrNumber(6));
@@ -470,7 +426,7 @@ mod tests {
         warehouse.begin_deploy(&repo, second).unwrap();
         let other_target = warehouse.ci_target(&repo, &other, second).unwrap();
         assert_ne!(other_target, target);
-        assert_eq!(warehouse.profile_yaml("shop", &other_target, "../"), yaml);
+        assert_eq!(profile_yaml(warehouse.clone(), &other_target), yaml);
 
         // The run directory's links lead to this PR's directory and this production.
         let run_dir = tempfile::tempdir().unwrap();
@@ -491,22 +447,17 @@ mod tests {
         let mut warehouse = warehouse(root.path());
         warehouse.secret_settings =
             vec![("http_proxy_password".into(), "DBT_ENV_SECRET_PROXY".into())];
-        let target = Target::Deploy {
+        let target = DuckDbTarget::Deploy {
             database: root.path().join("prod.duckdb"),
         };
-        let yaml = warehouse.profile_yaml("shop", &target, "../");
+        let yaml = profile_yaml(warehouse.clone(), &target);
         assert!(
             yaml.contains("http_proxy_password: '{{ env_var(''DBT_ENV_SECRET_PROXY'') }}'"),
             "{yaml}"
         );
+        assert_eq!(referenced_variables(&yaml), ["DBT_ENV_SECRET_PROXY"]);
         assert_eq!(
-            DuckDbWarehouse::referenced_variables(&yaml),
-            ["DBT_ENV_SECRET_PROXY"]
-        );
-        assert_eq!(
-            DuckDbWarehouse::referenced_variables(
-                "a: \"{{ env_var( \"X\", 'd') }}\" env_var(broken"
-            ),
+            referenced_variables("a: \"{{ env_var( \"X\", 'd') }}\" env_var(broken"),
             ["X"]
         );
     }
@@ -527,7 +478,8 @@ mod tests {
         std::fs::create_dir_all(root.path().join("shop/pr")).unwrap();
         std::fs::write(root.path().join("shop/pr/pr_shop_9.duckdb"), "oldest").unwrap();
         let isolation = IsolationName::for_pr(&repo, PrNumber(9));
-        let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
+        let DuckDbTarget::Ci { database, .. } =
+            warehouse.ci_target(&repo, &isolation, deploy).unwrap()
         else {
             panic!()
         };
@@ -546,7 +498,8 @@ mod tests {
         )
         .unwrap();
         let isolation = IsolationName::for_pr(&repo, PrNumber(8));
-        let Target::Ci { database, .. } = warehouse.ci_target(&repo, &isolation, deploy).unwrap()
+        let DuckDbTarget::Ci { database, .. } =
+            warehouse.ci_target(&repo, &isolation, deploy).unwrap()
         else {
             panic!()
         };

@@ -1,0 +1,284 @@
+//! Where dbt builds, and the dbt profile for each run: DuckDB files on the agent's disk
+//! (`duckdb`: a database per PR), or schemas of a PostgreSQL server (`postgres`: production in
+//! the repository's database and schema, each PR in schemas of its own isolation name).
+
+mod duckdb;
+mod postgres;
+
+use std::path::{Path, PathBuf};
+
+use slimci_proto::{CheckedJob, IsolationName, JobKind, RepoName, RunId};
+
+pub use duckdb::{
+    DuckDbTarget, DuckDbWarehouse, PR_CATALOG, PRODUCTION_CATALOG, PRODUCTION_LINK, WAREHOUSE_LINK,
+};
+pub use postgres::PostgresWarehouse;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarehouseError {
+    #[error("warehouse {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "this runner has no production database for repository `{repository}` (looked in {looked}); agents that build one repository must share the DuckDB warehouse root"
+    )]
+    NoProduction { repository: String, looked: String },
+    #[error(
+        "repository `{0}` has no [repository.warehouse] database and schema on the coordinator; a {1} warehouse needs them to know where production is and where PR schemas go"
+    )]
+    NoRepositorySettings(String, &'static str),
+    #[error("{0} does not exist on this runner")]
+    NoIsolation(IsolationName),
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarehouseError + '_ {
+    move |source| WarehouseError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The warehouse this agent builds in.
+pub enum Warehouse {
+    DuckDb(DuckDbWarehouse),
+    Postgres(PostgresWarehouse),
+}
+
+/// What a run's profile points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    DuckDb(DuckDbTarget),
+    Schema(SchemaTarget),
+}
+
+/// Which output of the profile a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `prod`: a deploy into production.
+    Deploy,
+    /// `ci`: a PR's build into its isolation.
+    Ci,
+    /// `ci`: a teardown of a PR's isolation.
+    Teardown,
+}
+
+/// A schema of a server warehouse: where dbt's models go unless they name a custom schema
+/// (then `<schema>_<custom>`, by dbt's default `generate_schema_name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaTarget {
+    pub purpose: Purpose,
+    pub database: String,
+    pub schema: String,
+}
+
+impl Target {
+    pub fn is_deploy(&self) -> bool {
+        match self {
+            Target::DuckDb(target) => matches!(target, DuckDbTarget::Deploy { .. }),
+            Target::Schema(target) => target.purpose == Purpose::Deploy,
+        }
+    }
+
+    /// The profile's output name: `prod` for a deploy, `ci` otherwise.
+    pub fn name(&self) -> &'static str {
+        if self.is_deploy() { "prod" } else { "ci" }
+    }
+
+    /// For the run's log: where this build writes.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::DuckDb(DuckDbTarget::Deploy { database }) => {
+                format!("building production into a copy at {}", database.display())
+            }
+            Target::DuckDb(
+                DuckDbTarget::Ci { database, .. } | DuckDbTarget::Teardown { database },
+            ) => format!("building into the PR's own database {}", database.display()),
+            Target::Schema(SchemaTarget {
+                purpose: Purpose::Deploy,
+                database,
+                schema,
+            }) => format!("building production into {database}.{schema}"),
+            Target::Schema(SchemaTarget {
+                database, schema, ..
+            }) => format!(
+                "building into the PR's schemas {database}.{schema} and {database}.{schema}_*"
+            ),
+        }
+    }
+}
+
+impl Warehouse {
+    /// The type's name as configured.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Warehouse::DuckDb(_) => "duckdb",
+            Warehouse::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The target of `job`: a deploy's copy of production (DuckDB) or production itself, the
+    /// PR's own database or schema.
+    pub fn target(&self, job: &CheckedJob) -> Result<Target, WarehouseError> {
+        let repository = &job.repository;
+        match self {
+            Warehouse::DuckDb(warehouse) => Ok(Target::DuckDb(match &job.kind {
+                JobKind::Deploy => warehouse.begin_deploy(repository, job.run_id)?,
+                JobKind::Teardown { isolation, .. } => warehouse
+                    .teardown_target(repository, isolation)
+                    .ok_or_else(|| WarehouseError::NoIsolation(isolation.clone()))?,
+                JobKind::Ci {
+                    isolation,
+                    production_state,
+                    ..
+                } => warehouse.ci_target(repository, isolation, production_state.deploy_run_id)?,
+            })),
+            Warehouse::Postgres(_) => {
+                let settings = job.warehouse.as_ref().ok_or_else(|| {
+                    WarehouseError::NoRepositorySettings(repository.to_string(), self.type_name())
+                })?;
+                Ok(Target::Schema(match &job.kind {
+                    JobKind::Deploy => SchemaTarget {
+                        purpose: Purpose::Deploy,
+                        database: settings.database.clone(),
+                        schema: settings.schema.clone(),
+                    },
+                    JobKind::Ci { isolation, .. } => SchemaTarget {
+                        purpose: Purpose::Ci,
+                        database: settings.ci_database().to_owned(),
+                        schema: isolation.to_string(),
+                    },
+                    JobKind::Teardown { isolation, .. } => SchemaTarget {
+                        purpose: Purpose::Teardown,
+                        database: settings.ci_database().to_owned(),
+                        schema: isolation.to_string(),
+                    },
+                }))
+            }
+        }
+    }
+
+    /// The `profiles.yml` text for `profile_name` with the one output `target` needs. `up`
+    /// leads from the project directory back to the run directory (DuckDB's links).
+    pub fn profile_yaml(&self, profile_name: &str, target: &Target, up: &str) -> String {
+        let output = match (self, target) {
+            (Warehouse::DuckDb(warehouse), Target::DuckDb(target)) => {
+                warehouse.profile_output(target, up)
+            }
+            (Warehouse::Postgres(warehouse), Target::Schema(target)) => {
+                warehouse.profile_output(target)
+            }
+            _ => unreachable!("a target always comes from its own warehouse"),
+        };
+        let name = target.name();
+        let profile = serde_json::json!({
+            profile_name: { "target": name, "outputs": { name: output } }
+        });
+        serde_yaml::to_string(&profile).expect("profile serializes")
+    }
+
+    /// Makes a successful deploy production (DuckDB swaps its copy in; a server warehouse
+    /// built production in place).
+    pub fn publish_deploy(&self, repository: &RepoName, run: RunId) -> Result<(), WarehouseError> {
+        match self {
+            Warehouse::DuckDb(warehouse) => warehouse.publish_deploy(repository, run),
+            Warehouse::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Removes a deploy's copy that will not become production (DuckDB).
+    pub fn discard_deploy(&self, repository: &RepoName, run: RunId) {
+        if let Warehouse::DuckDb(warehouse) = self {
+            warehouse.discard_deploy(repository, run);
+        }
+    }
+
+    /// Whether one PR's parse can serve another's: only where every PR gets the same profile.
+    pub fn ci_parse_carries_over(&self) -> bool {
+        matches!(self, Warehouse::DuckDb(_))
+    }
+
+    /// The CI target a deploy parses production's code for, so CI builds can start from that
+    /// parse; none where a PR's profile differs from every other PR's (a server warehouse's PR
+    /// schema is in the profile, and in every parsed node), so no parse carries over.
+    pub fn seed_target(&self, run_dir: &Path, deploy: &Target) -> Option<Target> {
+        match (self, deploy) {
+            (Warehouse::DuckDb(_), Target::DuckDb(deploy)) => Some(Target::DuckDb(
+                DuckDbWarehouse::seed_target(run_dir, deploy),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the PR's isolation may hold anything here (a server's schemas always may).
+    pub fn may_hold(&self, repository: &RepoName, isolation: &IsolationName) -> bool {
+        match self {
+            Warehouse::DuckDb(warehouse) => warehouse.pr_database(repository, isolation).is_some(),
+            Warehouse::Postgres(_) => true,
+        }
+    }
+
+    /// The arguments of the teardown macro (`job/teardown.sql`) for `isolation`.
+    pub fn teardown_args(&self, isolation: &IsolationName) -> serde_json::Value {
+        match self {
+            Warehouse::DuckDb(_) => serde_json::json!({
+                "name": isolation.as_str(), "strategy": "database", "database": PR_CATALOG,
+            }),
+            Warehouse::Postgres(_) => serde_json::json!({
+                "name": isolation.as_str(), "strategy": "schemas",
+            }),
+        }
+    }
+
+    /// After a teardown's macro ran: removes what is left on disk (DuckDB's PR directory).
+    pub fn remove_isolation(
+        &self,
+        repository: &RepoName,
+        isolation: &IsolationName,
+    ) -> Result<(), WarehouseError> {
+        match self {
+            Warehouse::DuckDb(warehouse) => warehouse.remove_pr_database(repository, isolation),
+            Warehouse::Postgres(_) => Ok(()),
+        }
+    }
+}
+
+/// The directory a DuckDB build may write: the deploy's own, or the PR's own. None for a
+/// server warehouse, where builds write over the network only.
+pub fn writable_dir(target: &Target) -> Option<&Path> {
+    match target {
+        Target::DuckDb(target) => Some(DuckDbWarehouse::writable_dir(target)),
+        Target::Schema(_) => None,
+    }
+}
+
+/// The environment variables a profile reads with `env_var('...')`, in any of its values.
+pub fn referenced_variables(profile: &str) -> Vec<String> {
+    fn strings(value: &serde_yaml::Value, out: &mut Vec<String>) {
+        match value {
+            serde_yaml::Value::String(text) => out.push(text.clone()),
+            serde_yaml::Value::Sequence(items) => items.iter().for_each(|v| strings(v, out)),
+            serde_yaml::Value::Mapping(map) => map.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut texts = Vec::new();
+    match serde_yaml::from_str::<serde_yaml::Value>(profile) {
+        Ok(parsed) => strings(&parsed, &mut texts),
+        Err(_) => texts.push(profile.to_owned()),
+    }
+    let mut names: Vec<String> = texts
+        .iter()
+        .flat_map(|text| text.split("env_var(").skip(1))
+        .filter_map(|rest| {
+            let rest = rest.trim_start();
+            let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+            let rest = &rest[1..];
+            Some(rest[..rest.find(quote)?].to_owned())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
