@@ -43,6 +43,7 @@ mod tests {
             message: None,
             failures: None,
             relation: None,
+            adapter_response: None,
         }
     }
 

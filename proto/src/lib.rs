@@ -200,6 +200,10 @@ pub struct NodeResult {
     pub failures: Option<u64>,
     /// The relation the node wrote, `database.schema.identifier`, when it wrote one.
     pub relation: Option<String>,
+    /// What the adapter said of the node's query, as dbt records it (`_message`, `code`,
+    /// `rows_affected`; Snowflake's `query_id`), when it said anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_response: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The end of an attempt.

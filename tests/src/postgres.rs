@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -115,6 +115,9 @@ impl Postgres {
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "fsync=off",
+                // Each session's application_name in the log, for the tests to read.
+                "-c",
+                "log_connections=on",
             ],
             dir.path().join("postgres.log"),
         )?;
@@ -132,9 +135,9 @@ impl Postgres {
         Ok(postgres)
     }
 
-    /// The directory of the server's files.
-    pub fn dir(&self) -> PathBuf {
-        self.dir.path().to_owned()
+    /// The server's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
     /// Runs `sql` in `database` over TCP with the password, as the agent's dbt connects; the

@@ -178,6 +178,18 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
         log.contains("building into the PR's schemas analytics.pr_shop_7"),
         "{log}"
     );
+    // Every session of the build says whose it is, and each node what the server answered.
+    let server_log = postgres.log();
+    assert!(
+        server_log.contains(&format!("application_name=slimci {} shop pr 7", first.id)),
+        "{server_log}"
+    );
+    let stg_orders = nodes_of(&first)
+        .iter()
+        .find(|node| node.unique_id == "model.shop.stg_orders")
+        .unwrap();
+    let response = stg_orders.adapter_response.as_ref().unwrap();
+    assert_eq!(response["_message"], "CREATE VIEW", "{response:?}");
 
     // A teardown drops PR 7's schemas and nothing else; a second one finds nothing and succeeds.
     let dropped = teardown(&mut cluster, 7).await;

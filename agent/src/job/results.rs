@@ -39,6 +39,8 @@ struct RunResultEntry {
     message: Option<String>,
     failures: Option<u64>,
     relation_name: Option<String>,
+    #[serde(default)]
+    adapter_response: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Every node's outcome from dbt's `run_results.json`.
@@ -68,6 +70,7 @@ pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, RunResultsError>
             message: entry.message,
             failures: entry.failures,
             relation: entry.relation_name,
+            adapter_response: Some(entry.adapter_response).filter(|response| !response.is_empty()),
         })
         .collect())
 }

@@ -71,6 +71,23 @@ pub struct SchemaTarget {
     pub purpose: Purpose,
     pub database: String,
     pub schema: String,
+    /// Names the run in every session dbt opens (PostgreSQL's `application_name`), so the
+    /// warehouse's own views tell whose queries these are: `slimci <run id> <repository> pr <n>`.
+    pub session_label: String,
+}
+
+/// `slimci <run id> <repository> pr <n>` (or `deploy`), at most 63 bytes (PostgreSQL's limit
+/// for `application_name`): the run id first, so a long repository name is what is cut.
+fn session_label(job: &CheckedJob) -> String {
+    let what = match &job.kind {
+        JobKind::Ci { pr, .. } | JobKind::Teardown { pr, .. } => format!("pr {pr}"),
+        JobKind::Deploy => "deploy".to_owned(),
+    };
+    let mut label = format!("slimci {} {} {what}", job.run_id, job.repository);
+    while label.len() > 63 {
+        label.pop();
+    }
+    label
 }
 
 impl Target {
@@ -99,6 +116,7 @@ impl Target {
                 purpose: Purpose::Deploy,
                 database,
                 schema,
+                ..
             }) => format!("building production into {database}.{schema}"),
             Target::Schema(SchemaTarget {
                 database, schema, ..
@@ -138,21 +156,25 @@ impl Warehouse {
                 let settings = job.warehouse.as_ref().ok_or_else(|| {
                     WarehouseError::NoRepositorySettings(repository.to_string(), self.type_name())
                 })?;
+                let session_label = session_label(job);
                 Ok(Target::Schema(match &job.kind {
                     JobKind::Deploy => SchemaTarget {
                         purpose: Purpose::Deploy,
                         database: settings.database.clone(),
                         schema: settings.schema.clone(),
+                        session_label,
                     },
                     JobKind::Ci { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Ci,
                         database: settings.ci_database().to_owned(),
                         schema: isolation.to_string(),
+                        session_label,
                     },
                     JobKind::Teardown { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Teardown,
                         database: settings.ci_database().to_owned(),
                         schema: isolation.to_string(),
+                        session_label,
                     },
                 }))
             }

@@ -36,6 +36,7 @@ impl PostgresWarehouse {
             "schema": target.schema,
             "threads": self.threads,
             "connect_timeout": 10,
+            "application_name": target.session_label,
         });
         if let Some(sslmode) = &self.sslmode {
             output["sslmode"] = serde_json::Value::String(sslmode.clone());
@@ -62,6 +63,7 @@ mod tests {
             purpose: Purpose::Ci,
             database: "analytics".into(),
             schema: "pr_shop_7".into(),
+            session_label: "slimci 01a2 shop pr 7".into(),
         });
         let yaml = warehouse.profile_yaml("shop", &target, "../");
         for expected in [
@@ -72,6 +74,7 @@ mod tests {
             "dbname: analytics",
             "schema: pr_shop_7",
             "sslmode: require",
+            "application_name: slimci 01a2 shop pr 7",
         ] {
             assert!(yaml.contains(expected), "{expected} in {yaml}");
         }
@@ -83,6 +86,7 @@ mod tests {
             purpose: Purpose::Deploy,
             database: "analytics".into(),
             schema: "analytics".into(),
+            session_label: "slimci 01a2 shop deploy".into(),
         });
         let yaml = warehouse.profile_yaml("shop", &deploy, "../");
         assert!(yaml.contains("target: prod"), "{yaml}");

@@ -292,6 +292,7 @@ mod tests {
             message: message.map(Into::into),
             failures: None,
             relation: None,
+            adapter_response: None,
         }
     }
 

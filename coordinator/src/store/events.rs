@@ -155,8 +155,8 @@ async fn finish(
     let run_id = run.id.to_string();
     for node in &outcome.nodes {
         sqlx::query(
-            "INSERT OR REPLACE INTO run_nodes (run_id, unique_id, resource_type, status, execution_time_s, message, failures, relation)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO run_nodes (run_id, unique_id, resource_type, status, execution_time_s, message, failures, relation, adapter_response)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&run_id)
         .bind(&node.unique_id)
@@ -166,6 +166,11 @@ async fn finish(
         .bind(&node.message)
         .bind(node.failures.map(|n| n as i64))
         .bind(&node.relation)
+        .bind(
+            node.adapter_response
+                .as_ref()
+                .map(|response| serde_json::Value::Object(response.clone()).to_string()),
+        )
         .execute(&mut **transaction)
         .await?;
     }

@@ -323,6 +323,10 @@ pub(super) fn node_from_row(row: &SqliteRow) -> Result<NodeResult> {
         message: row.try_get("message")?,
         failures: row.try_get::<Option<i64>, _>("failures")?.map(|n| n as u64),
         relation: row.try_get("relation")?,
+        adapter_response: row
+            .try_get::<Option<String>, _>("adapter_response")?
+            .map(|text| serde_json::from_str(&text).map_err(corrupt))
+            .transpose()?,
     })
 }
 

@@ -120,6 +120,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // The caches a run's attempt used (the agent's `CacheReport`, as JSON).
         "ALTER TABLE runs ADD COLUMN caches TEXT;",
     ),
+    (
+        6,
+        // What the adapter said of each node's query (dbt's `adapter_response`, as JSON).
+        "ALTER TABLE run_nodes ADD COLUMN adapter_response TEXT;",
+    ),
 ];
 
 impl Store {
