@@ -246,6 +246,29 @@ pub enum WarehouseConfig {
         #[serde(default = "default_threads")]
         threads: u32,
     },
+    /// A Snowflake account. Production is the repository's `[repository.warehouse]` database
+    /// and schema; each PR builds into schemas `pr_<slug>_<n>` (and `_<custom>`) of its
+    /// `ci_database`. Key-pair authentication (`private_key_path`, a PKCS#8 PEM file, with an
+    /// optional passphrase), or a password only if `password`/`password_file` is set instead.
+    Snowflake {
+        account: String,
+        user: String,
+        /// Snowflake's role and warehouse for every session; the user's defaults when unset.
+        role: Option<String>,
+        warehouse: Option<String>,
+        private_key_path: Option<PathBuf>,
+        private_key_passphrase: Option<String>,
+        private_key_passphrase_file: Option<PathBuf>,
+        password: Option<String>,
+        password_file: Option<PathBuf>,
+        #[serde(default = "default_threads")]
+        threads: u32,
+        /// Another endpoint than `<account>.snowflakecomputing.com` over https (a private link
+        /// name, or an emulator in tests).
+        host: Option<String>,
+        port: Option<u16>,
+        protocol: Option<String>,
+    },
 }
 
 impl WarehouseConfig {
@@ -253,7 +276,7 @@ impl WarehouseConfig {
     pub fn duckdb_root(&self) -> Option<&Path> {
         match self {
             WarehouseConfig::Duckdb { root, .. } => Some(root),
-            WarehouseConfig::Postgres { .. } => None,
+            WarehouseConfig::Postgres { .. } | WarehouseConfig::Snowflake { .. } => None,
         }
     }
 
@@ -262,6 +285,7 @@ impl WarehouseConfig {
         match self {
             WarehouseConfig::Duckdb { .. } => "duckdb",
             WarehouseConfig::Postgres { .. } => "postgres",
+            WarehouseConfig::Snowflake { .. } => "snowflake",
         }
     }
 }
@@ -298,6 +322,11 @@ pub fn secret_env_name(name: &str) -> String {
 
 /// The name of a PostgreSQL warehouse's password among the warehouse secrets.
 pub const POSTGRES_PASSWORD: &str = "postgres_password";
+/// A Snowflake warehouse's secrets: its private key (the PEM text, written into each run
+/// directory for that build alone), the key's passphrase, or its password.
+pub const SNOWFLAKE_PRIVATE_KEY: &str = "snowflake_private_key";
+pub const SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: &str = "snowflake_private_key_passphrase";
+pub const SNOWFLAKE_PASSWORD: &str = "snowflake_password";
 
 /// Shortest warehouse secret value accepted: shorter ones would redact ordinary log text.
 pub const MIN_SECRET_CHARS: usize = 6;
@@ -439,8 +468,31 @@ impl Config {
         let no_secrets = std::collections::BTreeMap::new();
         let secrets = match &self.warehouse {
             WarehouseConfig::Duckdb { secrets, .. } => secrets,
-            WarehouseConfig::Postgres { .. } => &no_secrets,
+            WarehouseConfig::Postgres { .. } | WarehouseConfig::Snowflake { .. } => &no_secrets,
         };
+        if let WarehouseConfig::Snowflake {
+            private_key_path,
+            password,
+            password_file,
+            private_key_passphrase,
+            private_key_passphrase_file,
+            ..
+        } = &self.warehouse
+        {
+            let password = password.is_some() || password_file.is_some();
+            let passphrase =
+                private_key_passphrase.is_some() || private_key_passphrase_file.is_some();
+            if private_key_path.is_some() == password {
+                return Err(ConfigError::Invalid(
+                    "a snowflake warehouse needs exactly one of private_key_path (key-pair authentication) and password or password_file".to_owned(),
+                ));
+            }
+            if passphrase && private_key_path.is_none() {
+                return Err(ConfigError::Invalid(
+                    "warehouse.private_key_passphrase is for private_key_path".to_owned(),
+                ));
+            }
+        }
         for (name, secret) in secrets {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(ConfigError::Invalid(format!(
@@ -485,6 +537,17 @@ impl Config {
             WarehouseConfig::Postgres { password_file, .. } => {
                 files.extend(password_file.clone());
             }
+            WarehouseConfig::Snowflake {
+                private_key_path,
+                private_key_passphrase_file,
+                password_file,
+                ..
+            } => files.extend(
+                [private_key_path, private_key_passphrase_file, password_file]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            ),
         }
         files
     }
@@ -529,6 +592,57 @@ impl Config {
                     value,
                     setting: None,
                 }]);
+            }
+            WarehouseConfig::Snowflake {
+                private_key_path,
+                private_key_passphrase,
+                private_key_passphrase_file,
+                password,
+                password_file,
+                ..
+            } => {
+                let mut resolved = Vec::new();
+                let mut add = |name: &str, value: Option<String>| {
+                    if let Some(value) = value {
+                        resolved.push(ResolvedSecret {
+                            name: name.to_owned(),
+                            value,
+                            setting: None,
+                        });
+                    }
+                };
+                let key = private_key_path
+                    .as_ref()
+                    .map(|path| {
+                        std::fs::read_to_string(path).map_err(|error| {
+                            ConfigError::Invalid(format!(
+                                "warehouse.private_key_path {}: {error}",
+                                path.display()
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                if let Some(key) = &key
+                    && !key.contains("PRIVATE KEY-----")
+                {
+                    return Err(ConfigError::Invalid(
+                        "warehouse.private_key_path is not a PEM private key (-----BEGIN PRIVATE KEY----- or ENCRYPTED PRIVATE KEY)".to_owned(),
+                    ));
+                }
+                add(SNOWFLAKE_PRIVATE_KEY, key);
+                add(
+                    SNOWFLAKE_PRIVATE_KEY_PASSPHRASE,
+                    inline_or_file(
+                        "warehouse.private_key_passphrase",
+                        private_key_passphrase,
+                        private_key_passphrase_file,
+                    )?,
+                );
+                add(
+                    SNOWFLAKE_PASSWORD,
+                    inline_or_file("warehouse.password", password, password_file)?,
+                );
+                return Ok(resolved);
             }
         };
         let mut resolved = Vec::new();

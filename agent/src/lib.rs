@@ -153,6 +153,37 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
             sslmode,
             threads,
         }),
+        WarehouseConfig::Snowflake {
+            account,
+            user,
+            role,
+            warehouse,
+            private_key_path,
+            private_key_passphrase,
+            private_key_passphrase_file,
+            threads,
+            host,
+            port,
+            protocol,
+            ..
+        } => warehouse::Warehouse::Snowflake(warehouse::SnowflakeWarehouse {
+            account,
+            user,
+            role,
+            warehouse,
+            auth: if private_key_path.is_some() {
+                warehouse::SnowflakeAuth::KeyPair {
+                    passphrase: private_key_passphrase.is_some()
+                        || private_key_passphrase_file.is_some(),
+                }
+            } else {
+                warehouse::SnowflakeAuth::Password
+            },
+            threads,
+            host,
+            port,
+            protocol,
+        }),
     };
     // Run directories belong to the build user; their parent only needs to be searchable.
     let runs = config.work_dir.join("runs");

@@ -16,6 +16,7 @@ pub mod origin;
 pub mod postgres;
 pub mod process;
 pub mod sandbox;
+pub mod snowflake;
 pub mod storm;
 pub mod wait;
 

@@ -97,10 +97,7 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
     );
 
     // Two PRs at once, one on each agent.
-    let first_sha = cluster
-        .origin
-        .pull_request(7, &[ADD_COLUMN])
-        .unwrap();
+    let first_sha = cluster.origin.pull_request(7, &[ADD_COLUMN]).unwrap();
     let second_sha = cluster
         .origin
         .pull_request(8, &[ADD_COLUMN, edits::RESPACE])

@@ -84,6 +84,7 @@ impl AttemptRun<'_> {
             ("DBT_LOG_PATH".into(), run("logs")),
         ]
         .into_iter()
+        .chain(self.services.warehouse.dbt_env())
         .chain(self.profile_secrets.iter().cloned())
         .collect()
     }

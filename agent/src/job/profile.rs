@@ -5,11 +5,13 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::config::SNOWFLAKE_PRIVATE_KEY;
 use crate::job::attempt_run::AttemptRun;
 use crate::job::stop::Stop;
 use crate::sandbox::SandboxError;
 use crate::warehouse::{
-    DuckDbTarget, DuckDbWarehouse, Target, WarehouseError, referenced_variables, writable_dir,
+    DuckDbTarget, DuckDbWarehouse, KEY_FILE, Target, WarehouseError, referenced_variables,
+    writable_dir,
 };
 
 /// Why the profile could not be written.
@@ -96,6 +98,41 @@ impl AttemptRun<'_> {
         })
     }
 
+    /// Writes the Snowflake private key into the run directory (`KEY_FILE`), readable by the
+    /// build user alone; it goes with the run directory when the attempt ends.
+    fn write_key_file(&self) -> Result<(), ProfileError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let path = self.run_dir.join(KEY_FILE);
+        let key = self
+            .services
+            .secrets
+            .warehouse
+            .iter()
+            .find(|secret| secret.name == SNOWFLAKE_PRIVATE_KEY)
+            .map(|secret| secret.value.as_bytes())
+            .unwrap_or_default();
+        let write = |path: &Path| -> std::io::Result<()> {
+            if let Some(directory) = path.parent() {
+                std::fs::create_dir_all(directory)?;
+                std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o700))?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(path)?;
+            std::io::Write::write_all(&mut file, key)
+        };
+        write(&path).map_err(|source| ProfileError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(directory) = path.parent() {
+            self.services.sandbox.hand_over(directory)?;
+        }
+        Ok(())
+    }
+
     /// The secrets `profile` reads, as dbt gets them: only those reach dbt.
     pub fn secrets_read_by(&self, profile: &str) -> Vec<(String, String)> {
         let referenced = referenced_variables(profile);
@@ -114,6 +151,9 @@ impl AttemptRun<'_> {
         let path = self.run_dir.join("profiles").join("profiles.yml");
         if let Target::DuckDb(target) = target {
             DuckDbWarehouse::link(&self.run_dir, target)?;
+        }
+        if self.services.warehouse.needs_key_file() {
+            self.write_key_file()?;
         }
         std::fs::write(&path, profile).map_err(|source| ProfileError::Write {
             path: path.clone(),

@@ -6,9 +6,12 @@
   {% if strategy == 'schemas' %}
     {# The PR's schema and its custom schemas (`<name>_<custom>`, dbt's default
        generate_schema_name), compared case-insensitively (Snowflake folds unquoted names). #}
+    {# list_schemas returns the warehouse's own table: Snowflake's `show terse schemas` has the
+       name in column `name`, PostgreSQL's query only `nspname`. #}
+    {% set schemas = list_schemas(target.database) %}
+    {% set column = 'name' if 'name' in schemas.column_names else schemas.column_names[0] %}
     {% set dropped = [] %}
-    {% for row in list_schemas(target.database) %}
-      {% set schema = row[0] %}
+    {% for schema in schemas.columns[column].values() %}
       {% if schema | lower == name or (schema | lower).startswith(name ~ '_') %}
         {% do adapter.drop_schema(api.Relation.create(database=target.database, schema=schema)) %}
         {% do dropped.append(schema) %}

@@ -4,6 +4,7 @@
 
 mod duckdb;
 mod postgres;
+mod snowflake;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ pub use duckdb::{
     DuckDbTarget, DuckDbWarehouse, PR_CATALOG, PRODUCTION_CATALOG, PRODUCTION_LINK, WAREHOUSE_LINK,
 };
 pub use postgres::PostgresWarehouse;
+pub use snowflake::{KEY_FILE, SnowflakeAuth, SnowflakeWarehouse};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarehouseError {
@@ -44,6 +46,7 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WarehouseError +
 pub enum Warehouse {
     DuckDb(DuckDbWarehouse),
     Postgres(PostgresWarehouse),
+    Snowflake(SnowflakeWarehouse),
 }
 
 /// What a run's profile points at.
@@ -74,6 +77,25 @@ pub struct SchemaTarget {
     /// Names the run in every session dbt opens (PostgreSQL's `application_name`), so the
     /// warehouse's own views tell whose queries these are: `slimci <run id> <repository> pr <n>`.
     pub session_label: String,
+    /// The same for Snowflake's `query_tag`, as JSON: `{"app":"slimci","repo":…,"pr":…,
+    /// "run_id":…,"attempt":…,"sha":…}` (`pr` null for a deploy).
+    pub query_tag: String,
+}
+
+fn query_tag(job: &CheckedJob) -> String {
+    let pr = match &job.kind {
+        JobKind::Ci { pr, .. } | JobKind::Teardown { pr, .. } => Some(pr.0),
+        JobKind::Deploy => None,
+    };
+    serde_json::json!({
+        "app": "slimci",
+        "repo": job.repository.as_str(),
+        "pr": pr,
+        "run_id": job.run_id.to_string(),
+        "attempt": job.attempt.0,
+        "sha": job.git.sha.as_ref().map(|sha| sha.as_str()),
+    })
+    .to_string()
 }
 
 /// `slimci <run id> <repository> pr <n>` (or `deploy`), at most 63 bytes (PostgreSQL's limit
@@ -133,6 +155,7 @@ impl Warehouse {
         match self {
             Warehouse::DuckDb(_) => "duckdb",
             Warehouse::Postgres(_) => "postgres",
+            Warehouse::Snowflake(_) => "snowflake",
         }
     }
 
@@ -152,29 +175,32 @@ impl Warehouse {
                     ..
                 } => warehouse.ci_target(repository, isolation, production_state.deploy_run_id)?,
             })),
-            Warehouse::Postgres(_) => {
+            Warehouse::Postgres(_) | Warehouse::Snowflake(_) => {
                 let settings = job.warehouse.as_ref().ok_or_else(|| {
                     WarehouseError::NoRepositorySettings(repository.to_string(), self.type_name())
                 })?;
-                let session_label = session_label(job);
+                let (session_label, query_tag) = (session_label(job), query_tag(job));
                 Ok(Target::Schema(match &job.kind {
                     JobKind::Deploy => SchemaTarget {
                         purpose: Purpose::Deploy,
                         database: settings.database.clone(),
                         schema: settings.schema.clone(),
                         session_label,
+                        query_tag,
                     },
                     JobKind::Ci { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Ci,
                         database: settings.ci_database().to_owned(),
                         schema: isolation.to_string(),
                         session_label,
+                        query_tag,
                     },
                     JobKind::Teardown { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Teardown,
                         database: settings.ci_database().to_owned(),
                         schema: isolation.to_string(),
                         session_label,
+                        query_tag,
                     },
                 }))
             }
@@ -191,6 +217,9 @@ impl Warehouse {
             (Warehouse::Postgres(warehouse), Target::Schema(target)) => {
                 warehouse.profile_output(target)
             }
+            (Warehouse::Snowflake(warehouse), Target::Schema(target)) => {
+                warehouse.profile_output(target, up)
+            }
             _ => unreachable!("a target always comes from its own warehouse"),
         };
         let name = target.name();
@@ -205,7 +234,7 @@ impl Warehouse {
     pub fn publish_deploy(&self, repository: &RepoName, run: RunId) -> Result<(), WarehouseError> {
         match self {
             Warehouse::DuckDb(warehouse) => warehouse.publish_deploy(repository, run),
-            Warehouse::Postgres(_) => Ok(()),
+            Warehouse::Postgres(_) | Warehouse::Snowflake(_) => Ok(()),
         }
     }
 
@@ -214,6 +243,30 @@ impl Warehouse {
         if let Warehouse::DuckDb(warehouse) = self {
             warehouse.discard_deploy(repository, run);
         }
+    }
+
+    /// Variables dbt needs in its environment for this warehouse (besides secrets).
+    pub fn dbt_env(&self) -> Vec<(String, String)> {
+        match self {
+            // The connector otherwise probes cloud metadata endpoints at every login, which a
+            // runner in a private subnet may not answer.
+            Warehouse::Snowflake(_) => vec![(
+                "SNOWFLAKE_DISABLE_PLATFORM_DETECTION".to_owned(),
+                "true".to_owned(),
+            )],
+            Warehouse::DuckDb(_) | Warehouse::Postgres(_) => Vec::new(),
+        }
+    }
+
+    /// Whether a build gets the private key as a file of its own (`KEY_FILE`).
+    pub fn needs_key_file(&self) -> bool {
+        matches!(
+            self,
+            Warehouse::Snowflake(SnowflakeWarehouse {
+                auth: SnowflakeAuth::KeyPair { .. },
+                ..
+            })
+        )
     }
 
     /// Whether one PR's parse can serve another's: only where every PR gets the same profile.
@@ -237,7 +290,7 @@ impl Warehouse {
     pub fn may_hold(&self, repository: &RepoName, isolation: &IsolationName) -> bool {
         match self {
             Warehouse::DuckDb(warehouse) => warehouse.pr_database(repository, isolation).is_some(),
-            Warehouse::Postgres(_) => true,
+            Warehouse::Postgres(_) | Warehouse::Snowflake(_) => true,
         }
     }
 
@@ -247,7 +300,7 @@ impl Warehouse {
             Warehouse::DuckDb(_) => serde_json::json!({
                 "name": isolation.as_str(), "strategy": "database", "database": PR_CATALOG,
             }),
-            Warehouse::Postgres(_) => serde_json::json!({
+            Warehouse::Postgres(_) | Warehouse::Snowflake(_) => serde_json::json!({
                 "name": isolation.as_str(), "strategy": "schemas",
             }),
         }
@@ -261,7 +314,7 @@ impl Warehouse {
     ) -> Result<(), WarehouseError> {
         match self {
             Warehouse::DuckDb(warehouse) => warehouse.remove_pr_database(repository, isolation),
-            Warehouse::Postgres(_) => Ok(()),
+            Warehouse::Postgres(_) | Warehouse::Snowflake(_) => Ok(()),
         }
     }
 }

@@ -64,6 +64,7 @@ mod tests {
             database: "analytics".into(),
             schema: "pr_shop_7".into(),
             session_label: "slimci 01a2 shop pr 7".into(),
+            query_tag: String::new(),
         });
         let yaml = warehouse.profile_yaml("shop", &target, "../");
         for expected in [
@@ -87,6 +88,7 @@ mod tests {
             database: "analytics".into(),
             schema: "analytics".into(),
             session_label: "slimci 01a2 shop deploy".into(),
+            query_tag: String::new(),
         });
         let yaml = warehouse.profile_yaml("shop", &deploy, "../");
         assert!(yaml.contains("target: prod"), "{yaml}");
