@@ -115,6 +115,10 @@ def main():
 
     tempfile.tempdir = None
     os.chdir(job["cwd"])
+    if job.get("guard") is not None:
+        import dbt_guard  # beside this script; see agent/src/job/guard.rs
+
+        sys.exit(dbt_guard.build(job["guard"]))
     sys.argv = ["dbt", *job["args"]]
     from dbt.cli.main import cli
 

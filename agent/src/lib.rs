@@ -249,6 +249,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     } else {
         None
     };
+    let guard_script = match warm::script_python(&config.dbt) {
+        Some(python) => {
+            match job::guard::GuardScript::install(python, &config.work_dir.join("dbt-worker")) {
+                Ok(script) => Some(script),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot write the write guard's script; CI builds run without it");
+                    None
+                }
+            }
+        }
+        None => {
+            tracing::warn!(dbt = %config.dbt.display(), "dbt is not a Python script here; CI builds run without the write guard");
+            None
+        }
+    };
     let dbt_identity = reuse::dbt_identity(&config.dbt);
     tracing::info!(dir = %cache.root().display(), max_bytes = config.cache.max_bytes, dbt = %dbt_identity, "caches ready");
     let coordinator = CoordinatorClient::new(
@@ -269,6 +284,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
             cache,
             dbt_identity,
             warehouse: Arc::new(warehouse),
+            guard_script,
             config: config.clone(),
             secrets: secrets.clone(),
             coordinator: coordinator.clone(),

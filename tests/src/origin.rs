@@ -88,6 +88,9 @@ impl Origin {
                 if path.exists() {
                     bail!("{file} exists already");
                 }
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
                 std::fs::write(&path, new)?;
                 git(&self.path, &["add", file])?;
                 continue;

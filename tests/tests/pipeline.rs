@@ -256,6 +256,47 @@ async fn a_pr_with_invalid_sql_fails_with_dbts_error_in_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pr_that_would_write_outside_its_own_database_is_refused_before_anything_runs() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
+    cluster.deploy().await.unwrap();
+    let production_before = dump_database(&cluster.production_database(), None).unwrap();
+    // A model that names production's catalog as its database.
+    let sha = cluster
+        .origin
+        .pull_request(
+            5,
+            &[
+                edits::ADD_COLUMN,
+                (
+                    "models/marts/into_production.sql",
+                    "",
+                    "{{ config(database='prod', materialized='table') }}\nselect * from {{ ref('stg_orders') }}\n",
+                ),
+            ],
+        )
+        .unwrap();
+    let run = cluster.create_run(&ci_request(5, &sha)).await.unwrap();
+    let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Error, "{run:?}");
+    let message = run.message.clone().unwrap();
+    assert!(
+        message.starts_with("refused before building: 1 node(s) would be written outside this PR's own database `pr`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("model.shop.into_production → prod.main"),
+        "{message}"
+    );
+    // Nothing ran: no node results, and production is as it was.
+    assert!(nodes_of(&run).is_empty(), "{run:?}");
+    assert_eq!(
+        dump_database(&cluster.production_database(), None).unwrap(),
+        production_before
+    );
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_4xx_and_queue_nothing() {
     // No agent: anything queued would stay in the queue, where we can count it.
     let mut cluster = Cluster::start(ClusterOptions {

@@ -209,5 +209,47 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
         postgres.relations(DATABASE, "analytics").unwrap(),
         production
     );
+
+    // A project whose generate_schema_name ignores the target schema would build the PR into
+    // production: the write guard refuses it before anything runs.
+    let sha = cluster
+        .origin
+        .pull_request(
+            9,
+            &[
+                ADD_COLUMN,
+                (
+                    "macros/generate_schema_name.sql",
+                    "",
+                    "{% macro generate_schema_name(custom_schema_name, node) -%}analytics{%- endmacro %}\n",
+                ),
+            ],
+        )
+        .unwrap();
+    let refused = cluster.create_run(&ci_request(9, &sha)).await.unwrap();
+    let refused = cluster.wait_for_run(refused.id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(refused.status, RunStatus::Error, "{refused:?}");
+    let message = refused.message.clone().unwrap();
+    assert!(
+        message.contains(
+            "would be written outside this PR's schemas analytics.pr_shop_9 and analytics.pr_shop_9_*"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("model.shop.stg_orders → analytics.analytics"),
+        "{message}"
+    );
+    assert!(message.contains("generate_schema_name"), "{message}");
+    assert!(!postgres.schemas(DATABASE).unwrap().contains("pr_shop_9"));
+    assert_eq!(
+        postgres
+            .query(
+                DATABASE,
+                "select count(*) from information_schema.columns where table_schema = 'analytics' and table_name = 'stg_orders' and column_name = 'order_day_of_week'"
+            )
+            .unwrap(),
+        "0"
+    );
     cluster.assert_all_alive();
 }

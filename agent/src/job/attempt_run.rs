@@ -37,6 +37,8 @@ pub struct AttemptRun<'a> {
     pub last_report: Option<SandboxReport>,
     /// A limit the build hit without being stopped by it, for the run's message.
     pub limit_note: Option<String>,
+    /// Why the write guard refused the build, when it did.
+    pub refusal: Option<String>,
     /// Which caches the attempt used, reported once the build has run.
     pub caches: CacheReport,
     /// Cache entries this attempt reads; eviction leaves them alone until it ends.
@@ -68,6 +70,7 @@ impl<'a> AttemptRun<'a> {
             invocations: 0,
             last_report: None,
             limit_note: None,
+            refusal: None,
             caches: CacheReport::default(),
             holds: Vec::new(),
         }

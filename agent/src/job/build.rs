@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::job::attempt_run::AttemptRun;
 use crate::job::dbt::DbtStart;
+use crate::job::guard::{REFUSED_EXIT, WriteGuard};
 use crate::job::parse_cache::ParseFor;
 use crate::job::stop::{Stop, pids_limit_note};
 use crate::process::Exit;
@@ -21,12 +22,14 @@ pub struct Built {
 
 impl AttemptRun<'_> {
     /// Builds the project; `state_dir` is production's manifest for a CI build, none for a
-    /// deploy. `profile` is the profile written for the attempt.
+    /// deploy. `profile` is the profile written for the attempt; `guard`, what a CI build may
+    /// write.
     pub async fn build(
         &mut self,
         project: &Path,
         state_dir: Option<&Path>,
         profile: &str,
+        guard: Option<&WriteGuard>,
     ) -> Result<Built, Stop> {
         let mut args: Vec<String> = vec!["build".into()];
         match state_dir {
@@ -45,9 +48,16 @@ impl AttemptRun<'_> {
             .restore_parse(project, ParseFor { target, profile })
             .await;
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
-        let dbt = self.dbt(project, args, DbtStart::Prestarted).await?;
+        let dbt = self
+            .dbt_guarded(project, args, DbtStart::Prestarted, guard)
+            .await?;
         self.after_parse(parse, &dbt).await;
         let ran = dbt.ran;
+        if ran.exit == Exit::Code(REFUSED_EXIT)
+            && let Some(refusal) = self.refusal.take()
+        {
+            return Err(Stop::error(refusal));
+        }
         match ran.exit {
             Exit::Code(0) => Ok(Built {
                 result: RunResult::Success,

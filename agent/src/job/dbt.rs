@@ -15,6 +15,7 @@ use crate::job::attempt_run::AttemptRun;
 use crate::job::log_sender::LOG_FLUSH_INTERVAL;
 use crate::job::stop::{Stop, pids_limit_note};
 use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
+use crate::job::guard::{REFUSED_PREFIX, WriteGuard};
 use crate::warm::Warm;
 
 /// How dbt is started.
@@ -96,16 +97,56 @@ impl AttemptRun<'_> {
         args: Vec<String>,
         start: DbtStart,
     ) -> Result<DbtRun, Stop> {
+        self.dbt_guarded(project, args, start, None).await
+    }
+
+    /// `dbt`, through the write guard when `guard` is given (`dbt build` of a CI build): a
+    /// refused build exits `guard::REFUSED_EXIT`, and `self.refusal` says why.
+    pub async fn dbt_guarded(
+        &mut self,
+        project: &Path,
+        args: Vec<String>,
+        start: DbtStart,
+        guard: Option<&WriteGuard>,
+    ) -> Result<DbtRun, Stop> {
         self.invocations += 1;
+        let guard = match (guard, &self.services.guard_script) {
+            (Some(guard), Some(script)) => {
+                // The script, and the worker's import of it, read the worker's directory.
+                if let Some(directory) = script.script.parent() {
+                    self.paths.read.push(directory.to_owned());
+                }
+                Some((guard.clone(), guard.script_input(&args), script.clone()))
+            }
+            (Some(_), None) => {
+                self.log.slimci(
+                    "write guard unavailable (dbt is not a Python script here); building without it",
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let env = self.dbt_env();
         let spawned = Instant::now();
         let warm = match start {
-            DbtStart::Prestarted => self.hand_to_warm(project, &args, &env).await,
+            DbtStart::Prestarted => {
+                let input = guard.as_ref().map(|(_, input, _)| input);
+                self.hand_to_warm(project, &args, &env, input).await
+            }
             DbtStart::Cold => None,
         };
         let mut dbt = match warm {
             Some(warm) => warm,
-            None => self.spawn_dbt(project, args, env)?,
+            None => match &guard {
+                Some((_, input, script)) => {
+                    let args = vec![script.script.display().to_string(), input.to_string()];
+                    self.spawn_dbt(project, &script.python, args, env)?
+                }
+                None => {
+                    let program = self.services.config.dbt.clone();
+                    self.spawn_dbt(project, &program, args, env)?
+                }
+            },
         };
         let mut confined = false;
         let mut progress = Progress::default();
@@ -116,6 +157,12 @@ impl AttemptRun<'_> {
                 line = dbt.lines.recv() => match line {
                     Some(raw) if dbt.prestarted && !confined && raw.starts_with(WORKER_CONFINED_PREFIX) => {
                         confined = true;
+                    }
+                    Some(raw) if guard.is_some() && raw.starts_with(REFUSED_PREFIX) => {
+                        let (guard, _, _) = guard.as_ref().expect("guarded");
+                        let refusal = guard.refusal(&raw[REFUSED_PREFIX.len()..]);
+                        self.log.slimci(&refusal);
+                        self.refusal = Some(refusal);
                     }
                     Some(raw) => {
                         let parsed = progress.read(&raw);
@@ -187,6 +234,7 @@ impl AttemptRun<'_> {
         project: &Path,
         args: &[String],
         env: &[(String, String)],
+        guard: Option<&serde_json::Value>,
     ) -> Option<DbtProcess> {
         let warm = self.services.warm.as_ref()?.take()?;
         let job = serde_json::json!({
@@ -194,6 +242,7 @@ impl AttemptRun<'_> {
             "cwd": project,
             "env": env,
             "landlock": self.services.sandbox.landlock_rules(&self.paths),
+            "guard": guard,
         });
         if let Err(error) = warm.hand(&job).await {
             self.log.slimci(format_args!("starting dbt cold: {error}"));
@@ -222,14 +271,15 @@ impl AttemptRun<'_> {
         })
     }
 
-    /// Starts dbt cold in the sandbox.
+    /// Starts `program` (dbt, or dbt's Python with the guard script) cold in the sandbox.
     fn spawn_dbt(
         &self,
         project: &Path,
+        program: &Path,
         args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Result<DbtProcess, Stop> {
-        let program = self.services.config.dbt.clone();
+        let program = program.to_owned();
         let name = format!(
             "{}-{}-{}",
             self.job.run_id, self.job.attempt, self.invocations

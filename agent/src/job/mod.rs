@@ -13,6 +13,7 @@ mod build;
 mod checkout;
 mod dbt;
 mod deps;
+pub mod guard;
 mod log_sender;
 mod parse_cache;
 mod profile;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Reporter;
 use crate::job::attempt_run::AttemptRun;
 use crate::job::build::Built;
+use crate::job::guard::WriteGuard;
 use crate::job::stop::Stop;
 use crate::warehouse::{Target, writable_dir};
 
@@ -155,8 +157,9 @@ impl AttemptRun<'_> {
 
         // Build.
         self.phase_started(Phase::Build);
+        let guard = WriteGuard::for_target(&target);
         let built = self
-            .build(&project, state_dir.as_deref(), &profile.text)
+            .build(&project, state_dir.as_deref(), &profile.text, guard.as_ref())
             .await;
         self.phase_finished(
             Phase::Build,

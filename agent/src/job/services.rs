@@ -7,6 +7,7 @@ use crate::cache::Cache;
 use crate::config::{Config, Secrets};
 use crate::coordinator_client::CoordinatorClient;
 use crate::git::GitCache;
+use crate::job::guard::GuardScript;
 use crate::sandbox::Sandbox;
 use crate::state::StateCache;
 use crate::warehouse::Warehouse;
@@ -28,4 +29,6 @@ pub struct Services {
     pub sandbox: Arc<Sandbox>,
     /// Pre-started dbt for the slots' next builds, when dbt is a Python script here.
     pub warm: Option<Arc<WarmPool>>,
+    /// The write guard's script, when dbt is a Python script here.
+    pub guard_script: Option<GuardScript>,
 }

@@ -1,0 +1,236 @@
+//! The write guard of a CI build (`dbt_guard.py`): before anything executes, every selected
+//! node that writes a relation must land inside the PR's isolation, or the build is refused,
+//! naming the nodes, where they would have gone and what to fix. DuckDB: the PR's own database
+//! (catalog `pr`). A server warehouse: the PR's schema `pr_<slug>_<n>` or a `pr_<slug>_<n>_*`
+//! schema of the CI database, compared case-insensitively (Snowflake folds unquoted names).
+//! It runs in dbt's own process (cold, or on the pre-started dbt), on the manifest dbt parsed
+//! once: the guard adds a node listing to the build, not a second parse.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::warehouse::{DuckDbTarget, PR_CATALOG, Purpose, SchemaTarget, Target};
+
+/// The guard script, written beside the pre-started dbt's worker (which imports it).
+pub const GUARD_SCRIPT: &str = include_str!("../dbt_guard.py");
+/// The exit code of a refused build.
+pub const REFUSED_EXIT: i32 = 3;
+/// The line the guard prints when it refuses (not part of the log).
+pub const REFUSED_PREFIX: &str = "[slimci-guard] ";
+
+/// Where the guard script is and the Python that runs it (dbt's own).
+#[derive(Clone)]
+pub struct GuardScript {
+    pub python: PathBuf,
+    pub script: PathBuf,
+}
+
+impl GuardScript {
+    /// Writes the script into `directory` (the pre-started dbt's, `<work_dir>/dbt-worker`).
+    pub fn install(python: PathBuf, directory: &Path) -> std::io::Result<GuardScript> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(directory)?;
+        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755))?;
+        let script = directory.join("dbt_guard.py");
+        std::fs::write(&script, GUARD_SCRIPT)?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))?;
+        Ok(GuardScript { python, script })
+    }
+}
+
+/// What a CI build may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteGuard {
+    pub database: String,
+    /// The isolation schema; none where the database itself is the PR's (DuckDB).
+    pub schema: Option<String>,
+    pub case_insensitive: bool,
+}
+
+impl WriteGuard {
+    /// The guard of a CI build's target; none for a deploy or a teardown.
+    pub fn for_target(target: &Target) -> Option<WriteGuard> {
+        match target {
+            Target::DuckDb(DuckDbTarget::Ci { .. }) => Some(WriteGuard {
+                database: PR_CATALOG.to_owned(),
+                schema: None,
+                case_insensitive: false,
+            }),
+            Target::Schema(SchemaTarget {
+                purpose: Purpose::Ci,
+                database,
+                schema,
+                ..
+            }) => Some(WriteGuard {
+                database: database.clone(),
+                schema: Some(schema.clone()),
+                case_insensitive: true,
+            }),
+            Target::DuckDb(_) | Target::Schema(_) => None,
+        }
+    }
+
+    /// The guard script's input for `dbt build` with `build` (its arguments without `build`
+    /// itself): dbt's parse, the listing of what `build` selects, and the build.
+    pub fn script_input(&self, build: &[String]) -> serde_json::Value {
+        let mut common: Vec<String> = Vec::new();
+        let mut select: Vec<String> = Vec::new();
+        let mut args = build.iter().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--target" | "--log-format" => {
+                    common.push(arg.clone());
+                    common.extend(args.next().cloned());
+                }
+                "--select" | "--state" | "--exclude" | "--selector" => {
+                    select.push(arg.clone());
+                    select.extend(args.next().cloned());
+                }
+                _ => {}
+            }
+        }
+        let parse: Vec<String> = std::iter::once("parse".to_owned())
+            .chain(common.iter().cloned())
+            .collect();
+        let target: Vec<String> = common
+            .chunks(2)
+            .filter(|pair| pair[0] == "--target")
+            .flatten()
+            .cloned()
+            .collect();
+        let list: Vec<String> = std::iter::once("ls".to_owned())
+            .chain(target)
+            .chain(select)
+            .chain(
+                [
+                    "--resource-types",
+                    "model",
+                    "seed",
+                    "snapshot",
+                    "--output",
+                    "json",
+                    "--output-keys",
+                    "unique_id",
+                    "--log-level",
+                    "none",
+                ]
+                .map(str::to_owned),
+            )
+            .collect();
+        serde_json::json!({
+            "parse": parse,
+            "list": list,
+            "build": build,
+            "database": self.database,
+            "schema": self.schema,
+            "case_insensitive": self.case_insensitive,
+        })
+    }
+
+    /// The run's message for the guard's `[slimci-guard]` line.
+    pub fn refusal(&self, line: &str) -> String {
+        #[derive(Deserialize)]
+        struct Report {
+            refused: Vec<Refused>,
+        }
+        #[derive(Deserialize)]
+        struct Refused {
+            node: String,
+            database: Option<String>,
+            schema: Option<String>,
+        }
+        let report: Option<Report> = serde_json::from_str(line).ok();
+        let nodes = report
+            .map(|report| {
+                report
+                    .refused
+                    .iter()
+                    .map(|refused| {
+                        format!(
+                            "{} → {}.{}",
+                            refused.node,
+                            refused.database.as_deref().unwrap_or("?"),
+                            refused.schema.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let count = nodes.len();
+        match &self.schema {
+            Some(schema) => format!(
+                "refused before building: {count} node(s) would be written outside this PR's schemas {db}.{schema} and {db}.{schema}_*: {}. A PR's build may write only there; make the project's generate_schema_name build on target.schema (dbt's default does) and set no `database` on models",
+                nodes.join(", "),
+                db = self.database,
+            ),
+            None => format!(
+                "refused before building: {count} node(s) would be written outside this PR's own database `{}`: {}. Set no `database` on models",
+                self.database,
+                nodes.join(", ")
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_gets_the_builds_selection_and_target() {
+        let guard = WriteGuard {
+            database: "analytics".into(),
+            schema: Some("pr_shop_7".into()),
+            case_insensitive: true,
+        };
+        let build: Vec<String> = [
+            "build",
+            "--select",
+            "state:modified+",
+            "--defer",
+            "--state",
+            "/s",
+            "--target",
+            "ci",
+            "--log-format",
+            "json",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let input = guard.script_input(&build);
+        assert_eq!(
+            input["parse"],
+            serde_json::json!(["parse", "--target", "ci", "--log-format", "json"])
+        );
+        let list: Vec<String> = serde_json::from_value(input["list"].clone()).unwrap();
+        assert_eq!(
+            &list[..7],
+            ["ls", "--target", "ci", "--select", "state:modified+", "--state", "/s"]
+        );
+        assert!(!list.contains(&"--defer".to_owned()));
+        assert_eq!(input["build"], serde_json::json!(build));
+        assert_eq!(input["schema"], "pr_shop_7");
+    }
+
+    #[test]
+    fn a_refusal_names_each_node_and_where_it_would_have_gone() {
+        let guard = WriteGuard {
+            database: "analytics".into(),
+            schema: Some("pr_shop_7".into()),
+            case_insensitive: true,
+        };
+        let message = guard.refusal(
+            r#"{"refused": [{"node": "model.shop.orders", "database": "analytics", "schema": "analytics"}]}"#,
+        );
+        assert!(
+            message.contains("1 node(s) would be written outside this PR's schemas analytics.pr_shop_7"),
+            "{message}"
+        );
+        assert!(
+            message.contains("model.shop.orders → analytics.analytics"),
+            "{message}"
+        );
+        assert!(message.contains("generate_schema_name"), "{message}");
+    }
+}
