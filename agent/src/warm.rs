@@ -2,7 +2,7 @@
 //! so the agent pays it while the slot waits for its next job.
 //!
 //! A warm dbt is an ordinary sandboxed invocation (wrapper, init, cgroup, PID namespace, build
-//! user) of `dbt_worker.py` under dbt's own Python, started with landlock rules that cover any
+//! user) of `slimci_worker.py` under dbt's own Python, started with landlock rules that cover any
 //! build of this agent (every run directory, the warehouse, the cached manifests). It loads dbt
 //! and waits on a FIFO. The build hands it its arguments, working directory, environment and its
 //! own landlock rules; the worker confines itself to those before it reads anything of the
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
 use crate::sandbox::{BuildPaths, Sandbox, SandboxError};
 
-const WORKER: &str = include_str!("dbt_worker.py");
+const WORKER: &str = include_str!("slimci_worker.py");
 
 /// How long a build waits for its warm dbt to open the FIFO (it does so first thing).
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,7 +117,7 @@ impl WarmPool {
         let directory = work_dir.join("dbt-worker");
         std::fs::create_dir_all(&directory)?;
         std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o755))?;
-        let script = directory.join("dbt_worker.py");
+        let script = directory.join("slimci_worker.py");
         std::fs::write(&script, WORKER)?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))?;
         let mut paths = paths;

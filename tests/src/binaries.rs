@@ -148,13 +148,13 @@ mod tests {
 
     #[test]
     fn dep_info_lists_every_prerequisite_with_escaped_spaces() {
-        let text = "/t/debug/slimci-agent: /w/agent/src/lib.rs /w/my\\ dir/a.rs /w/agent/src/dbt_worker.py\n\n/w/agent/src/lib.rs:\n";
+        let text = "/t/debug/slimci-agent: /w/agent/src/lib.rs /w/my\\ dir/a.rs /w/agent/src/slimci_worker.py\n\n/w/agent/src/lib.rs:\n";
         assert_eq!(
             dep_info_sources(text),
             [
                 PathBuf::from("/w/agent/src/lib.rs"),
                 PathBuf::from("/w/my dir/a.rs"),
-                PathBuf::from("/w/agent/src/dbt_worker.py"),
+                PathBuf::from("/w/agent/src/slimci_worker.py"),
             ]
         );
     }

@@ -279,9 +279,10 @@ async fn a_pr_that_would_write_outside_its_own_database_is_refused_before_anythi
     let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
     assert_eq!(run.status, RunStatus::Error, "{run:?}");
     let message = run.message.clone().unwrap();
+    let log = cluster.log(run.id).await.unwrap();
     assert!(
         message.starts_with("refused before building: 1 node(s) would be written outside this PR's own database `pr`"),
-        "{message}"
+        "{message}\n{log}"
     );
     assert!(
         message.contains("model.shop.into_production → prod.main"),

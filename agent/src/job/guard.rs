@@ -1,4 +1,4 @@
-//! The write guard of a CI build (`dbt_guard.py`): before anything executes, every selected
+//! The write guard of a CI build (`slimci_guard.py`): before anything executes, every selected
 //! node that writes a relation must land inside the PR's isolation, or the build is refused,
 //! naming the nodes, where they would have gone and what to fix. DuckDB: the PR's own database
 //! (catalog `pr`). A server warehouse: the PR's schema `pr_<slug>_<n>` or a `pr_<slug>_<n>_*`
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::warehouse::{DuckDbTarget, PR_CATALOG, Purpose, SchemaTarget, Target};
 
 /// The guard script, written beside the pre-started dbt's worker (which imports it).
-pub const GUARD_SCRIPT: &str = include_str!("../dbt_guard.py");
+pub const GUARD_SCRIPT: &str = include_str!("../slimci_guard.py");
 /// The exit code of a refused build.
 pub const REFUSED_EXIT: i32 = 3;
 /// The line the guard prints when it refuses (not part of the log).
@@ -32,7 +32,10 @@ impl GuardScript {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(directory)?;
         std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755))?;
-        let script = directory.join("dbt_guard.py");
+        // Agents before this one wrote the worker as `dbt_worker.py`; dbt imports every
+        // top-level `dbt_*` module on its path as a plugin, and this directory is on it.
+        let _ = std::fs::remove_file(directory.join("dbt_worker.py"));
+        let script = directory.join("slimci_guard.py");
         std::fs::write(&script, GUARD_SCRIPT)?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))?;
         Ok(GuardScript { python, script })
@@ -206,7 +209,15 @@ mod tests {
         let list: Vec<String> = serde_json::from_value(input["list"].clone()).unwrap();
         assert_eq!(
             &list[..7],
-            ["ls", "--target", "ci", "--select", "state:modified+", "--state", "/s"]
+            [
+                "ls",
+                "--target",
+                "ci",
+                "--select",
+                "state:modified+",
+                "--state",
+                "/s"
+            ]
         );
         assert!(!list.contains(&"--defer".to_owned()));
         assert_eq!(input["build"], serde_json::json!(build));
@@ -224,7 +235,9 @@ mod tests {
             r#"{"refused": [{"node": "model.shop.orders", "database": "analytics", "schema": "analytics"}]}"#,
         );
         assert!(
-            message.contains("1 node(s) would be written outside this PR's schemas analytics.pr_shop_7"),
+            message.contains(
+                "1 node(s) would be written outside this PR's schemas analytics.pr_shop_7"
+            ),
             "{message}"
         );
         assert!(

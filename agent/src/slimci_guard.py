@@ -9,7 +9,7 @@ land outside the isolation: it prints one line `[slimci-guard] {"refused": [...]
 Otherwise it runs the build on the manifest it already parsed, so the guard costs no second
 parse.
 
-Run as `python dbt_guard.py GUARD_JSON` (a cold dbt) or through `build(guard)` from the
+Run as `python slimci_guard.py GUARD_JSON` (a cold dbt) or through `build(guard)` from the
 pre-started worker. GUARD_JSON: {"parse": [dbt args], "list": [dbt args], "build": [dbt args],
 "database": name, "schema": isolation or null, "case_insensitive": bool}. With a null schema
 (DuckDB, a database file per PR) only the database is checked.

@@ -116,9 +116,11 @@ def main():
     tempfile.tempdir = None
     os.chdir(job["cwd"])
     if job.get("guard") is not None:
-        import dbt_guard  # beside this script; see agent/src/job/guard.rs
+        # Beside this script (see agent/src/job/guard.rs). Neither file's name starts with
+        # `dbt_`: dbt imports every top-level `dbt_*` module it finds as a plugin.
+        import slimci_guard
 
-        sys.exit(dbt_guard.build(job["guard"]))
+        sys.exit(slimci_guard.build(job["guard"]))
     sys.argv = ["dbt", *job["args"]]
     from dbt.cli.main import cli
 
