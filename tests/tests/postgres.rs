@@ -253,3 +253,41 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
     );
     cluster.assert_all_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_the_run_with_the_servers_words_and_the_settings_to_check() {
+    let postgres = Postgres::start().await.unwrap();
+    postgres.create_database(DATABASE).unwrap();
+    let warehouse = postgres.agent_warehouse().replace(
+        &format!("password = \"{}\"", slimci_tests::postgres::PASSWORD),
+        "password = \"not-the-password\"",
+    );
+    let mut cluster = Cluster::start(ClusterOptions {
+        warehouse: Some(warehouse),
+        repository_toml: format!(
+            "[repository.warehouse]\ndatabase = \"{DATABASE}\"\nschema = \"analytics\"\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let run = cluster
+        .create_run(&slimci_tests::deploy_request())
+        .await
+        .unwrap();
+    let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Error, "{run:?}");
+    let message = run.message.clone().unwrap();
+    assert!(
+        message.contains("password authentication failed for user \"slimci\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("check this agent's [warehouse] host, port, user, password"),
+        "{message}"
+    );
+    // The wrong password is a secret too: never in the log.
+    let log = cluster.log(run.id).await.unwrap();
+    assert!(!log.contains("not-the-password"), "{log}");
+    cluster.assert_all_alive();
+}

@@ -37,7 +37,7 @@ use crate::warehouse::{Target, writable_dir};
 
 pub use crate::job::profile::{ProfileError, profile_name};
 pub use crate::job::results::{
-    RunResultsError, build_message, failure_summary, read_deferred, read_run_results,
+    RunResultsError, build_message, dbt_error, failure_summary, read_deferred, read_run_results,
 };
 pub use crate::job::services::Services;
 
@@ -208,9 +208,23 @@ impl AttemptRun<'_> {
             }
         }
         self.publish_or_discard(&target, built, uploaded)?;
+        let dbt_error = (built.result == RunResult::Error)
+            .then(|| dbt_error(&self.run_dir.join("logs").join("dbt.log")))
+            .flatten()
+            .map(
+                |error| match self.services.warehouse.connection_hint(&error) {
+                    Some(hint) => format!("{error}; {hint}"),
+                    None => error,
+                },
+            );
         Ok(Outcome {
             result: built.result,
-            message: build_message(built, &nodes, self.limit_note.as_deref()),
+            message: build_message(
+                built,
+                &nodes,
+                self.limit_note.as_deref(),
+                dbt_error.as_deref(),
+            ),
             dbt_exit_code: Some(built.dbt_exit_code),
             nodes,
             deferred,

@@ -125,16 +125,39 @@ pub fn build_message(
     built: Built,
     nodes: &[NodeResult],
     limit_note: Option<&str>,
+    dbt_error: Option<&str>,
 ) -> Option<String> {
-    let message = match built.result {
-        RunResult::Success => return None,
-        RunResult::Failed => failure_summary(nodes),
-        _ => format!("dbt exited with code {}", built.dbt_exit_code),
+    let message = match (built.result, dbt_error) {
+        (RunResult::Success, _) => return None,
+        (RunResult::Failed, _) => failure_summary(nodes),
+        (_, Some(error)) => format!(
+            "dbt stopped with an error (exit code {}): {error}",
+            built.dbt_exit_code
+        ),
+        (_, None) => format!("dbt exited with code {}", built.dbt_exit_code),
     };
     Some(match limit_note {
         Some(note) => format!("{note}; {message}"),
         None => message,
     })
+}
+
+/// dbt's own account of the error that stopped it (its `Encountered an error:` event), from
+/// its JSON log file, on one line; none if it logged none.
+pub fn dbt_error(dbt_log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dbt_log).ok()?;
+    let message = text
+        .lines()
+        .filter(|line| line.starts_with('{') && line.contains("MainEncounteredError"))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|event| event["info"]["msg"].as_str().map(str::to_owned))
+        .last()?;
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && *line != "Encountered an error:")
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(" / "))
 }
 
 /// "2 of 21 nodes failed: test.shop.x (Got 5 results, configured to fail if != 0), ..."
@@ -203,7 +226,7 @@ mod tests {
             dbt_exit_code: 1,
         };
         assert_eq!(
-            build_message(failed, &nodes, Some("pids limit: hit")).unwrap(),
+            build_message(failed, &nodes, Some("pids limit: hit"), None).unwrap(),
             "pids limit: hit; 1 of 2 nodes failed: test.shop.accepted_values_x (Got 5 results, configured to fail if != 0)"
         );
     }
@@ -231,14 +254,42 @@ mod tests {
             result: RunResult::Success,
             dbt_exit_code: 0,
         };
-        assert_eq!(build_message(success, &[], Some("note")), None);
+        assert_eq!(build_message(success, &[], Some("note"), None), None);
         let error = Built {
             result: RunResult::Error,
             dbt_exit_code: 2,
         };
         assert_eq!(
-            build_message(error, &[], None).as_deref(),
+            build_message(error, &[], None, None).as_deref(),
             Some("dbt exited with code 2")
         );
+        assert_eq!(
+            build_message(
+                error,
+                &[],
+                None,
+                Some("Database Error / connection refused")
+            )
+            .as_deref(),
+            Some("dbt stopped with an error (exit code 2): Database Error / connection refused")
+        );
+    }
+
+    #[test]
+    fn dbts_error_comes_from_its_log_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dbt.log");
+        std::fs::write(&log, concat!(
+            r#"{"info": {"name": "MainReportVersion", "msg": "Running with dbt=1.11.16"}}"#, "\n",
+            r#"{"info": {"name": "MainEncounteredError", "msg": "Encountered an error:\nDatabase Error\n  connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n"}}"#, "\n",
+        )).unwrap();
+        assert_eq!(
+            dbt_error(&log).as_deref(),
+            Some(
+                r#"Database Error / connection to server at "127.0.0.1", port 1 failed: Connection refused"#
+            )
+        );
+        std::fs::write(&log, "no events\n").unwrap();
+        assert_eq!(dbt_error(&log), None);
     }
 }

@@ -258,6 +258,34 @@ impl Warehouse {
         }
     }
 
+    /// What to check when dbt's `error` says it could not connect or log in: the agent's own
+    /// settings for this warehouse. None for other errors, and for DuckDB.
+    pub fn connection_hint(&self, error: &str) -> Option<&'static str> {
+        const CONNECTION: [&str; 9] = [
+            "could not connect",
+            "connection to server",
+            "could not translate host name",
+            "password authentication failed",
+            "Failed to connect to DB",
+            "Incorrect username or password",
+            "JWT token is invalid",
+            "role \"",
+            "does not exist or not authorized",
+        ];
+        if !CONNECTION.iter().any(|needle| error.contains(needle)) {
+            return None;
+        }
+        match self {
+            Warehouse::Postgres(_) => Some(
+                "the warehouse refused the connection: check this agent's [warehouse] host, port, user, password and sslmode, and that the user may connect to the repository's database",
+            ),
+            Warehouse::Snowflake(_) => Some(
+                "the warehouse refused the connection: check this agent's [warehouse] account, user, role, warehouse and private_key_path (or password), and the user's grants",
+            ),
+            Warehouse::DuckDb(_) => None,
+        }
+    }
+
     /// Whether a build gets the private key as a file of its own (`KEY_FILE`).
     pub fn needs_key_file(&self) -> bool {
         matches!(
