@@ -148,10 +148,10 @@ pub fn dbt_error(dbt_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dbt_log).ok()?;
     let message = text
         .lines()
+        .rev()
         .filter(|line| line.starts_with('{') && line.contains("MainEncounteredError"))
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|event| event["info"]["msg"].as_str().map(str::to_owned))
-        .last()?;
+        .find_map(|event| event["info"]["msg"].as_str().map(str::to_owned))?;
     let lines: Vec<&str> = message
         .lines()
         .map(str::trim)
