@@ -26,11 +26,20 @@ fn the_benchmark_runs_end_to_end_and_prints_its_machine_readable_line() {
     let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
     assert_eq!(
         names,
-        ["n_models", "a_s", "b_s", "c_s", "a_over_b", "a_over_c"],
+        [
+            "warehouse",
+            "n_models",
+            "a_s",
+            "b_s",
+            "c_s",
+            "a_over_b",
+            "a_over_c"
+        ],
         "{last}"
     );
-    assert_eq!(fields[0].1, "30");
-    for (name, value) in &fields[1..] {
+    assert_eq!(fields[0].1, "duckdb");
+    assert_eq!(fields[1].1, "30");
+    for (name, value) in &fields[2..] {
         let value: f64 = value.parse().unwrap_or_else(|_| panic!("{name}={value}"));
         assert!(value.is_finite() && value > 0.0, "{last}");
     }

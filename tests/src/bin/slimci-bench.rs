@@ -14,7 +14,12 @@
 //! All three run dbt with the same profile shape (DuckDB, 4 threads, the PR's own database with
 //! production attached read-only as `prod`). Prints each sample, the medians, the phase
 //! breakdown of (a), and last a machine-readable line:
-//! `bench n_models=<n> a_s=<median> b_s=<median> c_s=<median> a_over_b=<x> a_over_c=<y>`.
+//! `bench warehouse=<duckdb|postgres> n_models=<n> a_s=<median> b_s=<median> c_s=<median>
+//! a_over_b=<x> a_over_c=<y>`.
+//!
+//! `--warehouse postgres` runs the same on a PostgreSQL 15 server the benchmark starts (needs
+//! root): slimci's agent, the hand run and the script all build into schemas of one database,
+//! deferring to production's schema.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +29,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use slimci_client::{RunStatus, RunView};
 use slimci_tests::measure::{median, ms_of};
+use slimci_tests::postgres::Postgres;
 use slimci_tests::{Cluster, ClusterOptions, ci_request, dbt, deploy_request, workspace_root};
 
 #[derive(Parser)]
@@ -37,6 +43,38 @@ struct Args {
     /// Seed of the generated project.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Where dbt builds.
+    #[arg(long, value_enum, default_value_t = WarehouseKind::Duckdb)]
+    warehouse: WarehouseKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WarehouseKind {
+    Duckdb,
+    Postgres,
+}
+
+impl WarehouseKind {
+    fn name(self) -> &'static str {
+        match self {
+            WarehouseKind::Duckdb => "duckdb",
+            WarehouseKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// Where a hand run's or the script's build writes.
+enum HandTarget<'a> {
+    /// Its own DuckDB file, production attached read-only as `prod`, as the agent does.
+    DuckDb {
+        database: PathBuf,
+        production: &'a Path,
+    },
+    /// Its own schema of the PostgreSQL database production is in.
+    Postgres {
+        postgres: &'a Postgres,
+        schema: &'a str,
+    },
 }
 
 const EDITED: &str = "models/staging/stg_0001.sql";
@@ -64,18 +102,32 @@ fn tail_text(text: &str) -> String {
 }
 
 /// The profile a hand run uses: what the agent writes, with absolute paths.
-fn hand_profile(directory: &Path, database: &Path, production: &Path) -> anyhow::Result<()> {
+fn hand_profile(directory: &Path, target: HandTarget<'_>) -> anyhow::Result<()> {
     std::fs::create_dir_all(directory)?;
-    std::fs::write(
-        directory.join("profiles.yml"),
-        format!(
-            "bench:\n  target: ci\n  outputs:\n    ci:\n      type: duckdb\n      path: {}\n      threads: {THREADS}\n      attach:\n        - path: {}\n          alias: prod\n          read_only: true\n",
+    let output = match target {
+        HandTarget::DuckDb {
+            database,
+            production,
+        } => format!(
+            "type: duckdb\n      path: {}\n      threads: {THREADS}\n      attach:\n        - path: {}\n          alias: prod\n          read_only: true\n",
             database.display(),
             production.display()
         ),
+        HandTarget::Postgres { postgres, schema } => format!(
+            "type: postgres\n      host: 127.0.0.1\n      port: {}\n      user: {}\n      password: {}\n      dbname: {PG_DATABASE}\n      schema: {schema}\n      threads: {THREADS}\n",
+            postgres.port,
+            slimci_tests::postgres::USER,
+            slimci_tests::postgres::PASSWORD,
+        ),
+    };
+    std::fs::write(
+        directory.join("profiles.yml"),
+        format!("bench:\n  target: ci\n  outputs:\n    ci:\n      {output}"),
     )?;
     Ok(())
 }
+
+const PG_DATABASE: &str = "analytics";
 
 /// Seconds from one RFC 3339 time of a run to another (`created_at` to `finished_at`, ...).
 fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
@@ -252,12 +304,29 @@ async fn main() -> anyhow::Result<()> {
     )?;
     println!("{}", summary.trim());
 
+    let postgres = match args.warehouse {
+        WarehouseKind::Postgres => {
+            let postgres = Postgres::start().await?;
+            postgres.create_database(PG_DATABASE)?;
+            Some(postgres)
+        }
+        WarehouseKind::Duckdb => None,
+    };
     let cluster = Cluster::start(ClusterOptions {
         project: Some(project.clone()),
         run_timeout_secs: Some(RUN_TIMEOUT.as_secs()),
+        warehouse: postgres.as_ref().map(Postgres::agent_warehouse),
+        repository_toml: if postgres.is_some() {
+            format!(
+                "[repository.warehouse]\ndatabase = \"{PG_DATABASE}\"\nschema = \"analytics\"\n"
+            )
+        } else {
+            String::new()
+        },
         ..ClusterOptions::default()
     })
     .await?;
+    println!("warehouse: {}", args.warehouse.name());
     println!("deploying {} models through slimci...", args.models);
     let deploy = cluster
         .create_run(&deploy_request())
@@ -295,14 +364,42 @@ async fn main() -> anyhow::Result<()> {
         "git clone",
     )?;
     let hand_profiles = dir.path().join("hand-profiles");
-    hand_profile(
-        &hand_profiles,
-        &dir.path().join("hand-pr.duckdb"),
-        &production,
-    )?;
     let diy_profiles = dir.path().join("diy-profiles");
     let diy_database = dir.path().join("diy-pr.duckdb");
-    hand_profile(&diy_profiles, &diy_database, &production)?;
+    match &postgres {
+        Some(postgres) => {
+            hand_profile(
+                &hand_profiles,
+                HandTarget::Postgres {
+                    postgres,
+                    schema: "pr_bench_hand",
+                },
+            )?;
+            hand_profile(
+                &diy_profiles,
+                HandTarget::Postgres {
+                    postgres,
+                    schema: "pr_bench_diy",
+                },
+            )?;
+        }
+        None => {
+            hand_profile(
+                &hand_profiles,
+                HandTarget::DuckDb {
+                    database: dir.path().join("hand-pr.duckdb"),
+                    production: &production,
+                },
+            )?;
+            hand_profile(
+                &diy_profiles,
+                HandTarget::DuckDb {
+                    database: diy_database.clone(),
+                    production: &production,
+                },
+            )?;
+        }
+    }
     let mut bench = Bench {
         cluster,
         dir: dir.path().to_owned(),
@@ -443,7 +540,8 @@ async fn main() -> anyhow::Result<()> {
     let modes: Vec<&str> = breakdowns.iter().map(|b| b.parse_mode.as_str()).collect();
     println!("  parse modes: {}", modes.join(", "));
     println!(
-        "bench n_models={} a_s={a_s:.2} b_s={b_s:.2} c_s={c_s:.2} a_over_b={:.2} a_over_c={:.2}",
+        "bench warehouse={} n_models={} a_s={a_s:.2} b_s={b_s:.2} c_s={c_s:.2} a_over_b={:.2} a_over_c={:.2}",
+        args.warehouse.name(),
         args.models,
         a_s / b_s,
         a_s / c_s
