@@ -12,10 +12,10 @@ use tokio::task::JoinHandle;
 
 use crate::dbtlog::Progress;
 use crate::job::attempt_run::AttemptRun;
+use crate::job::guard::{REFUSED_PREFIX, WriteGuard};
 use crate::job::log_sender::LOG_FLUSH_INTERVAL;
 use crate::job::stop::{Stop, pids_limit_note};
 use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
-use crate::job::guard::{REFUSED_PREFIX, WriteGuard};
 use crate::warm::Warm;
 
 /// How dbt is started.

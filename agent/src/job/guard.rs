@@ -206,7 +206,15 @@ mod tests {
         let list: Vec<String> = serde_json::from_value(input["list"].clone()).unwrap();
         assert_eq!(
             &list[..7],
-            ["ls", "--target", "ci", "--select", "state:modified+", "--state", "/s"]
+            [
+                "ls",
+                "--target",
+                "ci",
+                "--select",
+                "state:modified+",
+                "--state",
+                "/s"
+            ]
         );
         assert!(!list.contains(&"--defer".to_owned()));
         assert_eq!(input["build"], serde_json::json!(build));
@@ -224,7 +232,9 @@ mod tests {
             r#"{"refused": [{"node": "model.shop.orders", "database": "analytics", "schema": "analytics"}]}"#,
         );
         assert!(
-            message.contains("1 node(s) would be written outside this PR's schemas analytics.pr_shop_7"),
+            message.contains(
+                "1 node(s) would be written outside this PR's schemas analytics.pr_shop_7"
+            ),
             "{message}"
         );
         assert!(

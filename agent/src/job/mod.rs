@@ -159,7 +159,12 @@ impl AttemptRun<'_> {
         self.phase_started(Phase::Build);
         let guard = WriteGuard::for_target(&target);
         let built = self
-            .build(&project, state_dir.as_deref(), &profile.text, guard.as_ref())
+            .build(
+                &project,
+                state_dir.as_deref(),
+                &profile.text,
+                guard.as_ref(),
+            )
             .await;
         self.phase_finished(
             Phase::Build,
