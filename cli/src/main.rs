@@ -1,4 +1,5 @@
-//! `slimci`: trigger and follow dbt Slim CI runs, deploy, list runs, read logs, cancel.
+//! `slimci`: trigger and follow dbt Slim CI runs, deploy, list runs, read logs, cancel, and
+//! show or publish a repository's production state.
 //!
 //! Exit codes of `trigger` and `deploy` (and `logs --follow`): 0 success, 1 the build failed
 //! (models or tests), 2 anything else (error, cancelled, superseded, timed out, bad request).
@@ -9,15 +10,17 @@
 mod follow;
 mod print;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
 use slimci_client::{Client, RunRequest, RunStatus};
 use slimci_proto::RunId;
 
 use crate::follow::follow_to_the_end;
-use crate::print::{exit_code, print_runs, print_summary};
+use crate::print::{exit_code, print_production_state, print_runs, print_summary};
 
 #[derive(Parser)]
 #[command(
@@ -105,6 +108,34 @@ enum Command {
         pr: u64,
         #[arg(long)]
         no_follow: bool,
+    },
+    /// A repository's production state: the manifest CI runs compare against.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Show the production state: which deploy or publish, its commit and manifest sha256.
+    Show {
+        #[arg(long)]
+        repo: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the manifest.json of a production run made outside slimci (cron, Airflow, dbt
+    /// Cloud) as the repository's production state.
+    Publish {
+        #[arg(long)]
+        repo: String,
+        /// The commit that production run built (full SHA).
+        #[arg(long)]
+        sha: String,
+        /// dbt's manifest.json of that run (`target/manifest.json`).
+        manifest: PathBuf,
     },
 }
 
@@ -206,6 +237,7 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
             }
             follow_to_the_end(client, run.id).await
         }
+        Command::State { command } => state(client, command).await,
         Command::Cancel { run } => {
             let run = client.cancel(run_id(&run)?).await?;
             let state = if run.status == RunStatus::Cancelled {
@@ -217,6 +249,41 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn state(client: &Client, command: StateCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        StateCommand::Show { repo, json } => {
+            let production = client.production_state(&repo).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&production)?);
+            } else {
+                print_production_state(&production);
+            }
+        }
+        StateCommand::Publish {
+            repo,
+            sha,
+            manifest,
+        } => {
+            let bytes = std::fs::read(&manifest)
+                .with_context(|| format!("cannot read {}", manifest.display()))?;
+            let sent_sha256 = hex::encode(Sha256::digest(&bytes));
+            let production = client.publish_production_state(&repo, &sha, bytes).await?;
+            anyhow::ensure!(
+                production.manifest_sha256 == sent_sha256,
+                "the coordinator stored a manifest with sha256 {}, but {} has sha256 {sent_sha256}",
+                production.manifest_sha256,
+                manifest.display()
+            );
+            println!(
+                "published {} as the production state of {repo}",
+                manifest.display()
+            );
+            print_production_state(&production);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn submit(

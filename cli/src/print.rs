@@ -1,8 +1,9 @@
-//! Runs for people: the table of `slimci runs`, the summary after a run, the exit code.
+//! Runs for people: the table of `slimci runs`, the summary after a run, a repository's
+//! production state, the exit code.
 
 use std::process::ExitCode;
 
-use slimci_client::{RunStatus, RunView, is_failure};
+use slimci_client::{ProductionStateView, RunStatus, RunView, is_failure};
 use slimci_proto::RunKind;
 
 /// 0 success, 1 the build failed (models or tests), 2 anything else.
@@ -46,6 +47,7 @@ pub fn print_summary(run: &RunView) {
     let what = match (run.kind, run.pr) {
         (RunKind::Ci, Some(pr)) => format!("ci of {} PR #{pr}", run.repository),
         (RunKind::Teardown, Some(pr)) => format!("teardown of {} PR #{pr}", run.repository),
+        (RunKind::Publish, _) => format!("manifest published for {}", run.repository),
         _ => format!("deploy of {}", run.repository),
     };
     let sha = run
@@ -92,7 +94,11 @@ pub fn print_summary(run: &RunView) {
     if let Some(position) = run.queue_position {
         println!("waiting to start: position {position} in line");
     }
-    if let Some(summary) = &run.summary {
+    if let Some(summary) = run
+        .summary
+        .as_ref()
+        .filter(|_| run.kind != RunKind::Publish)
+    {
         println!();
         println!(
             "  {:>8}  {:>6}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}",
@@ -132,6 +138,22 @@ pub fn print_summary(run: &RunView) {
             );
         }
     }
+}
+
+/// A repository's production state, and which run made it.
+pub fn print_production_state(production: &ProductionStateView) {
+    let made_by = match production.run_kind {
+        RunKind::Publish => "published manifest",
+        _ => "deploy",
+    };
+    println!(
+        "production state of {}: {made_by} {}",
+        production.repository, production.deploy_run_id
+    );
+    println!("  commit           {}", production.sha);
+    println!("  manifest sha256  {}", production.manifest_sha256);
+    println!("  manifest         {}", production.manifest_url);
+    println!("  since            {}", production.updated_at);
 }
 
 #[cfg(test)]

@@ -216,6 +216,28 @@ impl Client {
         self.json(self.api(Method::GET, &path)).await
     }
 
+    /// `POST /api/v1/repositories/{name}/production-state?sha=<sha>`: publishes `manifest`
+    /// (dbt's `manifest.json` of a production run made outside slimci, built from commit
+    /// `sha`) as the repository's production state; answers the new production state.
+    pub async fn publish_production_state(
+        &self,
+        repository: &str,
+        sha: &str,
+        manifest: Vec<u8>,
+    ) -> Result<ProductionStateView, ClientError> {
+        let path = format!(
+            "/repositories/{}/production-state",
+            path_segment(repository)
+        );
+        self.json(
+            self.api(Method::POST, &path)
+                .query(&[("sha", sha)])
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(manifest),
+        )
+        .await
+    }
+
     /// `POST /api/v1/repositories/{name}/pulls/{pr}/teardown`.
     pub async fn teardown(&self, repository: &str, pr: u64) -> Result<Submitted, ClientError> {
         let path = format!(

@@ -8,7 +8,8 @@ use slimci_proto::{Attempt, CacheReport, NodeResult, RunId, RunKind, SandboxRepo
 use crate::status::RunStatus;
 use crate::waiting::Waiting;
 
-/// The production state a CI run compared against.
+/// The production state a CI run compared against (`deploy_run_id`: the deploy or publish
+/// run whose manifest it is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateView {
     pub deploy_run_id: RunId,
@@ -112,11 +113,16 @@ pub struct RunView {
     pub url: String,
 }
 
-/// `GET /api/v1/repositories/{name}/production-state`: the manifest CI runs compare against.
+/// `GET /api/v1/repositories/{name}/production-state`: the manifest CI runs compare against
+/// (also the answer to publishing one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProductionStateView {
     pub repository: String,
+    /// The run whose `manifest.json` this is: a deploy, or a publish.
     pub deploy_run_id: RunId,
+    /// That run's kind: `deploy` (slimci built production) or `publish` (a manifest made
+    /// elsewhere, published with `slimci state publish`).
+    pub run_kind: RunKind,
     pub sha: String,
     pub manifest_sha256: String,
     pub manifest_url: String,

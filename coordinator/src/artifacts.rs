@@ -95,6 +95,14 @@ impl ArtifactStore {
         }
         result
     }
+
+    /// Removes every artifact of `run`: a publish refused after its body was stored.
+    pub async fn remove_run(&self, run: RunId) -> Result<(), ArtifactError> {
+        match tokio::fs::remove_dir_all(self.dir.join(run.to_string())).await {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

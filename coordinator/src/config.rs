@@ -270,6 +270,11 @@ pub struct RepositoryConfig {
     /// Runs of this repository dispatched at once; 0 for no cap.
     #[serde(default)]
     pub max_concurrent: u32,
+    /// Whether slimci deploys this repository. `false` for a team whose production job runs
+    /// elsewhere and publishes its manifest (`slimci state publish`): deploy requests are
+    /// refused, and pushes to the production branch queue nothing.
+    #[serde(default = "default_deploys")]
+    pub deploys: bool,
     /// Where production lives and PR schemas go on a server warehouse (PostgreSQL,
     /// Snowflake); carried by every job of the repository.
     pub warehouse: Option<RepositoryWarehouseConfig>,
@@ -307,6 +312,10 @@ fn plain_identifier(name: &str) -> bool {
 
 fn default_branch() -> String {
     "main".to_owned()
+}
+
+fn default_deploys() -> bool {
+    true
 }
 
 /// Why the configuration was refused.
@@ -544,7 +553,23 @@ mod tests {
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.amqp.prefix, "slimci");
         assert_eq!(config.repositories[0].production_branch, "main");
+        assert!(config.repositories[0].deploys, "slimci deploys by default");
         assert_eq!(config.limits.run_timeout_secs, 3600);
+    }
+
+    #[test]
+    fn deploys_can_be_turned_off_per_repository() {
+        let config = parse(&format!(
+            "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"x\"\ndeploys = false\n[[repository]]\nname = \"web\"\nclone_url = \"y\"\n"
+        ))
+        .unwrap();
+        assert!(!config.repositories[0].deploys);
+        assert!(config.repositories[1].deploys);
+        let error = parse(&format!(
+            "{BASE}\n[[repository]]\nname = \"shop\"\nclone_url = \"x\"\ndeploys = \"no\"\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{error:#}").contains("deploys"), "{error:#}");
     }
 
     #[test]

@@ -24,9 +24,13 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     let _serial = state.submit_lock.lock().await;
     let production_state = match request.kind {
         RunKind::Ci => state.store.production_state(&request.repository).await?,
-        RunKind::Deploy | RunKind::Teardown => None,
+        RunKind::Deploy | RunKind::Teardown | RunKind::Publish => None,
     };
-    let (status, message) = match rules::admit(&request, production_state.is_some()) {
+    let repository = state
+        .config
+        .repository(request.repository.as_str())
+        .expect("a valid request names a configured repository");
+    let (status, message) = match rules::admit(&request, repository, production_state.is_some()) {
         Admission::Queue => (RunStatus::Queued, None),
         Admission::Refuse(message) => (RunStatus::Error, Some(message)),
     };

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Attempt, IsolationName, PrNumber, RepoName, RunId, Sha};
 
-/// What a run builds.
+/// What a run does. Every kind but `Publish` is built by an agent from a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
@@ -18,6 +18,9 @@ pub enum RunKind {
     Deploy,
     /// `dbt run-operation` dropping a closed PR's isolation (schema or database).
     Teardown,
+    /// A production `manifest.json` made outside slimci (`slimci state publish`): recorded
+    /// finished, never built, so no job ever carries this kind.
+    Publish,
 }
 
 impl RunKind {
@@ -26,6 +29,7 @@ impl RunKind {
             RunKind::Ci => "ci",
             RunKind::Deploy => "deploy",
             RunKind::Teardown => "teardown",
+            RunKind::Publish => "publish",
         }
     }
 
@@ -34,6 +38,7 @@ impl RunKind {
             "ci" => Some(RunKind::Ci),
             "deploy" => Some(RunKind::Deploy),
             "teardown" => Some(RunKind::Teardown),
+            "publish" => Some(RunKind::Publish),
             _ => None,
         }
     }
@@ -127,6 +132,8 @@ pub enum JobError {
     },
     #[error("a {kind} job needs the production state it compares against")]
     MissingProductionState { kind: &'static str },
+    #[error("a publish run is never built; no job may carry it")]
+    NotBuilt,
 }
 
 /// A job whose kind-specific fields were checked once, by `Job::check`: what an agent builds.
@@ -189,6 +196,7 @@ impl Job {
     /// drop, at anything else; a CI job must name the production state it compares against.
     pub fn check(self) -> Result<CheckedJob, JobError> {
         let kind = match self.kind {
+            RunKind::Publish => return Err(JobError::NotBuilt),
             RunKind::Deploy => JobKind::Deploy,
             RunKind::Ci | RunKind::Teardown => {
                 let (Some(pr), Some(isolation)) = (self.pr_number, self.isolation) else {
@@ -362,6 +370,12 @@ pub(crate) mod tests {
         deploy.pr_number = None;
         deploy.isolation = None;
         assert_eq!(deploy.check().unwrap().kind, JobKind::Deploy);
+
+        // A published manifest is a run, never a job.
+        let mut publish = sample_job();
+        publish.kind = RunKind::Publish;
+        assert_eq!(publish.check(), Err(JobError::NotBuilt));
+        assert_eq!(RunKind::parse("publish"), Some(RunKind::Publish));
     }
 
     #[test]

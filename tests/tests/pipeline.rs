@@ -371,16 +371,19 @@ async fn bad_requests_get_a_4xx_and_queue_nothing() {
         "nothing was recorded"
     );
 
-    // Day one: a CI run with no production state says to deploy first, and is not queued.
+    // Day one: a CI run with no production state names both ways to make one (deploy, or
+    // publish a manifest made elsewhere), and is not queued.
     let submitted = cluster.post_run(&ci_request(1, &sha)).await.unwrap();
     let run = submitted.run;
     assert!(submitted.created, "{run:?}");
     assert_eq!(run.status, RunStatus::Error);
+    let message = run.message.as_deref().unwrap();
     assert!(
-        run.message
-            .as_deref()
-            .unwrap()
-            .contains("Run `slimci deploy --repo shop` first"),
+        message.contains("Deploy with `slimci deploy --repo shop` first"),
+        "{run:?}"
+    );
+    assert!(
+        message.contains("slimci state publish --repo shop --sha <commit> target/manifest.json"),
         "{run:?}"
     );
 

@@ -24,7 +24,7 @@ pub enum WarehouseError {
         source: std::io::Error,
     },
     #[error(
-        "this runner has no production database for repository `{repository}` (looked in {looked}); agents that build one repository must share the DuckDB warehouse root"
+        "this runner has no production database for repository `{repository}` (looked in {looked}); agents that build one repository must share the DuckDB warehouse root, and only a `slimci deploy` makes a DuckDB production database (a manifest published with `slimci state publish` brings none)"
     )]
     NoProduction { repository: String, looked: String },
     #[error(

@@ -1,6 +1,6 @@
 //! The HTTP API, `/api/v1`: JSON in and out, errors as `{"error": "..."}` with a 4xx or 5xx.
 //!
-//! User routes (runs, logs, artifacts, production state) need the API token when one is
+//! User routes (runs, logs, artifacts, production state and publishing it) need the API token when one is
 //! configured; agent routes (claim, heartbeat, artifact upload) need the agent token. This file
 //! holds the router, the error type, the token checks and the request-parsing helpers; the
 //! handlers are in one file per resource, the JSON types in the `slimci-client` crate and their
@@ -161,7 +161,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/repositories", get(repositories::list_repositories))
         .route(
             "/api/v1/repositories/{name}/production-state",
-            get(repositories::get_production_state),
+            get(repositories::get_production_state)
+                .post(repositories::publish_production_state)
+                .layer(DefaultBodyLimit::max(artifact_limit)),
         )
         .route(
             "/api/v1/repositories/{name}/pulls/{pr}/teardown",

@@ -27,8 +27,13 @@ pub(super) async fn create_run(
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
     let request: slimci_client::RunRequest = parse_json(&body)?;
-    let valid = rules::validate_request(&state.config, &request)
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let valid = rules::validate_request(&state.config, &request).map_err(|error| {
+        if error.is_conflict() {
+            ApiError::Conflict(error.to_string())
+        } else {
+            ApiError::BadRequest(error.to_string())
+        }
+    })?;
     let submitted = crate::runs::submit(&state, valid).await?;
     let status = submission_status(&submitted);
     Ok((status, Json(full_run_view(&state, submitted.run).await?)).into_response())

@@ -9,7 +9,7 @@ use slimci_proto::{RepoName, RunId, Topology};
 
 use super::ApiResult;
 use crate::app::AppState;
-use crate::store::{ArtifactRecord, Run, now_ms};
+use crate::store::{ArtifactRecord, ProductionState, Run, now_ms};
 
 /// A time as the API spells it: RFC 3339 UTC with milliseconds.
 fn time(ms: i64) -> String {
@@ -141,12 +141,18 @@ pub async fn production_state_view(
         .store
         .production_state(name)
         .await?
-        .map(|production| ProductionStateView {
-            repository: name.to_string(),
-            manifest_url: state.artifact_url(production.deploy_run_id, "manifest.json"),
-            deploy_run_id: production.deploy_run_id,
-            sha: production.sha.to_string(),
-            manifest_sha256: production.manifest_sha256,
-            updated_at: time(production.updated_ms),
-        }))
+        .map(|production| production_view(state, production)))
+}
+
+/// A production state as the API shows it.
+pub fn production_view(state: &AppState, production: ProductionState) -> ProductionStateView {
+    ProductionStateView {
+        manifest_url: state.artifact_url(production.deploy_run_id, "manifest.json"),
+        repository: production.repository.to_string(),
+        deploy_run_id: production.deploy_run_id,
+        run_kind: production.run_kind,
+        sha: production.sha.to_string(),
+        manifest_sha256: production.manifest_sha256,
+        updated_at: time(production.updated_ms),
+    }
 }

@@ -253,6 +253,13 @@ async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             None,
         ));
     }
+    if let Err(off) = rules::check_deploys_allowed(&repository) {
+        return Ok(answer(
+            StatusCode::ACCEPTED,
+            format!("push to the production branch; nothing queued: {off}"),
+            None,
+        ));
+    }
     let sha = parse_sha(&event.after)?;
     let what = format!("deploy of {}", sha.short());
     let request = ValidRequest {

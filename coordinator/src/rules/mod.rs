@@ -6,13 +6,14 @@
 //! `request`: validating and admitting requests. `dispatch`: superseding on submit, and which
 //! waiting runs go to the broker. `claim`: claims, cancels and agent events. `fate`: what a
 //! finished or lost attempt becomes, and the messages that say so. `webhook`: pull request
-//! actions.
+//! actions. `publish`: whether a published body is a dbt manifest.
 
 mod claim;
 mod dispatch;
 mod fate;
 #[cfg(test)]
 mod fixtures;
+mod publish;
 mod request;
 mod webhook;
 
@@ -25,9 +26,10 @@ pub use fate::{
     Finish, FinishedAttempt, LostAttempt, LostAttemptView, LostReason, decide_finish,
     decide_lost_attempt, superseded_message,
 };
+pub use publish::{ManifestError, ManifestFacts, check_manifest, published_message};
 pub use request::{
-    Admission, RequestError, RunRequest, ValidRequest, admit, no_production_state_message,
-    teardown_request, validate_request,
+    Admission, RequestError, RunRequest, ValidRequest, admit, check_deploys_allowed,
+    no_production_state_message, teardown_request, validate_request,
 };
 pub use webhook::{PullRequestAction, pull_request_action};
 

@@ -1,5 +1,6 @@
-//! Requests for runs: validating a `RunRequest` against the configuration, the teardown
-//! request for a closed PR, and admission (a CI run needs production state).
+//! Requests for runs: validating a `RunRequest` against the configuration (a repository may
+//! have deploys off), the teardown request for a closed PR, and admission (a CI run needs
+//! production state, and the advice for one that has none).
 
 use slimci_proto::{IsolationName, PrNumber, RepoName, RunKind, Sha};
 
@@ -43,6 +44,32 @@ pub enum RequestError {
         "teardown runs are requested with POST /api/v1/repositories/{{name}}/pulls/{{pr}}/teardown"
     )]
     TeardownViaRuns,
+    #[error(
+        "a manifest is published with POST /api/v1/repositories/{{name}}/production-state?sha=<commit> (`slimci state publish`)"
+    )]
+    PublishViaRuns,
+    #[error(
+        "deploys are off for repository `{0}` (`deploys = false` in the coordinator's configuration): its production state comes from the production job that runs elsewhere, published with `slimci state publish --repo {0} --sha <commit> target/manifest.json`"
+    )]
+    DeploysOff(RepoName),
+}
+
+impl RequestError {
+    /// A well-formed request the repository's configuration does not allow (HTTP 409), as
+    /// against a malformed one (400).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, RequestError::DeploysOff(_))
+    }
+}
+
+/// Whether slimci may deploy `repository`: refused when its production state comes from
+/// publishes only.
+pub fn check_deploys_allowed(repository: &RepositoryConfig) -> Result<(), RequestError> {
+    if repository.deploys {
+        Ok(())
+    } else {
+        Err(RequestError::DeploysOff(repository.name.clone()))
+    }
 }
 
 fn valid_ref(text: &str) -> bool {
@@ -118,7 +145,9 @@ pub fn validate_request(
             })
         }
         RunKind::Teardown => Err(RequestError::TeardownViaRuns),
+        RunKind::Publish => Err(RequestError::PublishViaRuns),
         RunKind::Deploy => {
+            check_deploys_allowed(repository)?;
             if request.pr.is_some() {
                 return Err(RequestError::DeployWithPr);
             }
@@ -167,18 +196,32 @@ pub enum Admission {
 
 /// A CI run compares against production state; without any, `state:modified+` would select
 /// everything and quietly build the whole project into the PR's isolation. Refuse instead.
-pub fn admit(request: &ValidRequest, has_production_state: bool) -> Admission {
+pub fn admit(
+    request: &ValidRequest,
+    repository: &RepositoryConfig,
+    has_production_state: bool,
+) -> Admission {
     if request.kind == RunKind::Ci && !has_production_state {
-        return Admission::Refuse(no_production_state_message(&request.repository));
+        return Admission::Refuse(no_production_state_message(repository));
     }
     Admission::Queue
 }
 
-/// What to tell someone who needs a repository's production state before its first deploy.
-pub fn no_production_state_message(repository: &RepoName) -> String {
-    format!(
-        "repository `{repository}` has no production state yet: a CI run compares against the manifest of the last successful deploy. Run `slimci deploy --repo {repository}` first."
-    )
+/// What to tell someone who needs a repository's production state before there is any: the
+/// two ways to make it (a slimci deploy, or publishing the manifest of a production run made
+/// elsewhere), or only the second when deploys are off.
+pub fn no_production_state_message(repository: &RepositoryConfig) -> String {
+    let name = &repository.name;
+    let publish = format!("slimci state publish --repo {name} --sha <commit> target/manifest.json");
+    if repository.deploys {
+        format!(
+            "repository `{name}` has no production state yet: a CI run compares against production's manifest.json. Deploy with `slimci deploy --repo {name}` first, or, if production runs elsewhere (cron, Airflow, dbt Cloud), publish that run's manifest with `{publish}`."
+        )
+    } else {
+        format!(
+            "repository `{name}` has no production state yet: a CI run compares against production's manifest.json, and deploys are off for this repository, so publish the manifest of the production run made elsewhere with `{publish}`."
+        )
+    }
 }
 
 #[cfg(test)]
@@ -263,19 +306,63 @@ mod tests {
 
     #[test]
     fn ci_without_production_state_is_refused_with_advice() {
-        let valid = validate_request(&config(), &ci(Some(7), Some(SHA))).unwrap();
-        match admit(&valid, false) {
+        let config = config();
+        let repository = &config.repositories[0];
+        let valid = validate_request(&config, &ci(Some(7), Some(SHA))).unwrap();
+        match admit(&valid, repository, false) {
             Admission::Refuse(message) => {
-                assert!(message.contains("slimci deploy --repo shop"), "{message}")
+                assert!(message.contains("slimci deploy --repo shop"), "{message}");
+                assert!(
+                    message.contains("slimci state publish --repo shop --sha <commit>"),
+                    "{message}"
+                );
             }
             Admission::Queue => panic!("queued a CI run without production state"),
         }
-        assert_eq!(admit(&valid, true), Admission::Queue);
+        assert_eq!(admit(&valid, repository, true), Admission::Queue);
         let deploy = ValidRequest {
             kind: RunKind::Deploy,
             ..valid
         };
-        assert_eq!(admit(&deploy, false), Admission::Queue);
+        assert_eq!(admit(&deploy, repository, false), Admission::Queue);
+    }
+
+    #[test]
+    fn with_deploys_off_a_deploy_is_refused_and_the_advice_names_only_publishing() {
+        let mut config = config();
+        config.repositories[0].deploys = false;
+        let deploy = RunRequest {
+            repository: "shop".into(),
+            kind: Some("deploy".into()),
+            ..Default::default()
+        };
+        let refused = validate_request(&config, &deploy).unwrap_err();
+        assert!(refused.is_conflict());
+        let message = refused.to_string();
+        assert!(
+            message.contains("deploys are off for repository `shop`"),
+            "{message}"
+        );
+        assert!(
+            message.contains("slimci state publish --repo shop"),
+            "{message}"
+        );
+        let advice = no_production_state_message(&config.repositories[0]);
+        assert!(
+            advice.contains("slimci state publish --repo shop"),
+            "{advice}"
+        );
+        assert!(!advice.contains("slimci deploy"), "{advice}");
+        // CI runs are requested as before.
+        assert!(validate_request(&config, &ci(Some(7), Some(SHA))).is_ok());
+        let publish = RunRequest {
+            kind: Some("publish".into()),
+            ..deploy
+        };
+        assert_eq!(
+            validate_request(&config, &publish),
+            Err(RequestError::PublishViaRuns)
+        );
     }
 
     #[test]

@@ -183,7 +183,7 @@ async fn finish(
     }
     let manifest_sha256 = match run.kind {
         RunKind::Deploy => production::stored_manifest_sha256(transaction, run.id).await?,
-        RunKind::Ci | RunKind::Teardown => None,
+        RunKind::Ci | RunKind::Teardown | RunKind::Publish => None,
     };
     let decision = rules::decide_finish(&FinishedAttempt {
         kind: run.kind,

@@ -7,8 +7,9 @@
 //! `mod.rs`: the `Store` handle, `open`, `StoreError`, `begin_immediate`. `schema`: the
 //! migrations. `rows`: the row types and their decoders. By subject: `runs` (inserting, reading,
 //! cancelling, superseding), `outbox` (what the publisher dispatches), `events` (agent events
-//! and a run's finish), `leases` (claims, leases, lost attempts), `github` (webhook deliveries,
-//! pull requests, comments, reported statuses, sweep candidates).
+//! and a run's finish), `leases` (claims, leases, lost attempts), `production` (production
+//! state: stamping, promoting, publishing), `github` (webhook deliveries, pull requests,
+//! comments, reported statuses, sweep candidates).
 //!
 //! Times are Unix milliseconds (`*_ms`).
 
@@ -31,6 +32,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
 pub use events::Applied;
+pub use production::Publish;
 pub use rows::{
     ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,
     RunFilter, SweepCandidate, phase_order,

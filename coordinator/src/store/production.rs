@@ -1,19 +1,85 @@
 //! A repository's production state: reading it, stamping it on a CI run as it is dispatched,
-//! and moving it to a deploy that finished (inside that deploy's finishing transaction).
+//! and moving it, to a deploy that finished (inside that deploy's finishing transaction) or to
+//! a manifest published from outside slimci (recorded as a finished `publish` run).
 
-use slimci_proto::{RepoName, RunId, Sha};
-use sqlx::{Sqlite, Transaction};
+use slimci_proto::{RepoName, RunId, RunKind, Sha};
+use sqlx::{Executor, Sqlite, Transaction};
 
 use super::rows::production_state_from_row;
-use super::{ProductionState, Result, Store};
+use super::runs::{insert_run, record_artifact};
+use super::{ArtifactRecord, NewRun, ProductionState, Result, Store, corrupt};
+use crate::rules::RunStatus;
+
+/// A `manifest.json` published from outside slimci, already stored as the artifact of run
+/// `id`; `record_publish` makes it a finished run and the production state.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub id: RunId,
+    pub repository: RepoName,
+    /// The commit the production run built.
+    pub sha: Sha,
+    /// The ref the run shows (the repository's production branch).
+    pub fetch_ref: String,
+    /// The stored `manifest.json`.
+    pub manifest: ArtifactRecord,
+    pub message: String,
+}
+
+async fn read_production_state<'e>(
+    executor: impl Executor<'e, Database = Sqlite>,
+    repository: &RepoName,
+) -> Result<Option<ProductionState>> {
+    let row = sqlx::query(
+        "SELECT production_state.*, runs.kind FROM production_state
+         JOIN runs ON runs.id = production_state.deploy_run_id
+         WHERE production_state.repository = ?",
+    )
+    .bind(repository.as_str())
+    .fetch_optional(executor)
+    .await?;
+    row.as_ref().map(production_state_from_row).transpose()
+}
 
 impl Store {
     pub async fn production_state(&self, repository: &RepoName) -> Result<Option<ProductionState>> {
-        let row = sqlx::query("SELECT * FROM production_state WHERE repository = ?")
-            .bind(repository.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(production_state_from_row).transpose()
+        read_production_state(&self.pool, repository).await
+    }
+
+    /// Records a published manifest as a `publish` run that ended `success`, with its
+    /// `manifest.json`, and makes it the repository's production state: one transaction, as
+    /// a finishing deploy promotes. CI runs already stamped keep their production state.
+    pub async fn record_publish(&self, publish: &Publish) -> Result<ProductionState> {
+        let at = publish.manifest.created_ms;
+        let run = NewRun {
+            id: publish.id,
+            repository: publish.repository.clone(),
+            kind: RunKind::Publish,
+            pr: None,
+            sha: Some(publish.sha.clone()),
+            fetch_ref: publish.fetch_ref.clone(),
+            isolation: None,
+            timeout_secs: 0,
+            production_state: None,
+            status: RunStatus::Success,
+            message: Some(publish.message.clone()),
+        };
+        let mut transaction = self.begin_immediate().await?;
+        insert_run(&mut *transaction, &run, at).await?;
+        record_artifact(&mut *transaction, publish.id, &publish.manifest).await?;
+        promote(
+            &mut transaction,
+            &publish.repository,
+            publish.id,
+            &publish.sha,
+            &publish.manifest.sha256,
+            at,
+        )
+        .await?;
+        let production = read_production_state(&mut *transaction, &publish.repository)
+            .await?
+            .ok_or_else(|| corrupt("production state missing right after a publish"))?;
+        transaction.commit().await?;
+        Ok(production)
     }
 
     /// Stamps the production state a CI run compares against, as it is dispatched.
@@ -92,6 +158,7 @@ mod tests {
         let production = ProductionState {
             repository: run.repository.clone(),
             deploy_run_id: deploy.id,
+            run_kind: RunKind::Deploy,
             sha: Sha::parse(&"cd".repeat(20)).unwrap(),
             manifest_sha256: "cafe".into(),
             updated_ms: 0,
@@ -108,5 +175,58 @@ mod tests {
                 manifest_sha256: "cafe".into(),
             })
         );
+    }
+
+    #[tokio::test]
+    async fn each_publish_is_a_finished_run_and_the_new_production_state() {
+        let (_dir, store) = store().await;
+        let repository = RepoName::parse("shop").unwrap();
+        let publish = |sha: char, manifest_sha256: &str| Publish {
+            id: RunId::new(),
+            repository: repository.clone(),
+            sha: Sha::parse(&sha.to_string().repeat(40)).unwrap(),
+            fetch_ref: "refs/heads/main".into(),
+            manifest: ArtifactRecord {
+                name: "manifest.json".into(),
+                size: 10,
+                sha256: manifest_sha256.into(),
+                created_ms: super::super::now_ms(),
+            },
+            message: "published".into(),
+        };
+        let first = publish('a', "f1");
+        let production = store.record_publish(&first).await.unwrap();
+        assert_eq!(production.deploy_run_id, first.id);
+        assert_eq!(production.run_kind, RunKind::Publish);
+        assert_eq!(production.manifest_sha256, "f1");
+        let run = store.run(first.id).await.unwrap().unwrap();
+        assert_eq!(run.kind, RunKind::Publish);
+        assert_eq!(run.status, RunStatus::Success);
+        assert!(run.finished_ms.is_some());
+        assert_eq!(store.artifacts(first.id).await.unwrap()[0].sha256, "f1");
+
+        // A CI run stamped with the first keeps it when the second moves production state.
+        let ci = new_run(RunKind::Ci);
+        store.insert_run(&ci).await.unwrap();
+        store
+            .stamp_production_state(ci.id, &production)
+            .await
+            .unwrap();
+        let second = publish('b', "f2");
+        let production = store.record_publish(&second).await.unwrap();
+        assert_eq!(production.deploy_run_id, second.id);
+        assert_eq!(
+            store.production_state(&repository).await.unwrap(),
+            Some(production)
+        );
+        let stamp = store
+            .run(ci.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .compared_against
+            .unwrap();
+        assert_eq!(stamp.deploy_run_id, first.id);
+        assert_eq!(stamp.manifest_sha256, "f1");
     }
 }

@@ -10,11 +10,14 @@ use sqlx::sqlite::SqliteRow;
 use super::{Result, corrupt};
 use crate::rules::{self, RunStatus};
 
-/// A repository's production state: the manifest of its last successful deploy.
+/// A repository's production state: the manifest of its last successful deploy or publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProductionState {
     pub repository: RepoName,
+    /// The run whose `manifest.json` this is (the column keeps its first name).
     pub deploy_run_id: RunId,
+    /// That run's kind: `Deploy` (built by slimci) or `Publish` (made elsewhere).
+    pub run_kind: RunKind,
     pub sha: Sha,
     pub manifest_sha256: String,
     pub updated_ms: i64,
@@ -343,6 +346,7 @@ pub(super) fn production_state_from_row(row: &SqliteRow) -> Result<ProductionSta
     Ok(ProductionState {
         repository: repository(row, "repository")?,
         deploy_run_id: required_run_id(row, "deploy_run_id")?,
+        run_kind: kind(row)?,
         sha: sha(row, "sha")?.ok_or_else(|| corrupt("production state without a commit"))?,
         manifest_sha256: row.try_get("manifest_sha256")?,
         updated_ms: row.try_get("updated_ms")?,

@@ -22,33 +22,60 @@ pub(super) async fn read_run<'e>(
     row.as_ref().map(run_from_row).transpose()
 }
 
+/// Inserts `run` through `executor` (the pool, or the transaction that records a publish).
+pub(super) async fn insert_run<'e>(
+    executor: impl Executor<'e, Database = Sqlite>,
+    run: &NewRun,
+    now: i64,
+) -> Result<()> {
+    let production = run.production_state.as_ref();
+    sqlx::query(
+        "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
+            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(run.id.to_string())
+    .bind(run.repository.as_str())
+    .bind(run.kind.as_str())
+    .bind(run.pr.map(|pr| pr.0 as i64))
+    .bind(run.sha.as_ref().map(Sha::as_str))
+    .bind(&run.fetch_ref)
+    .bind(run.isolation.as_ref().map(IsolationName::as_str))
+    .bind(run.status.as_str())
+    .bind(&run.message)
+    .bind(now)
+    .bind(run.status.is_terminal().then_some(now))
+    .bind(run.timeout_secs as i64)
+    .bind(production.map(|production| production.deploy_run_id.to_string()))
+    .bind(production.map(|production| production.sha.as_str()))
+    .bind(production.map(|production| production.manifest_sha256.as_str()))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Records `run`'s artifact through `executor`.
+pub(super) async fn record_artifact<'e>(
+    executor: impl Executor<'e, Database = Sqlite>,
+    id: RunId,
+    artifact: &ArtifactRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO artifacts (run_id, name, size, sha256, created_ms) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(&artifact.name)
+    .bind(artifact.size as i64)
+    .bind(&artifact.sha256)
+    .bind(artifact.created_ms)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 impl Store {
     pub async fn insert_run(&self, run: &NewRun) -> Result<()> {
-        let now = now_ms();
-        let production = run.production_state.as_ref();
-        sqlx::query(
-            "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
-                created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(run.id.to_string())
-        .bind(run.repository.as_str())
-        .bind(run.kind.as_str())
-        .bind(run.pr.map(|pr| pr.0 as i64))
-        .bind(run.sha.as_ref().map(Sha::as_str))
-        .bind(&run.fetch_ref)
-        .bind(run.isolation.as_ref().map(IsolationName::as_str))
-        .bind(run.status.as_str())
-        .bind(&run.message)
-        .bind(now)
-        .bind(run.status.is_terminal().then_some(now))
-        .bind(run.timeout_secs as i64)
-        .bind(production.map(|production| production.deploy_run_id.to_string()))
-        .bind(production.map(|production| production.sha.as_str()))
-        .bind(production.map(|production| production.manifest_sha256.as_str()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_run(&self.pool, run, now_ms()).await
     }
 
     pub async fn run(&self, id: RunId) -> Result<Option<Run>> {
@@ -128,17 +155,7 @@ impl Store {
     }
 
     pub async fn record_artifact(&self, id: RunId, artifact: &ArtifactRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT OR REPLACE INTO artifacts (run_id, name, size, sha256, created_ms) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(&artifact.name)
-        .bind(artifact.size as i64)
-        .bind(&artifact.sha256)
-        .bind(artifact.created_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        record_artifact(&self.pool, id, artifact).await
     }
 
     pub async fn artifacts(&self, id: RunId) -> Result<Vec<ArtifactRecord>> {

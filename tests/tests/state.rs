@@ -1,0 +1,347 @@
+//! Production state from wherever production runs: a repository with `deploys = false` gets
+//! its production state only from manifests published with `slimci state publish`. Real
+//! coordinator, agent, RabbitMQ and git; the manifests come from a real `dbt parse` of the
+//! repository's commits.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use slimci_client::{ClientError, RunStatus};
+use slimci_proto::RunKind;
+use slimci_tests::{Cluster, ClusterOptions, ci_request, deploy_request, edits, origin};
+
+/// Small enough that a test can send more, large enough for the shop project's manifest.
+const MAX_ARTIFACT_BYTES: usize = 2 * 1024 * 1024;
+
+fn deploys_off() -> ClusterOptions {
+    ClusterOptions {
+        repository_toml: "deploys = false".to_owned(),
+        coordinator_toml: format!("[limits]\nmax_artifact_bytes = {MAX_ARTIFACT_BYTES}\n"),
+        ..Default::default()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
+    match result.expect_err("the call was refused") {
+        ClientError::Refused { status, message } => (status, message),
+        other => panic!("not a refusal: {other:#}"),
+    }
+}
+
+/// `dbt parse` of the origin's commit `sha` in a clone of its own, with a DuckDB profile
+/// pointing at a file under `dir`, as a team's own production job would run it; returns the
+/// path of the `manifest.json` it wrote.
+async fn parse_manifest(cluster: &Cluster, sha: &str, dir: &Path) -> PathBuf {
+    let checkout = dir.join("checkout");
+    origin::git(
+        cluster.dir.path(),
+        &[
+            "clone",
+            "-q",
+            &cluster.origin.path.display().to_string(),
+            &checkout.display().to_string(),
+        ],
+    )
+    .unwrap();
+    origin::git(&checkout, &["checkout", "-q", sha]).unwrap();
+    let profiles = dir.join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::write(
+        profiles.join("profiles.yml"),
+        format!(
+            "shop:\n  target: prod\n  outputs:\n    prod:\n      type: duckdb\n      path: {}\n      threads: 1\n",
+            dir.join("prod.duckdb").display()
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new(slimci_tests::dbt());
+    command
+        .args(["parse", "--project-dir"])
+        .arg(&checkout)
+        .arg("--profiles-dir")
+        .arg(&profiles)
+        .env("DO_NOT_TRACK", "1")
+        .env("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+        .current_dir(&checkout)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("dbt parse ended within 60 s")
+        .expect("run dbt parse");
+    assert!(
+        output.status.success(),
+        "dbt parse failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    checkout.join("target/manifest.json")
+}
+
+/// A raw publish, for bodies that are wrong on purpose: the status and the error message.
+async fn publish_raw(
+    cluster: &Cluster,
+    repository: &str,
+    query: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let response = cluster
+        .http
+        .post(format!(
+            "{}/api/v1/repositories/{repository}/production-state{query}",
+            cluster.url
+        ))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        answer["error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_deploys_off_deploys_and_bad_manifests_are_refused_saying_what_to_do() {
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..deploys_off()
+    })
+    .await
+    .unwrap();
+    let sha = cluster.origin.main_sha().unwrap();
+
+    // Day one: the advice names only the publish, since this repository has deploys off.
+    let run = cluster.create_run(&ci_request(1, &sha)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Error);
+    let advice = run.message.unwrap();
+    assert!(
+        advice.contains("slimci state publish --repo shop --sha <commit> target/manifest.json"),
+        "{advice}"
+    );
+    assert!(!advice.contains("slimci deploy"), "{advice}");
+    let shown = cluster.run_cli(&["state", "show", "--repo", "shop"]).await;
+    assert_eq!(shown.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert!(stderr.contains("has no production state yet"), "{stderr}");
+    assert!(stderr.contains("HTTP 404"), "{stderr}");
+
+    // A deploy, by API or CLI, is refused with where production state comes from instead.
+    let (status, message) = refusal(cluster.client.create_run(&deploy_request()).await);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        message.contains("deploys are off for repository `shop`")
+            && message.contains("slimci state publish --repo shop"),
+        "{message}"
+    );
+    let deploy = cluster.run_cli(&["deploy", "--repo", "shop"]).await;
+    assert_eq!(deploy.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&deploy.stderr);
+    assert!(stderr.contains("deploys are off"), "{stderr}");
+
+    // Bodies that are not a manifest, and requests that name no usable commit or repository.
+    let sha_query = format!("?sha={sha}");
+    let run_results = br#"{"metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/run-results/v6.json"}, "results": []}"#;
+    let mut oversized = b"{\"metadata\": {}, \"padding\": \"".to_vec();
+    oversized.resize(MAX_ARTIFACT_BYTES + 1024, b'x');
+    let cases: [(&str, &str, Vec<u8>, u16, &str); 7] = [
+        (
+            "shop",
+            &sha_query,
+            b"PK\x03\x04 a zip".to_vec(),
+            400,
+            "the body is not JSON",
+        ),
+        (
+            "shop",
+            &sha_query,
+            run_results.to_vec(),
+            400,
+            "run-results/v6.json`, which is not a manifest's",
+        ),
+        (
+            "shop",
+            &sha_query,
+            b"[]".to_vec(),
+            400,
+            "not a dbt manifest",
+        ),
+        (
+            "shop",
+            &sha_query,
+            oversized,
+            413,
+            &format!("larger than the limit of {MAX_ARTIFACT_BYTES} bytes"),
+        ),
+        ("shop", "", b"{}".to_vec(), 400, "?sha=<40 hex digits>"),
+        (
+            "shop",
+            "?sha=main",
+            b"{}".to_vec(),
+            400,
+            "`main` is not a commit SHA",
+        ),
+        (
+            "nope",
+            &sha_query,
+            b"{}".to_vec(),
+            404,
+            "unknown repository `nope`",
+        ),
+    ];
+    for (repository, query, body, expected_status, expected_message) in cases {
+        let (status, message) = publish_raw(&cluster, repository, query, body).await;
+        assert_eq!(status, expected_status, "{repository}{query}: {message}");
+        assert!(
+            message.contains(expected_message),
+            "{repository}{query}: {message}"
+        );
+    }
+    // Nothing of the refused publishes was kept.
+    assert_eq!(
+        cluster.runs().await.unwrap().len(),
+        1,
+        "only the day-one run"
+    );
+    let artifacts = cluster.dir.path().join("coordinator/artifacts");
+    let left = std::fs::read_dir(&artifacts).map_or(0, |entries| entries.count());
+    assert_eq!(left, 0, "refused manifests left in {}", artifacts.display());
+    let (status, _) = refusal(cluster.client.production_state("shop").await);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_manifest_is_the_production_state_ci_runs_compare_against() {
+    let mut cluster = Cluster::start(deploys_off()).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let first_sha = cluster.origin.main_sha().unwrap();
+    let manifest = parse_manifest(&cluster, &first_sha, &work.path().join("first")).await;
+    let manifest_sha256 = sha256(&std::fs::read(&manifest).unwrap());
+
+    let published = cluster
+        .run_cli(&[
+            "state",
+            "publish",
+            "--repo",
+            "shop",
+            "--sha",
+            &first_sha,
+            &manifest.display().to_string(),
+        ])
+        .await;
+    let stdout = String::from_utf8_lossy(&published.stdout);
+    assert!(
+        published.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    assert!(
+        stdout.contains("as the production state of shop"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&first_sha), "{stdout}");
+    assert!(stdout.contains(&manifest_sha256), "{stdout}");
+
+    // The production state names a finished publish run whose artifact is those bytes.
+    let production = cluster.production_state().await.unwrap();
+    assert_eq!(production.sha, first_sha);
+    assert_eq!(production.manifest_sha256, manifest_sha256);
+    assert_eq!(production.run_kind, RunKind::Publish);
+    let first = production.deploy_run_id;
+    assert!(stdout.contains(&first.to_string()), "{stdout}");
+    let run = cluster.run(first).await.unwrap();
+    assert_eq!(
+        (run.kind, run.status),
+        (RunKind::Publish, RunStatus::Success)
+    );
+    assert_eq!(run.sha.as_deref(), Some(first_sha.as_str()));
+    assert_eq!(
+        cluster
+            .client
+            .artifact(first, "manifest.json")
+            .await
+            .unwrap(),
+        std::fs::read(&manifest).unwrap()
+    );
+    let shown = cluster.run_cli(&["state", "show", "--repo", "shop"]).await;
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "production state of shop: published manifest {first}"
+        )),
+        "{stdout}"
+    );
+
+    // A PR's CI run is stamped with it, and its agent fetches that manifest. DuckDB's
+    // production database only comes from a slimci deploy, so the build itself stops there,
+    // saying so.
+    let pr_sha = cluster
+        .origin
+        .pull_request(2, &[edits::ADD_COLUMN])
+        .unwrap();
+    let ci = cluster.create_run(&ci_request(2, &pr_sha)).await.unwrap();
+    let ci = cluster
+        .wait_for_run(ci.id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let stamp = ci.production_state.clone().expect("stamped");
+    assert_eq!(
+        (stamp.deploy_run_id, stamp.sha.as_str()),
+        (first, first_sha.as_str())
+    );
+    assert_eq!(stamp.manifest_sha256, manifest_sha256);
+    let log = cluster.log(ci.id).await.unwrap();
+    assert!(
+        log.contains(&format!(
+            "comparing against production state of deploy {first}"
+        )),
+        "{log}"
+    );
+    assert_eq!(ci.status, RunStatus::Error, "{ci:?}");
+    let message = ci.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("this runner has no production database for repository `shop`")
+            && message.contains("slimci state publish"),
+        "{ci:?}"
+    );
+
+    // Production moves on: a new commit of main, parsed and published through the API, is the
+    // new production state; the CI run keeps the one it was stamped with.
+    let second_sha = cluster
+        .origin
+        .commit_file_on_main(
+            edits::FILE,
+            &std::fs::read_to_string(cluster.origin.path.join(edits::FILE))
+                .unwrap()
+                .replacen(edits::ADD_COLUMN.1, edits::ADD_COLUMN.2, 1),
+        )
+        .unwrap();
+    let second_manifest = parse_manifest(&cluster, &second_sha, &work.path().join("second")).await;
+    let bytes = std::fs::read(&second_manifest).unwrap();
+    let second_sha256 = sha256(&bytes);
+    assert_ne!(second_sha256, manifest_sha256);
+    let answer = cluster
+        .client
+        .publish_production_state("shop", &second_sha, bytes)
+        .await
+        .unwrap();
+    assert_ne!(answer.deploy_run_id, first);
+    assert_eq!(cluster.production_state().await.unwrap(), answer);
+    assert_eq!(
+        (answer.sha.as_str(), answer.manifest_sha256.as_str()),
+        (second_sha.as_str(), second_sha256.as_str())
+    );
+    let ci = cluster.run(ci.id).await.unwrap();
+    assert_eq!(ci.production_state.unwrap().deploy_run_id, first);
+}
