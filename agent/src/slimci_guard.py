@@ -11,8 +11,10 @@ parse.
 
 Run as `python slimci_guard.py GUARD_JSON` (a cold dbt) or through `build(guard)` from the
 pre-started worker. GUARD_JSON: {"parse": [dbt args], "list": [dbt args], "build": [dbt args],
-"database": name, "schema": isolation or null, "case_insensitive": bool}. With a null schema
-(DuckDB, a database file per PR) only the database is checked.
+"database": name, "schema": isolation or null, "case_insensitive": bool, "max_identifier": bytes
+or null}. With a null schema (DuckDB, a database file per PR) only the database is checked; a
+schema name longer than `max_identifier` (PostgreSQL cuts names at 63 bytes, so two PRs' custom
+schemas could become one) is refused too.
 """
 
 import json
@@ -25,6 +27,13 @@ def same(a, b, case_insensitive):
     if a is None or b is None:
         return a == b
     return a.lower() == b.lower() if case_insensitive else a == b
+
+
+def too_long(node, guard):
+    """Whether the warehouse would cut the node's schema name (PostgreSQL at 63 bytes), which
+    could merge two schemas into one."""
+    limit = guard.get("max_identifier")
+    return limit is not None and len((node.schema or "").encode()) > limit
 
 
 def inside(node, guard):
@@ -65,6 +74,16 @@ def build(guard):
         if not inside(node, guard):
             refused.append(
                 {"node": unique_id, "database": node.database, "schema": node.schema}
+            )
+        elif too_long(node, guard):
+            refused.append(
+                {
+                    "node": unique_id,
+                    "database": node.database,
+                    "schema": node.schema,
+                    "reason": "a schema name longer than %d bytes, which the warehouse would cut"
+                    % guard["max_identifier"],
+                }
             )
     if refused:
         print("[slimci-guard] " + json.dumps({"refused": refused}), flush=True)

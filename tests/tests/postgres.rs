@@ -242,6 +242,30 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
     );
     assert!(message.contains("generate_schema_name"), "{message}");
     assert!(!postgres.schemas(DATABASE).unwrap().contains("pr_shop_9"));
+
+    // A custom schema whose full name PostgreSQL would cut at 63 bytes is refused too.
+    let long = "a_custom_schema_name_long_enough_to_pass_the_limit_of_postgres";
+    let sha = cluster
+        .origin
+        .pull_request(
+            10,
+            &[(
+                "models/marts/long_schema.sql",
+                "",
+                &format!("{{{{ config(schema='{long}') }}}}\nselect 1 as one\n"),
+            )],
+        )
+        .unwrap();
+    let refused = cluster.create_run(&ci_request(10, &sha)).await.unwrap();
+    let refused = cluster.wait_for_run(refused.id, RUN_TIMEOUT).await.unwrap();
+    assert_eq!(refused.status, RunStatus::Error, "{refused:?}");
+    let message = refused.message.clone().unwrap();
+    assert!(
+        message.contains(&format!(
+            "model.shop.long_schema → analytics.pr_shop_10_{long} (a schema name longer than 63 bytes"
+        )),
+        "{message}"
+    );
     assert_eq!(
         postgres
             .query(

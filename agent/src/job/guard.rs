@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::warehouse::{DuckDbTarget, PR_CATALOG, Purpose, SchemaTarget, Target};
+use crate::warehouse::{DuckDbTarget, PR_CATALOG, Purpose, SchemaTarget, Target, Warehouse};
 
 /// The guard script, written beside the pre-started dbt's worker (which imports it).
 pub const GUARD_SCRIPT: &str = include_str!("../slimci_guard.py");
@@ -49,16 +49,19 @@ pub struct WriteGuard {
     /// The isolation schema; none where the database itself is the PR's (DuckDB).
     pub schema: Option<String>,
     pub case_insensitive: bool,
+    /// The longest schema name the warehouse keeps whole (PostgreSQL cuts at 63 bytes).
+    pub max_identifier: Option<usize>,
 }
 
 impl WriteGuard {
-    /// The guard of a CI build's target; none for a deploy or a teardown.
-    pub fn for_target(target: &Target) -> Option<WriteGuard> {
+    /// The guard of a CI build's target on `warehouse`; none for a deploy or a teardown.
+    pub fn for_target(warehouse: &Warehouse, target: &Target) -> Option<WriteGuard> {
         match target {
             Target::DuckDb(DuckDbTarget::Ci { .. }) => Some(WriteGuard {
                 database: PR_CATALOG.to_owned(),
                 schema: None,
                 case_insensitive: false,
+                max_identifier: None,
             }),
             Target::Schema(SchemaTarget {
                 purpose: Purpose::Ci,
@@ -69,6 +72,7 @@ impl WriteGuard {
                 database: database.clone(),
                 schema: Some(schema.clone()),
                 case_insensitive: true,
+                max_identifier: warehouse.max_identifier(),
             }),
             Target::DuckDb(_) | Target::Schema(_) => None,
         }
@@ -128,6 +132,7 @@ impl WriteGuard {
             "database": self.database,
             "schema": self.schema,
             "case_insensitive": self.case_insensitive,
+            "max_identifier": self.max_identifier,
         })
     }
 
@@ -142,6 +147,7 @@ impl WriteGuard {
             node: String,
             database: Option<String>,
             schema: Option<String>,
+            reason: Option<String>,
         }
         let report: Option<Report> = serde_json::from_str(line).ok();
         let nodes = report
@@ -150,12 +156,16 @@ impl WriteGuard {
                     .refused
                     .iter()
                     .map(|refused| {
-                        format!(
+                        let place = format!(
                             "{} → {}.{}",
                             refused.node,
                             refused.database.as_deref().unwrap_or("?"),
                             refused.schema.as_deref().unwrap_or("?")
-                        )
+                        );
+                        match &refused.reason {
+                            Some(reason) => format!("{place} ({reason})"),
+                            None => place,
+                        }
                     })
                     .collect::<Vec<_>>()
             })
@@ -163,7 +173,7 @@ impl WriteGuard {
         let count = nodes.len();
         match &self.schema {
             Some(schema) => format!(
-                "refused before building: {count} node(s) would be written outside this PR's schemas {db}.{schema} and {db}.{schema}_*: {}. A PR's build may write only there; make the project's generate_schema_name build on target.schema (dbt's default does) and set no `database` on models",
+                "refused before building: {count} node(s) would be written outside this PR's schemas {db}.{schema} and {db}.{schema}_*, or under a name the warehouse would cut: {}. A PR's build may write only there; make the project's generate_schema_name build on target.schema (dbt's default does), set no `database` on models, and keep custom schema names short",
                 nodes.join(", "),
                 db = self.database,
             ),
@@ -186,6 +196,7 @@ mod tests {
             database: "analytics".into(),
             schema: Some("pr_shop_7".into()),
             case_insensitive: true,
+            max_identifier: Some(63),
         };
         let build: Vec<String> = [
             "build",
@@ -222,6 +233,7 @@ mod tests {
         assert!(!list.contains(&"--defer".to_owned()));
         assert_eq!(input["build"], serde_json::json!(build));
         assert_eq!(input["schema"], "pr_shop_7");
+        assert_eq!(input["max_identifier"], 63);
     }
 
     #[test]
@@ -230,7 +242,15 @@ mod tests {
             database: "analytics".into(),
             schema: Some("pr_shop_7".into()),
             case_insensitive: true,
+            max_identifier: Some(63),
         };
+        let long = guard.refusal(
+            r#"{"refused": [{"node": "model.shop.x", "database": "analytics", "schema": "pr_shop_7_a_very_long_custom_schema", "reason": "a schema name longer than 63 bytes, which the warehouse would cut"}]}"#,
+        );
+        assert!(
+            long.contains("(a schema name longer than 63 bytes"),
+            "{long}"
+        );
         let message = guard.refusal(
             r#"{"refused": [{"node": "model.shop.orders", "database": "analytics", "schema": "analytics"}]}"#,
         );

@@ -157,7 +157,7 @@ impl AttemptRun<'_> {
 
         // Build.
         self.phase_started(Phase::Build);
-        let guard = WriteGuard::for_target(&target);
+        let guard = WriteGuard::for_target(&self.services.warehouse, &target);
         let built = self
             .build(
                 &project,

@@ -245,6 +245,16 @@ impl Warehouse {
         }
     }
 
+    /// The longest schema name this warehouse keeps whole: PostgreSQL cuts identifiers at 63
+    /// bytes, Snowflake allows 255.
+    pub fn max_identifier(&self) -> Option<usize> {
+        match self {
+            Warehouse::Postgres(_) => Some(63),
+            Warehouse::Snowflake(_) => Some(255),
+            Warehouse::DuckDb(_) => None,
+        }
+    }
+
     /// Variables dbt needs in its environment for this warehouse (besides secrets).
     pub fn dbt_env(&self) -> Vec<(String, String)> {
         match self {
