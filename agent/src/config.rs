@@ -679,6 +679,40 @@ mod tests {
         example.validate().unwrap();
     }
 
+    #[test]
+    fn the_shipped_examples_per_warehouse_are_valid_configurations() {
+        let postgres: Config =
+            toml::from_str(include_str!("../../examples/agent-postgres.toml")).unwrap();
+        postgres.validate().unwrap();
+        assert_eq!(postgres.warehouse.type_name(), "postgres");
+        let snowflake: Config =
+            toml::from_str(include_str!("../../examples/agent-snowflake.toml")).unwrap();
+        snowflake.validate().unwrap();
+        assert_eq!(snowflake.warehouse.type_name(), "snowflake");
+        assert!(
+            snowflake
+                .protected_files()
+                .contains(&PathBuf::from("/etc/slimci/snowflake_key.p8"))
+        );
+    }
+
+    #[test]
+    fn a_snowflake_warehouse_needs_exactly_one_way_to_log_in() {
+        let snowflake = |auth: &str| {
+            let text = format!(
+                "name = \"a\"\nwork_dir = \"/tmp/w\"\n[amqp]\nurl = \"amqp://localhost/\"\n[coordinator]\nurl = \"http://c\"\ntoken = \"tok\"\n[warehouse]\ntype = \"snowflake\"\naccount = \"x\"\nuser = \"u\"\n{auth}\n"
+            );
+            let config: Config = toml::from_str(&text).unwrap();
+            config.validate().map_err(|error| error.to_string())
+        };
+        let error = snowflake("").unwrap_err();
+        assert!(error.contains("exactly one of private_key_path"), "{error}");
+        let error = snowflake("private_key_path = \"/k\"\npassword = \"secret-pw\"").unwrap_err();
+        assert!(error.contains("exactly one of private_key_path"), "{error}");
+        snowflake("private_key_path = \"/k\"").unwrap();
+        snowflake("password = \"secret-pw\"").unwrap();
+    }
+
     fn minimal(extra: &str) -> Result<Config, String> {
         let text = format!(
             r#"
