@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 pub use slimci_broker::AmqpConfig;
 use slimci_config_file::{ConfigFileError, inline_or_file, load_toml};
-use slimci_proto::{RepoName, RepositoryWarehouse};
+use slimci_proto::{IsolationName, PrNumber, RepoName, RepositoryWarehouse};
 
 /// Everything `slimci-coordinator` reads at start.
 #[derive(Debug, Clone, Deserialize)]
@@ -355,11 +355,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut slugs: HashMap<String, &RepoName> = HashMap::new();
         for repository in &self.repositories {
-            if let Some(other) = slugs.insert(repository.name.slug(), &repository.name) {
+            // Isolation names keep at most 63 bytes, cutting the slug: compare what is kept
+            // with the longest PR number (`IsolationName::for_pr` of u64::MAX).
+            let kept = IsolationName::for_pr(&repository.name, PrNumber(u64::MAX))
+                .as_str()
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .to_owned();
+            if let Some(other) = slugs.insert(kept.clone(), &repository.name) {
                 return Err(ConfigError::Invalid(format!(
-                    "repositories `{other}` and `{}` would share PR isolation names (both become `pr_{}_<n>`); rename one",
+                    "repositories `{other}` and `{}` would share PR isolation names (both become `{kept}<n>`, isolation names keeping at most 63 bytes); rename one",
                     repository.name,
-                    repository.name.slug()
                 )));
             }
             if repository.clone_url.trim().is_empty() {
@@ -576,6 +581,16 @@ mod tests {
     fn colliding_slugs_are_refused() {
         let text = format!(
             "{BASE}\n[[repository]]\nname = \"a-b\"\nclone_url = \"x\"\n[[repository]]\nname = \"a_b\"\nclone_url = \"y\"\n"
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("would share PR isolation names"), "{error}");
+    }
+
+    #[test]
+    fn long_names_that_would_share_isolation_names_are_refused() {
+        let long = "a".repeat(45);
+        let text = format!(
+            "{BASE}\n[[repository]]\nname = \"{long}_one\"\nclone_url = \"x\"\n[[repository]]\nname = \"{long}_two\"\nclone_url = \"y\"\n"
         );
         let error = parse(&text).unwrap_err().to_string();
         assert!(error.contains("would share PR isolation names"), "{error}");
