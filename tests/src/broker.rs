@@ -107,12 +107,14 @@ impl PrivateBroker {
             "the private RabbitMQ node to accept connections",
             Duration::from_secs(60),
             || async {
-                Ok(
-                    lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-                        .await
-                        .ok()
-                        .map(|_| ()),
-                )
+                // A node still booting can take the TCP connection and not answer the AMQP
+                // handshake: give each attempt 3 s and try again, rather than let one hung
+                // attempt use up the whole wait (it did once, under load).
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+                );
+                Ok(attempt.await.ok().and_then(Result::ok).map(|_| ()))
             },
         )
         .await
