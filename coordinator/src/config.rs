@@ -287,6 +287,9 @@ pub struct RepositoryWarehouseConfig {
     pub database: String,
     pub schema: String,
     pub ci_database: Option<String>,
+    /// Snowflake: the role and warehouse this repository's builds use, instead of the agents'.
+    pub role: Option<String>,
+    pub warehouse: Option<String>,
 }
 
 impl RepositoryWarehouseConfig {
@@ -295,6 +298,8 @@ impl RepositoryWarehouseConfig {
             database: self.database.clone(),
             schema: self.schema.clone(),
             ci_database: self.ci_database.clone(),
+            role: self.role.clone(),
+            warehouse: self.warehouse.clone(),
         }
     }
 }
@@ -396,6 +401,8 @@ impl Config {
                     ("database", Some(&warehouse.database)),
                     ("schema", Some(&warehouse.schema)),
                     ("ci_database", warehouse.ci_database.as_ref()),
+                    ("role", warehouse.role.as_ref()),
+                    ("warehouse", warehouse.warehouse.as_ref()),
                 ];
                 for (key, value) in names {
                     if let Some(value) = value

@@ -70,6 +70,11 @@ pub struct RepositoryWarehouse {
     /// The database PR schemas are created in; none means production's database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ci_database: Option<String>,
+    /// Snowflake's role and warehouse for this repository's builds, instead of the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warehouse: Option<String>,
 }
 
 impl RepositoryWarehouse {

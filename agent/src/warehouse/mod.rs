@@ -80,6 +80,10 @@ pub struct SchemaTarget {
     /// The same for Snowflake's `query_tag`, as JSON: `{"app":"slimci","repo":…,"pr":…,
     /// "run_id":…,"attempt":…,"sha":…}` (`pr` null for a deploy).
     pub query_tag: String,
+    /// Snowflake's role and warehouse for this repository, when it sets them (else the
+    /// agent's).
+    pub role: Option<String>,
+    pub compute: Option<String>,
 }
 
 fn query_tag(job: &CheckedJob) -> String {
@@ -187,6 +191,8 @@ impl Warehouse {
                         schema: settings.schema.clone(),
                         session_label,
                         query_tag,
+                        role: settings.role.clone(),
+                        compute: settings.warehouse.clone(),
                     },
                     JobKind::Ci { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Ci,
@@ -194,6 +200,8 @@ impl Warehouse {
                         schema: isolation.to_string(),
                         session_label,
                         query_tag,
+                        role: settings.role.clone(),
+                        compute: settings.warehouse.clone(),
                     },
                     JobKind::Teardown { isolation, .. } => SchemaTarget {
                         purpose: Purpose::Teardown,
@@ -201,6 +209,8 @@ impl Warehouse {
                         schema: isolation.to_string(),
                         session_label,
                         query_tag,
+                        role: settings.role.clone(),
+                        compute: settings.warehouse.clone(),
                     },
                 }))
             }

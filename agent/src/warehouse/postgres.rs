@@ -65,6 +65,8 @@ mod tests {
             schema: "pr_shop_7".into(),
             session_label: "slimci 01a2 shop pr 7".into(),
             query_tag: String::new(),
+            role: None,
+            compute: None,
         });
         let yaml = warehouse.profile_yaml("shop", &target, "../");
         for expected in [
@@ -89,6 +91,8 @@ mod tests {
             schema: "analytics".into(),
             session_label: "slimci 01a2 shop deploy".into(),
             query_tag: String::new(),
+            role: None,
+            compute: None,
         });
         let yaml = warehouse.profile_yaml("shop", &deploy, "../");
         assert!(yaml.contains("target: prod"), "{yaml}");

@@ -68,11 +68,15 @@ impl SnowflakeWarehouse {
             }
             SnowflakeAuth::Password => output["password"] = env(SNOWFLAKE_PASSWORD).into(),
         }
+        // The repository's role and warehouse, where it sets them, over the agent's.
         for (key, value) in [
-            ("role", &self.role),
-            ("warehouse", &self.warehouse),
-            ("host", &self.host),
-            ("protocol", &self.protocol),
+            ("role", target.role.as_ref().or(self.role.as_ref())),
+            (
+                "warehouse",
+                target.compute.as_ref().or(self.warehouse.as_ref()),
+            ),
+            ("host", self.host.as_ref()),
+            ("protocol", self.protocol.as_ref()),
         ] {
             if let Some(value) = value {
                 output[key] = value.clone().into();
@@ -111,7 +115,26 @@ mod tests {
             schema: "pr_shop_7".into(),
             session_label: "slimci r shop pr 7".into(),
             query_tag: r#"{"app":"slimci","repo":"shop","pr":7}"#.into(),
+            role: None,
+            compute: None,
         })
+    }
+
+    #[test]
+    fn a_repositorys_role_and_warehouse_win_over_the_agents() {
+        let Target::Schema(mut target) = ci_target() else {
+            unreachable!()
+        };
+        target.role = Some("SHOP_CI".into());
+        target.compute = Some("SHOP_WH".into());
+        let yaml = warehouse(SnowflakeAuth::KeyPair { passphrase: false }).profile_yaml(
+            "shop",
+            &Target::Schema(target),
+            "../",
+        );
+        assert!(yaml.contains("role: SHOP_CI"), "{yaml}");
+        assert!(yaml.contains("warehouse: SHOP_WH"), "{yaml}");
+        assert!(!yaml.contains("SLIMCI_CI"), "{yaml}");
     }
 
     #[test]
