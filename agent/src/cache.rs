@@ -119,6 +119,19 @@ impl Cache {
         Ok(Held { _lock: lock })
     }
 
+    /// The entries of one kind, by name and path: neither their lock files nor writers'
+    /// temporaries (dot-names).
+    pub fn entries(&self, kind: &str) -> Vec<(String, PathBuf)> {
+        let Ok(listing) = std::fs::read_dir(self.root.join(kind)) else {
+            return Vec::new();
+        };
+        listing
+            .filter_map(Result::ok)
+            .map(|item| (item.file_name().to_string_lossy().into_owned(), item.path()))
+            .filter(|(name, _)| !name.ends_with(".lock") && !name.starts_with('.'))
+            .collect()
+    }
+
     /// Removes least-recently-used entries until the cache is within its size limit.
     pub fn evict(&self) -> Evicted {
         struct Entry {
@@ -129,16 +142,7 @@ impl Cache {
         }
         let mut entries = Vec::new();
         for kind in KINDS {
-            let Ok(listing) = std::fs::read_dir(self.root.join(kind)) else {
-                continue;
-            };
-            for item in listing.filter_map(Result::ok) {
-                let path = item.path();
-                let name = item.file_name().to_string_lossy().into_owned();
-                // Locks belong to their entries; temporaries are their writers'.
-                if name.ends_with(".lock") || name.starts_with('.') {
-                    continue;
-                }
+            for (name, path) in self.entries(kind) {
                 let used = std::fs::metadata(lock_path(&path))
                     .or_else(|_| std::fs::symlink_metadata(&path))
                     .and_then(|metadata| metadata.modified())

@@ -154,6 +154,20 @@ impl Cluster {
         result
     }
 
+    /// Waits until the run is terminal; fails, with the run and its log, unless it succeeded.
+    pub async fn wait_for_success(
+        &mut self,
+        id: RunId,
+        timeout: Duration,
+    ) -> anyhow::Result<RunView> {
+        let run = self.wait_for_run(id, timeout).await?;
+        if run.status != RunStatus::Success {
+            let log = self.log(id).await.unwrap_or_default();
+            anyhow::bail!("run ended {}: {run:?}\n{log}", run.status);
+        }
+        Ok(run)
+    }
+
     /// Deploys main and waits for it to succeed; returns the run.
     pub async fn deploy(&mut self) -> anyhow::Result<RunView> {
         let run = match self.create_run(&deploy_request()).await {

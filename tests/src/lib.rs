@@ -28,5 +28,12 @@ pub use origin::{Origin, edits};
 pub use process::{Process, last_line, tail};
 pub use wait::wait_for;
 
+/// A TCP port of 127.0.0.1 that was free a moment ago, for a server a test starts.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const AGENT_TOKEN: &str = "e2e-agent-token-0123456789";

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::free_port;
 use crate::process::Process;
 use crate::wait::wait_for;
 
@@ -26,12 +27,6 @@ pub struct Postgres {
     /// Holds the data directory, the socket and the log.
     dir: tempfile::TempDir,
     _server: Process,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn as_postgres(program: &str) -> Command {

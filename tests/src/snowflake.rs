@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::binaries::{python, workspace_root};
+use crate::free_port;
 use crate::process::Process;
 use crate::wait::wait_for;
 
@@ -24,9 +25,7 @@ impl Fakesnow {
         let dir = tempfile::Builder::new()
             .prefix("slimci-fakesnow-")
             .tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         let log = dir.path().join("fakesnow.log");
         let server = Process::start(
             "fakesnow",

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use slimci_client::{RunStatus, RunView};
+use slimci_client::RunView;
 use slimci_proto::{CacheReport, RunId};
 use slimci_tests::{
     Cluster, ClusterOptions, ci_request, dump_database, edits, nodes_of, phases_of, sandbox_of,
@@ -34,9 +34,7 @@ fn caches(run: &RunView) -> &CacheReport {
 
 async fn ci(cluster: &mut Cluster, pr: u64, sha: &str) -> RunView {
     let run = cluster.create_run(&ci_request(pr, sha)).await.unwrap();
-    let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
-    assert_eq!(run.status, RunStatus::Success, "{run:?}");
-    run
+    cluster.wait_for_success(run.id, RUN_TIMEOUT).await.unwrap()
 }
 
 /// Commits a local package (`shop_utils`, with a macro `twice`) and a model that uses it and

@@ -34,15 +34,10 @@ fn built_models(run: &RunView) -> BTreeSet<String> {
 
 async fn teardown(cluster: &mut Cluster, pr: u64) -> RunView {
     let submitted = cluster.client.teardown("shop", pr).await.unwrap();
-    let run = cluster
-        .wait_for_run(submitted.run.id, RUN_TIMEOUT)
+    cluster
+        .wait_for_success(submitted.run.id, RUN_TIMEOUT)
         .await
-        .unwrap();
-    if run.status != RunStatus::Success {
-        let log = cluster.log(run.id).await.unwrap();
-        panic!("{run:?}\n{log}");
-    }
-    run
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

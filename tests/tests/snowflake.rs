@@ -19,12 +19,7 @@ fn strings(items: &[&str]) -> BTreeSet<String> {
 }
 
 async fn succeeded(cluster: &mut Cluster, run: RunView) -> RunView {
-    let run = cluster.wait_for_run(run.id, RUN_TIMEOUT).await.unwrap();
-    if run.status != RunStatus::Success {
-        let log = cluster.log(run.id).await.unwrap();
-        panic!("{run:?}\n{log}");
-    }
-    run
+    cluster.wait_for_success(run.id, RUN_TIMEOUT).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,16 +117,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 pub fn remove_unproven(cache: &Cache) -> Vec<String> {
     let mut removed = Vec::new();
     for kind in ["parse", "deps"] {
-        let Ok(listing) = std::fs::read_dir(cache.root().join(kind)) else {
-            continue;
-        };
-        for item in listing.filter_map(Result::ok) {
-            let name = item.file_name().to_string_lossy().into_owned();
-            // Locks belong to their entries; dot-names are writers' temporaries.
-            if name.ends_with(".lock") || name.starts_with('.') {
-                continue;
-            }
-            let path = item.path();
+        for (name, path) in cache.entries(kind) {
             if Origin::read(&path).is_some() {
                 continue;
             }

@@ -183,35 +183,31 @@ impl Warehouse {
                 let settings = job.warehouse.as_ref().ok_or_else(|| {
                     WarehouseError::NoRepositorySettings(repository.to_string(), self.type_name())
                 })?;
-                let (session_label, query_tag) = (session_label(job), query_tag(job));
-                Ok(Target::Schema(match &job.kind {
-                    JobKind::Deploy => SchemaTarget {
-                        purpose: Purpose::Deploy,
-                        database: settings.database.clone(),
-                        schema: settings.schema.clone(),
-                        session_label,
-                        query_tag,
-                        role: settings.role.clone(),
-                        compute: settings.warehouse.clone(),
-                    },
-                    JobKind::Ci { isolation, .. } => SchemaTarget {
-                        purpose: Purpose::Ci,
-                        database: settings.ci_database().to_owned(),
-                        schema: isolation.to_string(),
-                        session_label,
-                        query_tag,
-                        role: settings.role.clone(),
-                        compute: settings.warehouse.clone(),
-                    },
-                    JobKind::Teardown { isolation, .. } => SchemaTarget {
-                        purpose: Purpose::Teardown,
-                        database: settings.ci_database().to_owned(),
-                        schema: isolation.to_string(),
-                        session_label,
-                        query_tag,
-                        role: settings.role.clone(),
-                        compute: settings.warehouse.clone(),
-                    },
+                let (purpose, database, schema) = match &job.kind {
+                    JobKind::Deploy => (
+                        Purpose::Deploy,
+                        settings.database.clone(),
+                        settings.schema.clone(),
+                    ),
+                    JobKind::Ci { isolation, .. } => (
+                        Purpose::Ci,
+                        settings.ci_database().to_owned(),
+                        isolation.to_string(),
+                    ),
+                    JobKind::Teardown { isolation, .. } => (
+                        Purpose::Teardown,
+                        settings.ci_database().to_owned(),
+                        isolation.to_string(),
+                    ),
+                };
+                Ok(Target::Schema(SchemaTarget {
+                    purpose,
+                    database,
+                    schema,
+                    session_label: session_label(job),
+                    query_tag: query_tag(job),
+                    role: settings.role.clone(),
+                    compute: settings.warehouse.clone(),
                 }))
             }
         }
