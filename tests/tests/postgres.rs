@@ -111,6 +111,17 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
         assert_eq!(run.status, RunStatus::Success, "{run:?}");
     }
     assert_ne!(first.agent, second.agent, "{first:?}\n{second:?}");
+    // The profile step ended when dbt had connected; the build step followed it.
+    let steps: Vec<(&str, Option<bool>)> = phases_of(&first)
+        .iter()
+        .map(|phase| (phase.phase.as_str(), phase.ok))
+        .filter(|(phase, _)| ["profile", "build"].contains(phase))
+        .collect();
+    assert_eq!(
+        steps,
+        [("profile", Some(true)), ("build", Some(true))],
+        "{first:?}"
+    );
 
     // Each PR wrote its own schemas, only what it changed and what depends on it...
     assert_eq!(
@@ -274,7 +285,8 @@ async fn prs_build_in_schemas_of_their_own_on_postgres_and_read_the_rest_from_pr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_password_fails_the_run_with_the_servers_words_and_the_settings_to_check() {
+async fn a_wrong_password_fails_the_run_at_the_profile_step_with_the_servers_words_and_the_settings_to_check()
+ {
     let postgres = Postgres::start().await.unwrap();
     postgres.create_database(DATABASE).unwrap();
     let warehouse = postgres.agent_warehouse().replace(
@@ -302,8 +314,26 @@ async fn a_wrong_password_fails_the_run_with_the_servers_words_and_the_settings_
         "{message}"
     );
     assert!(
+        message.starts_with("cannot connect to PostgreSQL: "),
+        "{message}"
+    );
+    assert!(
         message.contains("check this agent's [warehouse] host, port, user, password"),
         "{message}"
+    );
+    // It failed at the profile step: the build step never started, nothing was parsed.
+    let phases: Vec<(String, Option<bool>)> = phases_of(&run)
+        .iter()
+        .map(|phase| (phase.phase.clone(), phase.ok))
+        .collect();
+    assert_eq!(
+        phases.last(),
+        Some(&("profile".to_owned(), Some(false))),
+        "{phases:?}"
+    );
+    assert!(
+        !phases.iter().any(|(phase, _)| phase == "build"),
+        "{phases:?}"
     );
     // The wrong password is a secret too: never in the log.
     let log = cluster.log(run.id).await.unwrap();

@@ -39,6 +39,10 @@ pub struct AttemptRun<'a> {
     pub limit_note: Option<String>,
     /// Why the write guard refused the build, when it did.
     pub refusal: Option<String>,
+    /// Whether the profile step is still open, waiting for the build's first connection.
+    pub connecting: bool,
+    /// The adapter's words when the build's first connection failed.
+    pub connection_error: Option<String>,
     /// Which caches the attempt used, reported once the build has run.
     pub caches: CacheReport,
     /// Cache entries this attempt reads; eviction leaves them alone until it ends.
@@ -71,6 +75,8 @@ impl<'a> AttemptRun<'a> {
             last_report: None,
             limit_note: None,
             refusal: None,
+            connecting: false,
+            connection_error: None,
             caches: CacheReport::default(),
             holds: Vec::new(),
         }
@@ -88,6 +94,16 @@ impl<'a> AttemptRun<'a> {
     pub fn phase_finished(&mut self, phase: Phase, ok: bool) {
         self.log.flush();
         self.reporter.send(EventBody::PhaseFinished { phase, ok });
+    }
+
+    /// The build's first connection worked (or is not checked): the profile step ends and the
+    /// build step starts.
+    pub fn connected(&mut self) {
+        if self.connecting {
+            self.connecting = false;
+            self.phase_finished(Phase::Profile, true);
+            self.phase_started(Phase::Build);
+        }
     }
 
     /// Stops the attempt between steps if it was cancelled or ran out of time.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::job::attempt_run::AttemptRun;
 use crate::job::dbt::DbtStart;
-use crate::job::guard::{REFUSED_EXIT, WriteGuard};
+use crate::job::guard::{BuildChecks, NOT_CONNECTED_EXIT, REFUSED_EXIT};
 use crate::job::parse_cache::ParseFor;
 use crate::job::stop::{Stop, pids_limit_note};
 use crate::process::Exit;
@@ -22,14 +22,14 @@ pub struct Built {
 
 impl AttemptRun<'_> {
     /// Builds the project; `state_dir` is production's manifest for a CI build, none for a
-    /// deploy. `profile` is the profile written for the attempt; `guard`, what a CI build may
-    /// write.
+    /// deploy. `profile` is the profile written for the attempt; `checks`, what a CI build may
+    /// write and whether the first connection is checked before parsing.
     pub async fn build(
         &mut self,
         project: &Path,
         state_dir: Option<&Path>,
         profile: &str,
-        guard: Option<&WriteGuard>,
+        checks: BuildChecks<'_>,
     ) -> Result<Built, Stop> {
         let mut args: Vec<String> = vec!["build".into()];
         match state_dir {
@@ -49,8 +49,19 @@ impl AttemptRun<'_> {
             .await;
         self.log.slimci(format_args!("dbt {}", args.join(" ")));
         let dbt = self
-            .dbt_guarded(project, args, DbtStart::Prestarted, guard)
+            .dbt_guarded(project, args, DbtStart::Prestarted, checks)
             .await?;
+        let ran = &dbt.ran;
+        if ran.exit == Exit::Code(NOT_CONNECTED_EXIT)
+            && let Some(error) = self.connection_error.take()
+        {
+            let warehouse = &self.services.warehouse;
+            let mut message = format!("cannot connect to {}: {error}", warehouse.display_name());
+            if let Some(settings) = warehouse.connection_settings() {
+                message = format!("{message}; {settings}");
+            }
+            return Err(Stop::error(message));
+        }
         self.after_parse(parse, &dbt).await;
         let ran = dbt.ran;
         if ran.exit == Exit::Code(REFUSED_EXIT)

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::dbtlog::Progress;
 use crate::job::attempt_run::AttemptRun;
-use crate::job::guard::{REFUSED_PREFIX, WriteGuard};
+use crate::job::guard::{BuildChecks, GUARD_PREFIX, GuardLine};
 use crate::job::log_sender::LOG_FLUSH_INTERVAL;
 use crate::job::stop::{Stop, pids_limit_note};
 use crate::process::{self, Deadline, Invocation, ProcessError, Ran};
@@ -97,40 +97,45 @@ impl AttemptRun<'_> {
         args: Vec<String>,
         start: DbtStart,
     ) -> Result<DbtRun, Stop> {
-        self.dbt_guarded(project, args, start, None).await
+        self.dbt_guarded(project, args, start, BuildChecks::default())
+            .await
     }
 
-    /// `dbt`, through the write guard when `guard` is given (`dbt build` of a CI build): a
-    /// refused build exits `guard::REFUSED_EXIT`, and `self.refusal` says why.
+    /// `dbt`, through the guard script when `checks` asks for any (`dbt build`): a build whose
+    /// first connection failed exits `guard::NOT_CONNECTED_EXIT` and `self.connection_error`
+    /// has the adapter's words; one the write guard refused exits `guard::REFUSED_EXIT` and
+    /// `self.refusal` says why. The script's `connected` line ends an open profile step
+    /// (`self.connecting`).
     pub async fn dbt_guarded(
         &mut self,
         project: &Path,
         args: Vec<String>,
         start: DbtStart,
-        guard: Option<&WriteGuard>,
+        checks: BuildChecks<'_>,
     ) -> Result<DbtRun, Stop> {
         self.invocations += 1;
-        let guard = match (guard, &self.services.guard_script) {
-            (Some(guard), Some(script)) => {
+        let guard = match (checks.any(), &self.services.guard_script) {
+            (true, Some(script)) => {
                 // The script, and the worker's import of it, read the worker's directory.
                 if let Some(directory) = script.script.parent() {
                     self.paths.read.push(directory.to_owned());
                 }
-                Some((guard.clone(), guard.script_input(&args), script.clone()))
+                Some((checks.script_input(&args), script.clone()))
             }
-            (Some(_), None) => {
+            (true, None) => {
                 self.log.slimci(
-                    "write guard unavailable (dbt is not a Python script here); building without it",
+                    "write guard and connection check unavailable (dbt is not a Python script here); building without them",
                 );
+                self.connected();
                 None
             }
-            (None, _) => None,
+            (false, _) => None,
         };
         let env = self.dbt_env();
         let spawned = Instant::now();
         let warm = match start {
             DbtStart::Prestarted => {
-                let input = guard.as_ref().map(|(_, input, _)| input);
+                let input = guard.as_ref().map(|(input, _)| input);
                 self.hand_to_warm(project, &args, &env, input).await
             }
             DbtStart::Cold => None,
@@ -138,7 +143,7 @@ impl AttemptRun<'_> {
         let mut dbt = match warm {
             Some(warm) => warm,
             None => match &guard {
-                Some((_, input, script)) => {
+                Some((input, script)) => {
                     let args = vec![script.script.display().to_string(), input.to_string()];
                     self.spawn_dbt(project, &script.python, args, env)?
                 }
@@ -158,11 +163,18 @@ impl AttemptRun<'_> {
                     Some(raw) if dbt.prestarted && !confined && raw.starts_with(WORKER_CONFINED_PREFIX) => {
                         confined = true;
                     }
-                    Some(raw) if guard.is_some() && raw.starts_with(REFUSED_PREFIX) => {
-                        let (guard, _, _) = guard.as_ref().expect("guarded");
-                        let refusal = guard.refusal(&raw[REFUSED_PREFIX.len()..]);
-                        self.log.slimci(&refusal);
-                        self.refusal = Some(refusal);
+                    Some(raw) if guard.is_some() && raw.starts_with(GUARD_PREFIX) => {
+                        match checks.read_line(&raw[GUARD_PREFIX.len()..]) {
+                            Some(GuardLine::Connected) => self.connected(),
+                            Some(GuardLine::ConnectionError(error)) => {
+                                self.connection_error = Some(error);
+                            }
+                            Some(GuardLine::Refused(refusal)) => {
+                                self.log.slimci(&refusal);
+                                self.refusal = Some(refusal);
+                            }
+                            None => self.log.line(raw),
+                        }
                     }
                     Some(raw) => {
                         let parsed = progress.read(&raw);

@@ -5,6 +5,10 @@
 //! schema of the CI database, compared case-insensitively (Snowflake folds unquoted names).
 //! It runs in dbt's own process (cold, or on the pre-started dbt), on the manifest dbt parsed
 //! once: the guard adds a node listing to the build, not a second parse.
+//!
+//! The same script opens the build's first warehouse connection on PostgreSQL and Snowflake,
+//! before parsing (`BuildChecks::connect`, for deploys too): its `connected` line ends the run's
+//! profile step, and a wrong key, role or host fails the run there with the adapter's words.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +20,124 @@ use crate::warehouse::{DuckDbTarget, PR_CATALOG, Purpose, SchemaTarget, Target, 
 pub const GUARD_SCRIPT: &str = include_str!("../slimci_guard.py");
 /// The exit code of a refused build.
 pub const REFUSED_EXIT: i32 = 3;
-/// The line the guard prints when it refuses (not part of the log).
-pub const REFUSED_PREFIX: &str = "[slimci-guard] ";
+/// The exit code of a build whose first connection failed.
+pub const NOT_CONNECTED_EXIT: i32 = 4;
+/// The start of the lines the script prints about itself (not part of the log).
+pub const GUARD_PREFIX: &str = "[slimci-guard] ";
+
+/// What the script says on a `GUARD_PREFIX` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardLine {
+    /// The build's first connection worked.
+    Connected,
+    /// It did not: the adapter's words.
+    ConnectionError(String),
+    /// The write guard refused the build: the run's message.
+    Refused(String),
+}
+
+/// What the script checks around a `dbt build`: nothing (plain dbt), or the first connection,
+/// the write guard, or both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildChecks<'a> {
+    pub guard: Option<&'a WriteGuard>,
+    /// Open one connection before parsing (server warehouses).
+    pub connect: bool,
+}
+
+impl BuildChecks<'_> {
+    pub fn any(&self) -> bool {
+        self.guard.is_some() || self.connect
+    }
+
+    /// The script's input for `dbt build` with `build` (its arguments, `build` first): the
+    /// connection check, dbt's parse, the listing of what `build` selects (only with a guard),
+    /// and the build.
+    pub fn script_input(&self, build: &[String]) -> serde_json::Value {
+        let mut common: Vec<String> = Vec::new();
+        let mut select: Vec<String> = Vec::new();
+        let mut args = build.iter().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--target" | "--log-format" => {
+                    common.push(arg.clone());
+                    common.extend(args.next().cloned());
+                }
+                "--select" | "--state" | "--exclude" | "--selector" => {
+                    select.push(arg.clone());
+                    select.extend(args.next().cloned());
+                }
+                _ => {}
+            }
+        }
+        let parse: Vec<String> = std::iter::once("parse".to_owned())
+            .chain(common.iter().cloned())
+            .collect();
+        let target: Vec<String> = common
+            .chunks(2)
+            .filter(|pair| pair[0] == "--target")
+            .flatten()
+            .cloned()
+            .collect();
+        let connect: Option<Vec<String>> = self.connect.then(|| {
+            ["debug", "--connection"]
+                .map(str::to_owned)
+                .into_iter()
+                .chain(target.iter().cloned())
+                .chain(["--log-level", "none"].map(str::to_owned))
+                .collect()
+        });
+        let list: Option<Vec<String>> = self.guard.map(|_| {
+            std::iter::once("ls".to_owned())
+                .chain(target.iter().cloned())
+                .chain(select.iter().cloned())
+                .chain(
+                    [
+                        "--resource-types",
+                        "model",
+                        "seed",
+                        "snapshot",
+                        "--output",
+                        "json",
+                        "--output-keys",
+                        "unique_id",
+                        "--log-level",
+                        "none",
+                    ]
+                    .map(str::to_owned),
+                )
+                .collect()
+        });
+        let guard = self.guard;
+        serde_json::json!({
+            "connect": connect,
+            "parse": parse,
+            "list": list,
+            "build": build,
+            "database": guard.map(|guard| &guard.database),
+            "schema": guard.and_then(|guard| guard.schema.as_ref()),
+            "case_insensitive": guard.is_some_and(|guard| guard.case_insensitive),
+            "max_identifier": guard.and_then(|guard| guard.max_identifier),
+        })
+    }
+
+    /// What a `GUARD_PREFIX` line (its text after the prefix) says; None for a line it does not
+    /// know.
+    pub fn read_line(&self, line: &str) -> Option<GuardLine> {
+        let fields: serde_json::Value = serde_json::from_str(line).ok()?;
+        if fields.get("connected").is_some() {
+            return Some(GuardLine::Connected);
+        }
+        if let Some(error) = fields.get("connection_error") {
+            let error = error.as_str().unwrap_or("the connection failed").to_owned();
+            return Some(GuardLine::ConnectionError(error));
+        }
+        let guard = self.guard?;
+        fields
+            .get("refused")
+            .map(|_| GuardLine::Refused(guard.refusal(line)))
+    }
+}
 
 /// Where the guard script is and the Python that runs it (dbt's own).
 #[derive(Clone)]
@@ -76,64 +196,6 @@ impl WriteGuard {
             }),
             Target::DuckDb(_) | Target::Schema(_) => None,
         }
-    }
-
-    /// The guard script's input for `dbt build` with `build` (its arguments without `build`
-    /// itself): dbt's parse, the listing of what `build` selects, and the build.
-    pub fn script_input(&self, build: &[String]) -> serde_json::Value {
-        let mut common: Vec<String> = Vec::new();
-        let mut select: Vec<String> = Vec::new();
-        let mut args = build.iter().skip(1);
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--target" | "--log-format" => {
-                    common.push(arg.clone());
-                    common.extend(args.next().cloned());
-                }
-                "--select" | "--state" | "--exclude" | "--selector" => {
-                    select.push(arg.clone());
-                    select.extend(args.next().cloned());
-                }
-                _ => {}
-            }
-        }
-        let parse: Vec<String> = std::iter::once("parse".to_owned())
-            .chain(common.iter().cloned())
-            .collect();
-        let target: Vec<String> = common
-            .chunks(2)
-            .filter(|pair| pair[0] == "--target")
-            .flatten()
-            .cloned()
-            .collect();
-        let list: Vec<String> = std::iter::once("ls".to_owned())
-            .chain(target)
-            .chain(select)
-            .chain(
-                [
-                    "--resource-types",
-                    "model",
-                    "seed",
-                    "snapshot",
-                    "--output",
-                    "json",
-                    "--output-keys",
-                    "unique_id",
-                    "--log-level",
-                    "none",
-                ]
-                .map(str::to_owned),
-            )
-            .collect();
-        serde_json::json!({
-            "parse": parse,
-            "list": list,
-            "build": build,
-            "database": self.database,
-            "schema": self.schema,
-            "case_insensitive": self.case_insensitive,
-            "max_identifier": self.max_identifier,
-        })
     }
 
     /// The run's message for the guard's `[slimci-guard]` line.
@@ -212,7 +274,11 @@ mod tests {
         ]
         .map(str::to_owned)
         .to_vec();
-        let input = guard.script_input(&build);
+        let checks = BuildChecks {
+            guard: Some(&guard),
+            connect: false,
+        };
+        let input = checks.script_input(&build);
         assert_eq!(
             input["parse"],
             serde_json::json!(["parse", "--target", "ci", "--log-format", "json"])
@@ -234,6 +300,61 @@ mod tests {
         assert_eq!(input["build"], serde_json::json!(build));
         assert_eq!(input["schema"], "pr_shop_7");
         assert_eq!(input["max_identifier"], 63);
+        assert_eq!(input["connect"], serde_json::Value::Null);
+
+        // A deploy on a server warehouse: the connection first, no node check.
+        let deploy = BuildChecks {
+            guard: None,
+            connect: true,
+        }
+        .script_input(&["build".into(), "--target".into(), "prod".into()]);
+        assert_eq!(
+            deploy["connect"],
+            serde_json::json!([
+                "debug",
+                "--connection",
+                "--target",
+                "prod",
+                "--log-level",
+                "none"
+            ])
+        );
+        assert_eq!(deploy["list"], serde_json::Value::Null);
+        assert_eq!(
+            deploy["parse"],
+            serde_json::json!(["parse", "--target", "prod"])
+        );
+    }
+
+    #[test]
+    fn the_scripts_lines_are_read_by_what_they_say() {
+        let guard = WriteGuard {
+            database: "analytics".into(),
+            schema: Some("pr_shop_7".into()),
+            case_insensitive: true,
+            max_identifier: Some(63),
+        };
+        let checks = BuildChecks {
+            guard: Some(&guard),
+            connect: true,
+        };
+        assert_eq!(
+            checks.read_line(r#"{"connected": true}"#),
+            Some(GuardLine::Connected)
+        );
+        assert_eq!(
+            checks.read_line(r#"{"connection_error": "password authentication failed"}"#),
+            Some(GuardLine::ConnectionError(
+                "password authentication failed".into()
+            ))
+        );
+        let refused = checks
+            .read_line(r#"{"refused": [{"node": "model.shop.orders", "database": "analytics", "schema": "analytics"}]}"#);
+        assert!(
+            matches!(&refused, Some(GuardLine::Refused(message)) if message.contains("model.shop.orders")),
+            "{refused:?}"
+        );
+        assert_eq!(checks.read_line("not json"), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! Phases: checkout (git cache → fresh directory), state fetch (CI only), deps (only when the
 //! project has packages), profile, build, upload, and for a deploy that built, the seed parse
 //! (production's code parsed for CI builds); then a successful deploy is made live, any other
-//! deploy copy discarded. A teardown drops its isolation after deps instead. Each phase
+//! deploy copy discarded. A teardown drops its isolation after deps instead. On PostgreSQL and
+//! Snowflake the profile step lasts until the build's dbt has opened its first connection, so a
+//! wrong key, role or host fails the run at the profile step. Each phase
 //! is reported with its timing; the first that fails ends the attempt with a `Stop` saying
 //! which and why.
 
@@ -31,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Reporter;
 use crate::job::attempt_run::AttemptRun;
 use crate::job::build::Built;
-use crate::job::guard::WriteGuard;
+use crate::job::guard::{BuildChecks, WriteGuard};
 use crate::job::stop::Stop;
 use crate::warehouse::{Target, writable_dir};
 
@@ -148,30 +150,42 @@ impl AttemptRun<'_> {
             return self.teardown(&project, isolation).await;
         }
 
-        // Profile.
+        // Profile: written, and on a server warehouse proven by the build's first connection,
+        // which ends the step from inside the build's dbt (`AttemptRun::connected`).
         self.phase_started(Phase::Profile);
         let profile = self.write_profile(&project);
-        self.phase_finished(Phase::Profile, profile.is_ok());
+        let connect = profile.is_ok() && self.services.warehouse.is_server();
+        if !connect {
+            self.phase_finished(Phase::Profile, profile.is_ok());
+        }
         let profile = profile?;
         let target = profile.target;
 
         // Build.
-        self.phase_started(Phase::Build);
+        if connect {
+            self.connecting = true;
+        } else {
+            self.phase_started(Phase::Build);
+        }
         let guard = WriteGuard::for_target(&self.services.warehouse, &target);
+        let checks = BuildChecks {
+            guard: guard.as_ref(),
+            connect,
+        };
         let built = self
-            .build(
-                &project,
-                state_dir.as_deref(),
-                &profile.text,
-                guard.as_ref(),
-            )
+            .build(&project, state_dir.as_deref(), &profile.text, checks)
             .await;
-        self.phase_finished(
-            Phase::Build,
-            built
-                .as_ref()
-                .is_ok_and(|built| built.result == RunResult::Success),
-        );
+        if self.connecting {
+            self.connecting = false;
+            self.phase_finished(Phase::Profile, false);
+        } else {
+            self.phase_finished(
+                Phase::Build,
+                built
+                    .as_ref()
+                    .is_ok_and(|built| built.result == RunResult::Success),
+            );
+        }
         let built = match built {
             Ok(built) => built,
             Err(stop) => {

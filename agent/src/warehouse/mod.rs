@@ -274,9 +274,38 @@ impl Warehouse {
         }
     }
 
+    /// The warehouse's name in messages.
+    pub fn display_name(&self) -> &'static str {
+        match self {
+            Warehouse::DuckDb(_) => "DuckDB",
+            Warehouse::Postgres(_) => "PostgreSQL",
+            Warehouse::Snowflake(_) => "Snowflake",
+        }
+    }
+
+    /// Whether builds reach the warehouse over the network (PostgreSQL, Snowflake), so the
+    /// first connection is checked before parsing.
+    pub fn is_server(&self) -> bool {
+        !matches!(self, Warehouse::DuckDb(_))
+    }
+
+    /// The agent's own settings to check when the warehouse refuses a connection; none for
+    /// DuckDB.
+    pub fn connection_settings(&self) -> Option<&'static str> {
+        match self {
+            Warehouse::Postgres(_) => Some(
+                "check this agent's [warehouse] host, port, user, password and sslmode, and that the user may connect to the repository's database",
+            ),
+            Warehouse::Snowflake(_) => Some(
+                "check this agent's [warehouse] account, user, role, warehouse and private_key_path (or password), and the user's grants",
+            ),
+            Warehouse::DuckDb(_) => None,
+        }
+    }
+
     /// What to check when dbt's `error` says it could not connect or log in: the agent's own
     /// settings for this warehouse. None for other errors, and for DuckDB.
-    pub fn connection_hint(&self, error: &str) -> Option<&'static str> {
+    pub fn connection_hint(&self, error: &str) -> Option<String> {
         const CONNECTION: [&str; 9] = [
             "could not connect",
             "connection to server",
@@ -291,15 +320,8 @@ impl Warehouse {
         if !CONNECTION.iter().any(|needle| error.contains(needle)) {
             return None;
         }
-        match self {
-            Warehouse::Postgres(_) => Some(
-                "the warehouse refused the connection: check this agent's [warehouse] host, port, user, password and sslmode, and that the user may connect to the repository's database",
-            ),
-            Warehouse::Snowflake(_) => Some(
-                "the warehouse refused the connection: check this agent's [warehouse] account, user, role, warehouse and private_key_path (or password), and the user's grants",
-            ),
-            Warehouse::DuckDb(_) => None,
-        }
+        self.connection_settings()
+            .map(|settings| format!("the warehouse refused the connection: {settings}"))
     }
 
     /// Whether a build gets the private key as a file of its own (`KEY_FILE`).
