@@ -314,7 +314,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         shutdown.drain.clone(),
     ));
     let heartbeats = tokio::spawn(lease::heartbeat_loop(held, coordinator));
-    consumer::consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
+    if worker
+        .services
+        .coordinator
+        .wait_until_answering(&shutdown.drain)
+        .await
+    {
+        consumer::consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
+    }
     jobs.close();
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     if tokio::time::timeout(drain_timeout, jobs.wait())
