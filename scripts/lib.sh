@@ -101,6 +101,29 @@ ensure_dbt() {
   echo "$venv/bin/dbt"
 }
 
+# ansible-core and ansible-lint, pinned in ansible/requirements-controller.txt, in a virtualenv
+# under slimci's cache keyed by that file's hash. Prints the virtualenv's bin directory.
+ensure_ansible() {
+  local root requirements hash venv python cache
+  root=$(slimci_root)
+  requirements="$root/ansible/requirements-controller.txt"
+  hash=$(sha256sum "$requirements" | cut -c1-16)
+  cache=$(slimci_cache)
+  mkdir -p "$cache"
+  venv="$cache/ansible-$hash"
+  if [ ! -f "$venv/.slimci-installed" ]; then
+    python=/usr/bin/python3
+    [ -x "$python" ] || { apt_install python3; }
+    "$python" -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    log "installing ansible-core and ansible-lint into $venv"
+    rm -rf "$venv"
+    "$python" -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements" >&2
+    touch "$venv/.slimci-installed"
+  fi
+  echo "$venv/bin"
+}
+
 # What the end-to-end tests need on this machine: RabbitMQ on 5672, the tools the fault and
 # GitHub App tests run, the build user, dbt. Exports SLIMCI_DBT.
 ensure_test_prerequisites() {

@@ -83,6 +83,39 @@ impl CoordinatorClient {
         self.call("heartbeat", &request, HEARTBEAT_TIMEOUT).await
     }
 
+    /// Waits until the coordinator answers an empty heartbeat, which proves its URL and this
+    /// agent's token, logging every failure with the next retry; false if `drain` fired first.
+    /// An agent that cannot reach the coordinator could claim no job, so it takes none until
+    /// then.
+    pub async fn wait_until_answering(&self, drain: &tokio_util::sync::CancellationToken) -> bool {
+        let mut failures = 0u32;
+        loop {
+            let error = tokio::select! {
+                answer = self.heartbeat(Vec::new()) => match answer {
+                    Ok(_) => break,
+                    Err(error) => error,
+                },
+                () = drain.cancelled() => return false,
+            };
+            failures += 1;
+            let delay = crate::rules::coordinator_retry_delay(failures);
+            tracing::warn!(
+                url = %self.base_url,
+                %error,
+                retry_in_s = delay.as_secs(),
+                "cannot reach the coordinator; taking no jobs until it answers"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = drain.cancelled() => return false,
+            }
+        }
+        if failures > 0 {
+            tracing::info!(url = %self.base_url, failures, "the coordinator answers now");
+        }
+        true
+    }
+
     /// Stores one of a run's artifacts (`manifest.json`, `run_results.json`) as raw bytes.
     pub async fn upload_artifact(
         &self,

@@ -314,8 +314,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         shutdown.drain.clone(),
     ));
     let heartbeats = tokio::spawn(lease::heartbeat_loop(held, coordinator));
-    consumer::consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
+    if worker
+        .services
+        .coordinator
+        .wait_until_answering(&shutdown.drain)
+        .await
+    {
+        consumer::consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
+    }
     jobs.close();
+    // Said before the wait, so that the log shows what a stop is waiting for.
+    tracing::info!(
+        running = jobs.len(),
+        "no longer taking jobs; waiting for running ones"
+    );
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     if tokio::time::timeout(drain_timeout, jobs.wait())
         .await
@@ -327,10 +339,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         );
         shutdown.abort.cancel();
     }
-    tracing::info!(
-        running = jobs.len(),
-        "no longer taking jobs; waiting for running ones"
-    );
     jobs.wait().await;
     if let Some(pool) = &worker.services.warm {
         pool.close().await;

@@ -234,6 +234,15 @@ pub fn attempt_end(
     }
 }
 
+/// How long to wait before asking an unreachable coordinator again, after `failures` failed
+/// tries in a row: 1 s, doubling, at most 30 s.
+pub fn coordinator_retry_delay(failures: u32) -> Duration {
+    let doubled = 1u64
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_secs(doubled.min(30))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,5 +444,14 @@ mod tests {
         ] {
             assert_eq!(attempt_end(result, lost.clone(), true), AttemptEnd::Finish);
         }
+    }
+
+    #[test]
+    fn coordinator_retries_back_off_to_thirty_seconds() {
+        let delays: Vec<u64> = (1..=7)
+            .map(|failures| coordinator_retry_delay(failures).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(coordinator_retry_delay(200).as_secs(), 30);
     }
 }

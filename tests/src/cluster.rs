@@ -247,7 +247,18 @@ token = "{AGENT_TOKEN}"
 
     /// Stops the coordinator and starts it again on the same data directory.
     pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.stop_coordinator();
+        self.start_coordinator_again().await
+    }
+
+    /// Stops the coordinator (SIGTERM, then SIGKILL after 10 s); `start_coordinator_again`
+    /// brings it back where the agents expect it.
+    pub fn stop_coordinator(&mut self) {
         self.coordinator.stop(Duration::from_secs(10));
+    }
+
+    /// Starts the coordinator stopped by `stop_coordinator` on its data directory and address.
+    pub async fn start_coordinator_again(&mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(self.dir.path().join("coordinator/http.addr"));
         // Listen where the agents expect the coordinator to be.
         let address = self.url.trim_start_matches("http://").to_owned();
@@ -336,6 +347,16 @@ token = "{AGENT_TOKEN}"
 
     /// Messages waiting in one of this cluster's queues.
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
+        Ok(self.queue_counts(queue).await?.0)
+    }
+
+    /// Consumers of one of this cluster's queues.
+    pub async fn queue_consumers(&self, queue: &str) -> anyhow::Result<u32> {
+        Ok(self.queue_counts(queue).await?.1)
+    }
+
+    /// Messages waiting in one of this cluster's queues, and its consumers.
+    async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
         let queue = format!("{}.{queue}", self.prefix);
         let count = async {
             let connection =
@@ -353,7 +374,7 @@ token = "{AGENT_TOKEN}"
                 )
                 .await?;
             let _ = connection.close(200, "bye".into()).await;
-            anyhow::Ok(declared.message_count())
+            anyhow::Ok((declared.message_count(), declared.consumer_count()))
         };
         tokio::time::timeout(BROKER_DEADLINE, count)
             .await

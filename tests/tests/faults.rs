@@ -262,6 +262,57 @@ async fn runs_survive_a_broker_restart_mid_queue_and_a_coordinator_restart_mid_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_takes_no_jobs_until_the_coordinator_answers() {
+    let mut cluster = Cluster::start(stub_options(0, "")).await.unwrap();
+    let id = deploy_with(&cluster, json!({ "duration_ms": 0 })).await;
+    wait_for("the deploy's job on the queue", TIMEOUT, || async {
+        Ok((cluster.queue_depth("jobs").await? == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    cluster.stop_coordinator();
+    cluster.start_agent("agent-0", 1).unwrap();
+    let log = cluster.agents[0].log.clone();
+    // Two failed tries, so the agent is retrying rather than just started.
+    wait_for(
+        "the agent to say twice that it cannot reach the coordinator",
+        TIMEOUT,
+        || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tries = text
+                    .matches("cannot reach the coordinator; taking no jobs until it answers")
+                    .count();
+                Ok((tries >= 2).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            cluster.queue_depth("jobs").await.unwrap(),
+            cluster.queue_consumers("jobs").await.unwrap()
+        ),
+        (1, 0),
+        "the job waits in the queue, and the agent does not consume"
+    );
+    cluster.agents[0].assert_alive();
+
+    cluster.start_coordinator_again().await.unwrap();
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(
+        (run.status, run.attempt, run.agent.as_deref()),
+        (RunStatus::Success, Attempt(1), Some("agent-0")),
+        "{run:?}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the coordinator answers now"), "{text}");
+    cluster.assert_all_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_volumes_are_cut_not_crashed() {
     let mut cluster = Cluster::start(ClusterOptions {
         coordinator_toml: "[limits]\nmax_log_bytes = 1048576\n".to_owned(),
