@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use slimci_proto::{
-    AgentName, Attempt, ClaimRequest, ClaimResponse, DecodeError, HeartbeatRequest,
+    AgentName, AgentStatus, Attempt, ClaimRequest, ClaimResponse, DecodeError, HeartbeatRequest,
     HeartbeatResponse, Lease, RunId,
 };
 
@@ -71,14 +71,17 @@ impl CoordinatorClient {
         self.call("claim", &request, CLAIM_TIMEOUT).await
     }
 
-    /// Renews the leases of the attempts this agent builds.
+    /// Renews the leases of the attempts this agent builds (none: it only says it is there),
+    /// and tells the coordinator how the agent stands.
     pub async fn heartbeat(
         &self,
         leases: Vec<Lease>,
+        status: AgentStatus,
     ) -> Result<HeartbeatResponse, CoordinatorError> {
         let request = HeartbeatRequest {
             agent: self.agent.clone(),
             leases,
+            status: Some(status),
         };
         self.call("heartbeat", &request, HEARTBEAT_TIMEOUT).await
     }

@@ -20,6 +20,7 @@ pub struct Submitted {
 /// `error`), answers with the existing run when the same commit is already queued or building,
 /// and supersedes the PR's runs of older commits.
 pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
+    let requested_at = std::time::SystemTime::now();
     // One submission at a time, so two requests for one PR cannot both miss each other.
     let _serial = state.submit_lock.lock().await;
     let production_state = match request.kind {
@@ -70,13 +71,15 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     if status == RunStatus::Queued {
         for old in supersede {
             let signal = state.store.supersede(old, new_run.id).await?;
+            state.metrics.supersedes.inc(&[]);
             tracing::info!(run = %old, by = %new_run.id, stopping = signal, "superseded");
             let _ = state.changes.send(old);
         }
     }
     state.outbox.notify_one();
     let _ = state.changes.send(new_run.id);
-    let run = state.store.run(new_run.id).await?.expect("just inserted");
+    let mut run = state.store.run(new_run.id).await?.expect("just inserted");
+    crate::telemetry::start_trace(state, &mut run, requested_at).await;
     Ok(Submitted { run, created: true })
 }
 
@@ -112,6 +115,7 @@ pub async fn cancel(state: &AppState, id: RunId, reason: &str) -> Result<Run, Ca
         }
     }
     tracing::info!(run = %id, %reason, "cancel requested");
+    state.metrics.cancels.inc(&[]);
     state.outbox.notify_one();
     let _ = state.changes.send(id);
     Ok(state.store.run(id).await?.expect("exists"))

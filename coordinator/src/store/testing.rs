@@ -60,6 +60,7 @@ pub fn finished(run: &NewRun, seq: u64, result: RunResult) -> AgentEvent {
         }),
         nodes: vec![],
         deferred: vec![],
+        usage: None,
     };
     event(run, seq, EventBody::Finished(outcome))
 }
