@@ -65,6 +65,7 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
         production_state,
         status,
         message,
+        traceparent: crate::telemetry::new_trace(state),
     };
     state.store.insert_run(&new_run).await?;
     tracing::info!(run = %new_run.id, repository = %new_run.repository, kind = new_run.kind.as_str(), pr = ?new_run.pr.map(|pr| pr.0), status = status.as_str(), "run accepted");
@@ -78,8 +79,8 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     }
     state.outbox.notify_one();
     let _ = state.changes.send(new_run.id);
-    let mut run = state.store.run(new_run.id).await?.expect("just inserted");
-    crate::telemetry::start_trace(state, &mut run, requested_at).await;
+    let run = state.store.run(new_run.id).await?.expect("just inserted");
+    crate::telemetry::request(state, &run, requested_at);
     Ok(Submitted { run, created: true })
 }
 

@@ -1,6 +1,6 @@
 //! The coordinator's part of a run's trace. A run's trace starts when the run is made
-//! (`start_trace`: its root span's ids are chosen and stored as the run's `traceparent`, and
-//! the request gets a span); every later span joins it as a child of that root: the wait in
+//! (`new_trace`: its root span's ids are chosen and stored with the run as its
+//! `traceparent`; `request`: the request's span); every later span joins it as a child of that root: the wait in
 //! the outbox and the PRODUCER span of each dispatch (`start_dispatch`, whose `traceparent`
 //! travels in the job message's AMQP headers, so the agent's spans are its children), each
 //! lost attempt, each GitHub report. The root span itself is exported once the run ended
@@ -52,23 +52,23 @@ fn root_of(run: &Run) -> Option<Context> {
         .map(|root| root.context())
 }
 
-/// Starts the trace of a run just made by a request that arrived at `requested_at`: stores
-/// its root's ids and exports the request's span.
-pub async fn start_trace(state: &AppState, run: &mut Run, requested_at: SystemTime) {
-    let Some(tracer) = state.telemetry.tracer() else {
+/// The `traceparent` of a new run's root span, stored with the run; none when traces are off.
+pub fn new_trace(state: &AppState) -> Option<String> {
+    state
+        .telemetry
+        .tracer()
+        .map(|_| TraceParent::new_root().to_header())
+}
+
+/// Exports the span of the request, arrived at `requested_at`, that made `run`.
+pub fn request(state: &AppState, run: &Run, requested_at: SystemTime) {
+    let (Some(tracer), Some(root)) = (state.telemetry.tracer(), root_of(run)) else {
         return;
     };
-    let root = TraceParent::new_root();
-    let header = root.to_header();
-    if let Err(error) = state.store.set_traceparent(run.id, &header).await {
-        tracing::warn!(%error, run = %run.id, "cannot store the run's trace; it is not traced");
-        return;
-    }
-    run.traceparent = Some(header);
     Finished {
         name: format!("request {} run", run.kind.as_str()),
         kind: SpanKind::Server,
-        parent: &root.context(),
+        parent: &root,
         start: requested_at,
         end: SystemTime::now(),
         attributes: run_attributes(run),

@@ -480,6 +480,46 @@ mod tests {
     }
 
     #[test]
+    fn messages_of_agents_before_the_fleet_view_still_decode() {
+        // A heartbeat without `status`, a phase without `duration_s`, an outcome without
+        // `usage`, a node without times: what agents of the first protocol 1 builds send.
+        let heartbeat: HeartbeatRequest =
+            decode(br#"{"protocol":1,"agent":"vm-1","leases":[]}"#).unwrap();
+        assert_eq!(heartbeat.status, None);
+        let run_id = RunId::new();
+        let phase: AgentEvent = decode(
+            format!(r#"{{"protocol":1,"run_id":"{run_id}","attempt":1,"agent":"vm-1","seq":2,"at":"2026-01-01T00:00:00Z","event":"phase_finished","phase":"build","ok":true}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            phase.body,
+            EventBody::PhaseFinished {
+                duration_s: None,
+                ..
+            }
+        ));
+        let finished: AgentEvent = decode(
+            format!(r#"{{"protocol":1,"run_id":"{run_id}","attempt":1,"agent":"vm-1","seq":3,"at":"2026-01-01T00:00:00Z","event":"finished","result":"success","message":null,"dbt_exit_code":0,"nodes":[{{"unique_id":"model.a.b","resource_type":"model","status":"success","execution_time_s":0.1,"message":null,"failures":null,"relation":null}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let EventBody::Finished(outcome) = finished.body else {
+            panic!("{finished:?}");
+        };
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.nodes[0].started_at, None);
+        // And the new fields are left out when absent, so older coordinators see nothing new.
+        let text = String::from_utf8(encode(&HeartbeatRequest {
+            agent: AgentName::parse("vm-1").unwrap(),
+            leases: vec![],
+            status: None,
+        }))
+        .unwrap();
+        assert!(!text.contains("status"), "{text}");
+    }
+
+    #[test]
     fn dbt_exit_codes_map_to_results() {
         assert_eq!(RunResult::from_dbt_exit_code(0), RunResult::Success);
         assert_eq!(RunResult::from_dbt_exit_code(1), RunResult::Failed);

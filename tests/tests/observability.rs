@@ -347,16 +347,23 @@ fn exporting_to(receiver: &OtlpReceiver) -> (String, Vec<(String, String)>) {
     (toml, env)
 }
 
-/// Waits until the root span of run `id`'s trace arrived (exported when the run ended), then
-/// returns every span of that trace.
-async fn trace_of(receiver: &OtlpReceiver, trace_id: &str) -> Vec<ReceivedSpan> {
-    wait_for("the run's root span", TIMEOUT, || async {
-        Ok(receiver
-            .spans()
-            .iter()
-            .any(|span| span.trace_id == trace_id && span.parent_span_id.is_empty())
-            .then_some(()))
-    })
+/// Waits until the root span of the trace arrived (exported when the run ended) and
+/// `consumers` CONSUMER spans (each exported when its agent ended its attempt), then returns
+/// every span of that trace.
+async fn trace_of(receiver: &OtlpReceiver, trace_id: &str, consumers: usize) -> Vec<ReceivedSpan> {
+    wait_for(
+        "the run's root span and its attempts' spans",
+        TIMEOUT,
+        || async {
+            let spans = receiver.spans();
+            let ours = || spans.iter().filter(|span| span.trace_id == trace_id);
+            let root = ours().any(|span| span.parent_span_id.is_empty());
+            let attempts = ours()
+                .filter(|span| span.kind == SPAN_KIND_CONSUMER)
+                .count();
+            Ok((root && attempts >= consumers).then_some(()))
+        },
+    )
     .await
     .unwrap();
     receiver
@@ -401,7 +408,7 @@ async fn a_pull_request_build_is_one_trace_across_coordinator_broker_and_agent()
     let log = cluster.log(run.id).await.unwrap();
     assert!(log.contains(&format!("trace {trace_id}")), "{log}");
 
-    let spans = trace_of(&receiver, &trace_id).await;
+    let spans = trace_of(&receiver, &trace_id, 1).await;
     let services: BTreeSet<&str> = spans.iter().map(|span| span.service.as_str()).collect();
     assert_eq!(
         services,
@@ -542,7 +549,8 @@ async fn a_retried_attempt_joins_its_runs_trace() {
     let run = cluster.wait_for_success(run.id, TIMEOUT).await.unwrap();
     assert_eq!(run.attempt, Attempt(2));
 
-    let spans = trace_of(&receiver, &trace_id).await;
+    // Attempt 1's agent was killed with its span open; attempt 2's ended.
+    let spans = trace_of(&receiver, &trace_id, 1).await;
     let root = one(&spans, "the root", |span| span.parent_span_id.is_empty());
     assert_eq!(root.attributes["slimci.run.attempt"], "2");
     // Both dispatches are in the trace, one per attempt, and the lost attempt is marked.

@@ -58,6 +58,9 @@ pub struct NewRun {
     /// `Queued`, or a terminal status for a request refused at admission.
     pub status: RunStatus,
     pub message: Option<String>,
+    /// The W3C `traceparent` of the run's root span, when its trace is exported: written with
+    /// the row, so the run's first dispatch already carries it.
+    pub traceparent: Option<String>,
 }
 
 /// A run as stored.

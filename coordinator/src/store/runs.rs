@@ -31,8 +31,9 @@ pub(super) async fn insert_run<'e>(
     let production = run.production_state.as_ref();
     sqlx::query(
         "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
-            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
+            traceparent)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(run.repository.as_str())
@@ -49,6 +50,7 @@ pub(super) async fn insert_run<'e>(
     .bind(production.map(|production| production.deploy_run_id.to_string()))
     .bind(production.map(|production| production.sha.as_str()))
     .bind(production.map(|production| production.manifest_sha256.as_str()))
+    .bind(&run.traceparent)
     .execute(executor)
     .await?;
     Ok(())
@@ -134,16 +136,6 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
-    }
-
-    /// Names the run's root span (`traceparent`), whose trace every later span joins.
-    pub async fn set_traceparent(&self, id: RunId, traceparent: &str) -> Result<()> {
-        sqlx::query("UPDATE runs SET traceparent = ? WHERE id = ?")
-            .bind(traceparent)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Ended runs whose root span was not exported yet, oldest first.

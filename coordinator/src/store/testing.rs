@@ -35,6 +35,7 @@ pub fn new_run(kind: RunKind) -> NewRun {
         production_state: None,
         status: RunStatus::Queued,
         message: None,
+        traceparent: None,
     }
 }
 
