@@ -42,6 +42,9 @@ pub struct Config {
     /// build's own rules when the job arrives); saves the ~2 s dbt takes to load.
     #[serde(default = "default_true")]
     pub prestart_dbt: bool,
+    /// OpenTelemetry: OTLP export of this agent's spans of each run.
+    #[serde(default)]
+    pub telemetry: slimci_telemetry::TelemetryConfig,
     /// The file this was loaded from (its directory is hidden from dbt).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -437,6 +440,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.telemetry.metrics_listen.is_some() {
+            return Err(ConfigError::Invalid(
+                "telemetry.metrics_listen is a coordinator setting: the agent's figures reach the coordinator's /metrics with its events".to_owned(),
+            ));
+        }
         if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".to_owned()));
         }

@@ -22,6 +22,7 @@ use crate::events::Events;
 use crate::held_attempts::HeldAttempts;
 use crate::job::{self, Services};
 use crate::rules::{self, AfterClaim, AttemptEnd, Settle};
+use crate::trace::AttemptTrace;
 
 /// How long a job whose claim failed waits before it goes back to the queue.
 const REQUEUE_DELAY: Duration = Duration::from_secs(2);
@@ -189,26 +190,54 @@ impl Worker {
         // entry; its claim is refused anyway.
         let cancel = self.abort.child_token();
         let registered = self.held.register(job.run_id, job.attempt, cancel.clone());
-        self.claim_and_build(&job, delivery, cancel).await;
+        let trace = AttemptTrace::start(
+            &self.services.telemetry,
+            delivery.properties.headers().as_ref(),
+            &job,
+            &self.services.config.name,
+            &self.topology.jobs_queue(),
+        );
+        let (trace, consumer_span) = trace.unzip();
+        let ended = self
+            .claim_and_build(&job, delivery, cancel, trace.as_ref())
+            .await;
+        if let Some(span) = consumer_span {
+            span.end(ended);
+        }
         if registered {
             self.held.remove(job.run_id);
         }
     }
 
+    /// Returns how the attempt ended, for its trace: a result, `released`, or why it was not
+    /// built.
     async fn claim_and_build(
         &self,
         job: &CheckedJob,
         delivery: lapin::message::Delivery,
         cancel: CancellationToken,
-    ) {
+        trace: Option<&AttemptTrace>,
+    ) -> &'static str {
         // The coordinator starts the lease when it grants the claim, after this instant: the
         // agent counts its lease from here, so it never thinks it has more time than it has.
         let claim_sent_at = tokio::time::Instant::now();
+        let claim_wall = std::time::SystemTime::now();
         let claim = self
             .services
             .coordinator
             .claim(job.run_id, job.attempt)
             .await;
+        if let Some(trace) = trace {
+            match &claim {
+                Ok(answer) if answer.granted => trace.claim(claim_wall, "granted", true),
+                Ok(answer) => trace.claim(
+                    claim_wall,
+                    answer.reason.as_deref().unwrap_or("refused"),
+                    false,
+                ),
+                Err(error) => trace.claim(claim_wall, &error.to_string(), false),
+            }
+        }
         if let Err(error) = &claim {
             tracing::warn!(run = %job.run_id, %error, "cannot reach the coordinator to claim; returning the job to the queue");
         }
@@ -225,17 +254,20 @@ impl Worker {
             }
         }
         let lease = match decision {
-            AfterClaim::Requeue => return,
+            AfterClaim::Requeue => return "requeued",
             AfterClaim::Drop { reason } => {
                 tracing::info!(run = %job.run_id, attempt = %job.attempt, reason = reason.as_deref().unwrap_or(""), "claim refused; dropping the job");
-                return;
+                return "refused";
             }
             AfterClaim::Build { lease } => lease,
         };
         self.held.granted(job.run_id, lease, claim_sent_at);
         tracing::info!(run = %job.run_id, attempt = %job.attempt, kind = job.run_kind().as_str(), repository = %job.repository, "building");
         let reporter = self.events.reporter(job.run_id, job.attempt);
-        let outcome = job::execute(&self.services, job, &reporter, &cancel).await;
+        let mut outcome = job::execute(&self.services, job, &reporter, &cancel, trace).await;
+        if let Some(usage) = &mut outcome.usage {
+            usage.slot_busy_s = claim_sent_at.elapsed().as_secs_f64();
+        }
         let lease_loss = self.held.lease_loss(job.run_id);
         match rules::attempt_end(outcome.result, lease_loss, self.abort.is_cancelled()) {
             AttemptEnd::Release(reason) => {
@@ -245,10 +277,13 @@ impl Worker {
                         reason: reason.to_string(),
                     })
                     .await;
+                "released"
             }
             AttemptEnd::Finish => {
                 tracing::info!(run = %job.run_id, result = ?outcome.result, "finished");
+                let result = slimci_client::RunStatus::from_result(outcome.result).as_str();
                 reporter.send_confirmed(EventBody::Finished(outcome)).await;
+                result
             }
         }
     }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use slimci_proto::{
-    AgentName, Attempt, ClaimRequest, ClaimResponse, DecodeError, HeartbeatRequest,
+    AgentName, AgentStatus, Attempt, ClaimRequest, ClaimResponse, DecodeError, HeartbeatRequest,
     HeartbeatResponse, Lease, RunId,
 };
 
@@ -71,14 +71,17 @@ impl CoordinatorClient {
         self.call("claim", &request, CLAIM_TIMEOUT).await
     }
 
-    /// Renews the leases of the attempts this agent builds.
+    /// Renews the leases of the attempts this agent builds (none: it only says it is there),
+    /// and tells the coordinator how the agent stands.
     pub async fn heartbeat(
         &self,
         leases: Vec<Lease>,
+        status: AgentStatus,
     ) -> Result<HeartbeatResponse, CoordinatorError> {
         let request = HeartbeatRequest {
             agent: self.agent.clone(),
             leases,
+            status: Some(status),
         };
         self.call("heartbeat", &request, HEARTBEAT_TIMEOUT).await
     }
@@ -87,11 +90,15 @@ impl CoordinatorClient {
     /// agent's token, logging every failure with the next retry; false if `drain` fired first.
     /// An agent that cannot reach the coordinator could claim no job, so it takes none until
     /// then.
-    pub async fn wait_until_answering(&self, drain: &tokio_util::sync::CancellationToken) -> bool {
+    pub async fn wait_until_answering(
+        &self,
+        status: AgentStatus,
+        drain: &tokio_util::sync::CancellationToken,
+    ) -> bool {
         let mut failures = 0u32;
         loop {
             let error = tokio::select! {
-                answer = self.heartbeat(Vec::new()) => match answer {
+                answer = self.heartbeat(Vec::new(), status.clone()) => match answer {
                     Ok(_) => break,
                     Err(error) => error,
                 },

@@ -25,6 +25,7 @@ pub mod reuse;
 pub mod rules;
 pub mod sandbox;
 pub mod state;
+pub mod trace;
 pub mod warehouse;
 pub mod warm;
 
@@ -57,6 +58,8 @@ pub enum AgentError {
     Http(#[from] reqwest::Error),
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
+    #[error(transparent)]
+    Telemetry(#[from] slimci_telemetry::TelemetryError),
 }
 
 /// How the agent stops.
@@ -213,6 +216,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         "sandbox ready"
     );
     let topology = Topology::new(&config.amqp.prefix);
+    let telemetry = Arc::new(slimci_telemetry::Telemetry::start(
+        &config.telemetry,
+        "slimci-agent",
+    )?);
     let events_give_up = CancellationToken::new();
     let (events, events_task) = events::start(
         config.name.clone(),
@@ -290,6 +297,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
             coordinator: coordinator.clone(),
             sandbox: Arc::new(sandbox),
             warm,
+            telemetry: telemetry.clone(),
         },
         events,
         topology,
@@ -313,11 +321,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
         },
         shutdown.drain.clone(),
     ));
-    let heartbeats = tokio::spawn(lease::heartbeat_loop(held, coordinator));
+    let presence = lease::Presence {
+        slots: config.slots,
+        draining: shutdown.drain.clone(),
+    };
+    let heartbeats = tokio::spawn(lease::heartbeat_loop(held, coordinator, presence.clone()));
     if worker
         .services
         .coordinator
-        .wait_until_answering(&shutdown.drain)
+        .wait_until_answering(presence.status(0), &shutdown.drain)
         .await
     {
         consumer::consume_loop(&worker, &secrets.amqp_url, &jobs, &shutdown.drain).await;
@@ -351,5 +363,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     if flush.await.is_err() {
         events_give_up.cancel();
     }
+    // The last spans go out too.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }

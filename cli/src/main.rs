@@ -20,7 +20,7 @@ use slimci_client::{Client, RunRequest, RunStatus};
 use slimci_proto::RunId;
 
 use crate::follow::follow_to_the_end;
-use crate::print::{exit_code, print_production_state, print_runs, print_summary};
+use crate::print::{exit_code, print_agents, print_production_state, print_runs, print_summary};
 
 #[derive(Parser)]
 #[command(
@@ -99,6 +99,12 @@ enum Command {
     },
     /// Cancel a queued or running run.
     Cancel { run: String },
+    /// List the fleet: each agent's state, slots, busy slots, runs and last heartbeat.
+    Agents {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A pull request was closed: stop its builds and drop its schema or database, then wait
     /// for the drop (for CI systems whose closes slimci does not hear about as webhooks).
     Teardown {
@@ -198,6 +204,15 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
                 .runs(repo.as_deref(), status.as_deref(), limit)
                 .await?;
             print_runs(&runs);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { json } => {
+            let agents = client.agents().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else {
+                print_agents(&agents);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs { run, follow } => {

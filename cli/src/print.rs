@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use slimci_client::{ProductionStateView, RunStatus, RunView, is_failure};
+use slimci_client::{AgentView, ProductionStateView, RunStatus, RunView, is_failure};
 use slimci_proto::RunKind;
 
 /// 0 success, 1 the build failed (models or tests), 2 anything else.
@@ -39,6 +39,41 @@ pub fn print_runs(runs: &[RunView]) {
                 .map(|s| format!("{s:.1}"))
                 .unwrap_or_else(|| "-".into()),
             run.created_at,
+        );
+    }
+}
+
+/// The table of `slimci agents`.
+pub fn print_agents(agents: &[AgentView]) {
+    if agents.is_empty() {
+        println!("no agent has reported to this coordinator yet");
+        return;
+    }
+    println!(
+        "{:<24}  {:<8}  {:<8}  {:>5}  {:>4}  {:<24}  RUNS",
+        "AGENT", "STATE", "VERSION", "SLOTS", "BUSY", "LAST HEARTBEAT"
+    );
+    for agent in agents {
+        println!(
+            "{:<24}  {:<8}  {:<8}  {:>5}  {:>4}  {:<24}  {}",
+            agent.name,
+            agent.state,
+            agent.version.as_deref().unwrap_or("-"),
+            agent
+                .slots
+                .map_or_else(|| "-".to_owned(), |slots| slots.to_string()),
+            agent.busy_slots,
+            agent.last_heartbeat,
+            if agent.current_runs.is_empty() {
+                "-".to_owned()
+            } else {
+                agent
+                    .current_runs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
         );
     }
 }

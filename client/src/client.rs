@@ -9,7 +9,7 @@ use slimci_proto::RunId;
 use crate::request::RunRequest;
 use crate::sse::LogStream;
 use crate::urls::{artifact_url, run_logs_url, run_url};
-use crate::views::{ProductionStateView, RepositoryView, RunView};
+use crate::views::{AgentView, ProductionStateView, RepositoryView, RunView};
 
 /// Why a call failed. The transport errors keep their cause as `source()`; print the chain
 /// (`anyhow`'s `{:#}`) to see it.
@@ -197,6 +197,11 @@ impl Client {
             .await
             .map_err(ClientError::Answer)?
             .to_vec())
+    }
+
+    /// `GET /api/v1/agents`.
+    pub async fn agents(&self) -> Result<Vec<AgentView>, ClientError> {
+        self.json(self.api(Method::GET, "/agents")).await
     }
 
     /// `GET /api/v1/repositories`.

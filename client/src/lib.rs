@@ -20,7 +20,7 @@ pub use sse::{LogEvent, LogStream, SseEvent, find_event_end, parse_event};
 pub use status::RunStatus;
 pub use urls::{artifact_url, run_logs_url, run_url};
 pub use views::{
-    ArtifactView, LogEnd, PhaseView, ProductionStateView, Progress, RepositoryView, RunView,
-    StateView, Summary,
+    AgentView, ArtifactView, LogEnd, PhaseView, ProductionStateView, Progress, RepositoryView,
+    RunView, StateView, Summary,
 };
 pub use waiting::Waiting;

@@ -44,6 +44,8 @@ mod tests {
             failures: None,
             relation: None,
             adapter_response: None,
+            started_at: None,
+            completed_at: None,
         }
     }
 

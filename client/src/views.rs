@@ -111,6 +111,9 @@ pub struct RunView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<Vec<ArtifactView>>,
     pub url: String,
+    /// The run's OpenTelemetry trace (32 hex digits), when the coordinator exports traces.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// `GET /api/v1/repositories/{name}/production-state`: the manifest CI runs compare against
@@ -137,4 +140,21 @@ pub struct RepositoryView {
     pub production_branch: String,
     pub project_dir: String,
     pub production_state: Option<ProductionStateView>,
+}
+
+/// `GET /api/v1/agents`: one agent of the fleet as the coordinator last heard from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub name: String,
+    /// `idle`, `busy`, `draining`, or `offline` (not heard from for 30 s).
+    pub state: String,
+    /// None for an agent known only by its claims (older than the fleet view).
+    pub version: Option<String>,
+    pub slots: Option<u16>,
+    pub busy_slots: u16,
+    /// The runs it builds now.
+    pub current_runs: Vec<RunId>,
+    /// Its last heartbeat or claim (RFC 3339).
+    pub last_heartbeat: String,
+    pub draining: bool,
 }

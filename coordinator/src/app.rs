@@ -8,10 +8,12 @@ use std::sync::Arc;
 use slimci_proto::RunId;
 use tokio::sync::{Notify, broadcast};
 
+use crate::agents::Agents;
 use crate::artifacts::ArtifactStore;
 use crate::config::{Config, Secrets};
 use crate::fleet::Fleet;
 use crate::logs::LogStore;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct AppState {
@@ -34,6 +36,12 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// How many agents consume the jobs queue, as RabbitMQ last said.
     pub fleet: Fleet,
+    /// Every agent as it last said of itself (heartbeats, claims).
+    pub agents: Agents,
+    /// Counters and histograms for `/metrics` and OTLP.
+    pub metrics: Metrics,
+    /// OTLP export: a tracer when traces are exported (`crate::telemetry`).
+    pub telemetry: slimci_telemetry::Telemetry,
 }
 
 impl AppState {

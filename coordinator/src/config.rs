@@ -34,6 +34,9 @@ pub struct Config {
     pub reliability: Reliability,
     #[serde(rename = "repository", default)]
     pub repositories: Vec<RepositoryConfig>,
+    /// OpenTelemetry: OTLP export of traces and metrics, and `/metrics` on its own address.
+    #[serde(default)]
+    pub telemetry: slimci_telemetry::TelemetryConfig,
 }
 
 fn default_listen() -> SocketAddr {

@@ -32,10 +32,28 @@ pub async fn give_up_attempt(
         .store
         .lose_attempt(run, attempt, reason, app.config.reliability.max_attempts)
         .await?;
+    if let Some(lost) = &lost
+        && state_traced(app)
+        && let Ok(Some(run)) = app.store.run(run).await
+    {
+        let retried = matches!(lost, LostAttempt::Retry { .. });
+        // The run already moved on to the next attempt; the lost one is `attempt`.
+        let mut lost_run = run;
+        lost_run.attempt = attempt;
+        crate::telemetry::attempt_lost(app, &lost_run, &reason.to_string(), retried);
+    }
+    if lost.is_some() {
+        let why = match reason {
+            LostReason::LeaseExpired { .. } => "expired",
+            LostReason::Released { .. } => "released",
+        };
+        app.metrics.leases_lost.inc(&[why]);
+    }
     match &lost {
         None => {}
         Some(LostAttempt::Retry { next, .. }) => {
             tracing::warn!(%run, lost = %attempt, %next, %reason, "attempt lost; retrying");
+            app.metrics.retries.inc(&[]);
         }
         Some(LostAttempt::GiveUp { message }) => {
             tracing::error!(%run, attempts = %attempt, %reason, "out of attempts: dead-lettering the job");
@@ -53,6 +71,10 @@ pub async fn give_up_attempt(
     }
     let _ = app.changes.send(run);
     Ok(lost)
+}
+
+fn state_traced(app: &AppState) -> bool {
+    app.telemetry.tracer().is_some()
 }
 
 /// Every second: attempts whose lease ran out are given up.

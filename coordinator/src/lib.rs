@@ -6,6 +6,7 @@
 //! `app` is the state every part shares; `runs` and `leases` act on runs; `api` (HTTP, with the
 //! GitHub webhook), `queue` (AMQP) and `github` (REST) are adapters that call them.
 
+pub mod agents;
 pub mod api;
 pub mod app;
 pub mod artifacts;
@@ -14,11 +15,13 @@ pub mod fleet;
 pub mod github;
 pub mod leases;
 pub mod logs;
+pub mod metrics;
 pub mod queue;
 pub mod rules;
 pub mod runs;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 
 use std::sync::Arc;
 
@@ -44,6 +47,8 @@ pub enum CoordinatorError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] slimci_telemetry::TelemetryError),
     #[error("cannot write {path}: {source}")]
     AddressFile {
         path: std::path::PathBuf,
@@ -79,6 +84,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     tracing::info!(%address, %public_url, active_runs = store.count_active().await?, "coordinator listening");
 
     let topology = Topology::new(&config.amqp.prefix);
+    let telemetry = slimci_telemetry::Telemetry::start(&config.telemetry, "slimci-coordinator")?;
+    let metrics_listener = match config.telemetry.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| CoordinatorError::Listen { address, source })?,
+        ),
+        None => None,
+    };
     let (changes, _) = broadcast::channel(4096);
     let state = Arc::new(AppState {
         logs: Arc::new(logs::LogStore::new(
@@ -96,7 +110,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         submit_lock: tokio::sync::Mutex::new(()),
         dead_jobs: std::sync::Mutex::new(Vec::new()),
         fleet: fleet::Fleet::default(),
+        agents: agents::Agents::default(),
+        metrics: metrics::Metrics::new(),
+        telemetry,
     });
+    let _gauges = state
+        .telemetry
+        .meter()
+        .map(|meter| metrics::export_to(&state, &meter));
     let extended = state
         .store
         .extend_all_leases(leases::lease_duration(&state))
@@ -116,6 +137,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         shutdown.clone(),
     ));
     tasks.spawn(leases::reaper_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(telemetry::trace_end_loop(state.clone(), shutdown.clone()));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics without a token");
+        let router = axum::Router::new()
+            .route("/metrics", axum::routing::get(api::fleet::open_metrics))
+            .with_state(state.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+    }
     tasks.spawn(queue::events_loop(
         state.clone(),
         secrets.amqp_url.clone(),
@@ -144,10 +181,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     }
     tasks.close();
 
-    let served = axum::serve(listener, api::router(state))
+    let served = axum::serve(listener, api::router(state.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     tasks.wait().await;
+    // The last spans and metrics go out before the process ends.
+    let flushing = state.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.telemetry.shutdown()).await;
     served.map_err(CoordinatorError::Serve)
 }

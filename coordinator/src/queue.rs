@@ -168,9 +168,17 @@ async fn publish_session(
                 }
             };
             let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
-            publisher
-                .publish_to_queue(&topology.jobs_queue(), &payload)
-                .await?;
+            let jobs_queue = topology.jobs_queue();
+            let dispatch = crate::telemetry::start_dispatch(state, &run, &jobs_queue, None);
+            let mut headers = FieldTable::default();
+            if let Some(dispatch) = &dispatch {
+                slimci_telemetry::inject(&mut headers, &dispatch.traceparent);
+            }
+            let published = publisher.publish("", &jobs_queue, &payload, headers).await;
+            if let Some(dispatch) = dispatch {
+                dispatch.end(published.as_ref().err().map(ToString::to_string));
+            }
+            published?;
             if let Err(error) = state.store.mark_dispatched(run.id).await {
                 tracing::error!(%error, run = %run.id, "dispatched, but could not mark it; it may be dispatched twice (claims are fenced)");
             }
@@ -208,6 +216,7 @@ async fn publish_session(
                 return Err(error);
             }
             tracing::info!(run = %run_id, %reason, "poison job dead-lettered");
+            state.metrics.dead_lettered.inc(&["jobs"]);
         }
         if state.fleet.probe_due() {
             let consumers =
@@ -305,6 +314,7 @@ async fn events_session(
                     &reason,
                 )
                 .await?;
+                state.metrics.dead_lettered.inc(&["events"]);
                 continue;
             }
         };
@@ -356,6 +366,7 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
             reason: reason.clone(),
         };
         crate::leases::give_up_attempt(state, event.run_id, event.attempt, &reason).await?;
+        state.agents.ended(&event.agent, event.run_id);
         return Ok(());
     }
     if let EventBody::Log { first_line, lines } = &event.body {
@@ -364,7 +375,19 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
             .append(event.run_id, event.attempt, *first_line, lines)?;
     }
     let applied = state.store.apply_event(event).await?;
+    if applied.disposition == EventDisposition::Apply {
+        record_event(state, event);
+    }
     if let Some(status) = applied.finished {
+        state.agents.ended(&event.agent, event.run_id);
+        if let Ok(Some(run)) = state.store.run(event.run_id).await
+            && let (Some(started), Some(finished)) = (run.started_ms, run.finished_ms)
+        {
+            state.metrics.run_duration.observe(
+                &[run.kind.as_str()],
+                (finished - started).max(0) as f64 / 1000.0,
+            );
+        }
         state.logs.close(event.run_id, event.attempt);
         // A slot, an isolation or a deploy lock may have come free.
         state.outbox.notify_one();
@@ -372,4 +395,21 @@ pub async fn handle_event(state: &AppState, event: &AgentEvent) -> Result<(), Ev
     }
     let _ = state.changes.send(event.run_id);
     Ok(())
+}
+
+/// The figures an applied agent event carries, into the metrics.
+fn record_event(state: &AppState, event: &AgentEvent) {
+    match &event.body {
+        EventBody::PhaseFinished {
+            phase,
+            duration_s: Some(duration_s),
+            ..
+        } => state
+            .metrics
+            .phase_duration
+            .observe(&[phase.as_str()], *duration_s),
+        EventBody::Caches(report) => state.metrics.caches(report),
+        EventBody::Finished(outcome) => state.metrics.attempt_finished(&event.agent, outcome),
+        _ => {}
+    }
 }

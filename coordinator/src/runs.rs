@@ -20,6 +20,7 @@ pub struct Submitted {
 /// `error`), answers with the existing run when the same commit is already queued or building,
 /// and supersedes the PR's runs of older commits.
 pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
+    let requested_at = std::time::SystemTime::now();
     // One submission at a time, so two requests for one PR cannot both miss each other.
     let _serial = state.submit_lock.lock().await;
     let production_state = match request.kind {
@@ -64,12 +65,14 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
         production_state,
         status,
         message,
+        traceparent: crate::telemetry::new_trace(state),
     };
     state.store.insert_run(&new_run).await?;
     tracing::info!(run = %new_run.id, repository = %new_run.repository, kind = new_run.kind.as_str(), pr = ?new_run.pr.map(|pr| pr.0), status = status.as_str(), "run accepted");
     if status == RunStatus::Queued {
         for old in supersede {
             let signal = state.store.supersede(old, new_run.id).await?;
+            state.metrics.supersedes.inc(&[]);
             tracing::info!(run = %old, by = %new_run.id, stopping = signal, "superseded");
             let _ = state.changes.send(old);
         }
@@ -77,6 +80,7 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     state.outbox.notify_one();
     let _ = state.changes.send(new_run.id);
     let run = state.store.run(new_run.id).await?.expect("just inserted");
+    crate::telemetry::request(state, &run, requested_at);
     Ok(Submitted { run, created: true })
 }
 
@@ -112,6 +116,7 @@ pub async fn cancel(state: &AppState, id: RunId, reason: &str) -> Result<Run, Ca
         }
     }
     tracing::info!(run = %id, %reason, "cancel requested");
+    state.metrics.cancels.inc(&[]);
     state.outbox.notify_one();
     let _ = state.changes.send(id);
     Ok(state.store.run(id).await?.expect("exists"))

@@ -171,7 +171,7 @@ impl RepoName {
 }
 
 /// The name of a runner agent, unique in the fleet.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentName(String);
 
 validated_string!(AgentName, |text| {

@@ -124,6 +124,24 @@ pub struct Lease {
 pub struct HeartbeatRequest {
     pub agent: AgentName,
     pub leases: Vec<Lease>,
+    /// What the agent is and how busy: the coordinator's fleet view. An idle agent sends a
+    /// heartbeat with no leases just to say it is there. Absent from agents older than the
+    /// fleet view; the coordinator then knows them only by their claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
+}
+
+/// An agent's own account of itself, sent with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's version (`slimci-agent --version`).
+    pub version: String,
+    /// Jobs it builds at once.
+    pub slots: u16,
+    /// Slots building now.
+    pub busy: u16,
+    /// It is shutting down: it finishes what it holds and takes no new job.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +222,13 @@ pub struct NodeResult {
     /// `rows_affected`; Snowflake's `query_id`), when it said anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_response: Option<serde_json::Map<String, serde_json::Value>>,
+    /// When dbt started and finished the node (its `timing` in `run_results.json`: the start
+    /// of the first step, the end of the last). Absent when dbt did not run it, and from older
+    /// agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<DateTime<Utc>>,
 }
 
 /// The end of an attempt.
@@ -217,6 +242,21 @@ pub struct Outcome {
     /// CI runs: parents of selected nodes that were not built but read from production.
     #[serde(default)]
     pub deferred: Vec<String>,
+    /// What the attempt cost its agent. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<AttemptUsage>,
+}
+
+/// What one attempt cost the agent that built it: the fleet's figures, reported with the
+/// attempt's end so that one scrape of the coordinator sees every agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttemptUsage {
+    /// Seconds the attempt held its slot, from the granted claim to its end.
+    pub slot_busy_s: f64,
+    /// Processes of the build the kernel killed for the memory limit.
+    pub oom_kills: u64,
+    /// Forks the build's pids limit refused.
+    pub pids_limit_hits: u64,
 }
 
 /// The protections a build ran under, as the agent applied them: what the fleet really
@@ -294,6 +334,10 @@ pub enum EventBody {
     PhaseFinished {
         phase: Phase,
         ok: bool,
+        /// How long the phase took by the agent's monotonic clock (the events' `at` are wall
+        /// clock, to the millisecond). Absent from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_s: Option<f64>,
     },
     /// Log lines `first_line..first_line + lines.len()` of this attempt (0-based). Resending a
     /// batch is harmless: the coordinator keeps only lines it does not have.
@@ -433,6 +477,46 @@ mod tests {
         assert_eq!(value["event"], "sandbox");
         assert_eq!(value["landlock_abi"], 7);
         assert_eq!(decode::<AgentEvent>(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn messages_of_agents_before_the_fleet_view_still_decode() {
+        // A heartbeat without `status`, a phase without `duration_s`, an outcome without
+        // `usage`, a node without times: what agents of the first protocol 1 builds send.
+        let heartbeat: HeartbeatRequest =
+            decode(br#"{"protocol":1,"agent":"vm-1","leases":[]}"#).unwrap();
+        assert_eq!(heartbeat.status, None);
+        let run_id = RunId::new();
+        let phase: AgentEvent = decode(
+            format!(r#"{{"protocol":1,"run_id":"{run_id}","attempt":1,"agent":"vm-1","seq":2,"at":"2026-01-01T00:00:00Z","event":"phase_finished","phase":"build","ok":true}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            phase.body,
+            EventBody::PhaseFinished {
+                duration_s: None,
+                ..
+            }
+        ));
+        let finished: AgentEvent = decode(
+            format!(r#"{{"protocol":1,"run_id":"{run_id}","attempt":1,"agent":"vm-1","seq":3,"at":"2026-01-01T00:00:00Z","event":"finished","result":"success","message":null,"dbt_exit_code":0,"nodes":[{{"unique_id":"model.a.b","resource_type":"model","status":"success","execution_time_s":0.1,"message":null,"failures":null,"relation":null}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let EventBody::Finished(outcome) = finished.body else {
+            panic!("{finished:?}");
+        };
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.nodes[0].started_at, None);
+        // And the new fields are left out when absent, so older coordinators see nothing new.
+        let text = String::from_utf8(encode(&HeartbeatRequest {
+            agent: AgentName::parse("vm-1").unwrap(),
+            leases: vec![],
+            status: None,
+        }))
+        .unwrap();
+        assert!(!text.contains("status"), "{text}");
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct ClusterOptions {
     pub amqp_url: Option<String>,
     /// A dbt other than `SLIMCI_DBT` (the stub, for fault and load tests).
     pub dbt: Option<PathBuf>,
+    /// TOML tables appended to the agents' configuration (`[telemetry]`, ...).
+    pub agent_toml: String,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +57,7 @@ impl Default for ClusterOptions {
             agent_env: Vec::new(),
             amqp_url: None,
             dbt: None,
+            agent_toml: String::new(),
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct Cluster {
     agent_warehouse: Option<String>,
     agent_warehouse_extra: String,
     agent_env: Vec<(String, String)>,
+    agent_toml: String,
     pub prefix: String,
     pub origin: Origin,
     pub url: String,
@@ -125,6 +129,7 @@ impl Cluster {
             agent_warehouse: options.warehouse,
             agent_warehouse_extra: options.warehouse_extra,
             agent_env: options.agent_env,
+            agent_toml: options.agent_toml,
             prefix,
             origin,
             url: url.clone(),
@@ -172,7 +177,10 @@ token = "{AGENT_TOKEN}"
 
 [sandbox]
 {sandbox}
+
+{agent_toml}
 "#,
+                agent_toml = self.agent_toml,
                 warehouse_extra = self.agent_warehouse_extra,
                 sandbox = self.agent_sandbox,
                 work = dir.join(name).display(),

@@ -13,6 +13,7 @@ pub mod github;
 pub mod inspect;
 pub mod measure;
 pub mod origin;
+pub mod otlp;
 pub mod postgres;
 pub mod process;
 pub mod sandbox;

@@ -16,6 +16,7 @@ use crate::job::services::Services;
 use crate::job::stop::Stop;
 use crate::redact::Redactor;
 use crate::sandbox::BuildPaths;
+use crate::trace::AttemptTrace;
 use crate::warehouse::Target;
 
 /// One attempt of one run, while it runs.
@@ -47,6 +48,16 @@ pub struct AttemptRun<'a> {
     pub caches: CacheReport,
     /// Cache entries this attempt reads; eviction leaves them alone until it ends.
     pub holds: Vec<Held>,
+    /// Processes of its dbt invocations the kernel killed for the memory limit, and forks
+    /// their pids limit refused, over all of them.
+    pub oom_kills: u64,
+    pub pids_limit_hits: u64,
+    /// When each phase started, by the monotonic and the wall clock.
+    phases_started: std::sync::Mutex<Vec<(Phase, Instant, std::time::SystemTime)>>,
+    /// The attempt's place in its run's trace, when traces are exported.
+    pub trace: Option<&'a AttemptTrace>,
+    /// The build phase's span, parent of the nodes' spans.
+    pub build_span: Option<slimci_telemetry::TraceParent>,
 }
 
 impl<'a> AttemptRun<'a> {
@@ -55,6 +66,7 @@ impl<'a> AttemptRun<'a> {
         job: &'a CheckedJob,
         reporter: &'a Reporter,
         cancel: &'a CancellationToken,
+        trace: Option<&'a AttemptTrace>,
     ) -> AttemptRun<'a> {
         let run_dir = services
             .config
@@ -79,6 +91,11 @@ impl<'a> AttemptRun<'a> {
             connection_error: None,
             caches: CacheReport::default(),
             holds: Vec::new(),
+            oom_kills: 0,
+            pids_limit_hits: 0,
+            phases_started: std::sync::Mutex::new(Vec::new()),
+            trace,
+            build_span: None,
         }
     }
 
@@ -88,12 +105,36 @@ impl<'a> AttemptRun<'a> {
     }
 
     pub fn phase_started(&self, phase: Phase) {
+        self.phases_started.lock().expect("phase clock lock").push((
+            phase,
+            Instant::now(),
+            std::time::SystemTime::now(),
+        ));
         self.reporter.send(EventBody::PhaseStarted { phase });
     }
 
     pub fn phase_finished(&mut self, phase: Phase, ok: bool) {
         self.log.flush();
-        self.reporter.send(EventBody::PhaseFinished { phase, ok });
+        let started = self
+            .phases_started
+            .lock()
+            .expect("phase clock lock")
+            .iter()
+            .rev()
+            .find(|(started, ..)| *started == phase)
+            .map(|&(_, at, wall)| (at, wall));
+        let duration_s = started.map(|(at, _)| at.elapsed().as_secs_f64());
+        if let (Some(trace), Some((_, wall))) = (self.trace, started) {
+            let span = trace.phase(phase, wall, ok);
+            if phase == Phase::Build {
+                self.build_span = Some(span);
+            }
+        }
+        self.reporter.send(EventBody::PhaseFinished {
+            phase,
+            ok,
+            duration_s,
+        });
     }
 
     /// The build's first connection worked (or is not checked): the profile step ends and the

@@ -233,6 +233,8 @@ impl AttemptRun<'_> {
                 "the sandbox did not start dbt: {error}"
             )));
         }
+        self.oom_kills += ran.oom_kills;
+        self.pids_limit_hits += ran.pids_limit_hits;
         if ran.pids_limit_hits > 0 {
             self.log.slimci(pids_limit_note(&ran));
         }

@@ -27,7 +27,7 @@ mod stop;
 mod teardown;
 mod upload;
 
-use slimci_proto::{CheckedJob, JobKind, Outcome, Phase, RunResult};
+use slimci_proto::{AttemptUsage, CheckedJob, JobKind, Outcome, Phase, RunResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Reporter;
@@ -35,6 +35,7 @@ use crate::job::attempt_run::AttemptRun;
 use crate::job::build::Built;
 use crate::job::guard::{BuildChecks, WriteGuard};
 use crate::job::stop::Stop;
+use crate::trace::AttemptTrace;
 use crate::warehouse::{Target, writable_dir};
 
 pub use crate::job::profile::{ProfileError, profile_name};
@@ -50,8 +51,9 @@ pub async fn execute(
     job: &CheckedJob,
     reporter: &Reporter,
     cancel: &CancellationToken,
+    trace: Option<&AttemptTrace>,
 ) -> Outcome {
-    let mut attempt = AttemptRun::new(services, job, reporter, cancel);
+    let mut attempt = AttemptRun::new(services, job, reporter, cancel, trace);
     let mut outcome = match attempt.run().await {
         Ok(outcome) => outcome,
         Err(stop) => {
@@ -62,10 +64,17 @@ pub async fn execute(
                 dbt_exit_code: None,
                 nodes: Vec::new(),
                 deferred: Vec::new(),
+                usage: None,
             }
         }
     };
     attempt.log.finish();
+    outcome.usage = Some(AttemptUsage {
+        // The consumer, which holds the slot, fills in how long.
+        slot_busy_s: 0.0,
+        oom_kills: attempt.oom_kills,
+        pids_limit_hits: attempt.pids_limit_hits,
+    });
     // Messages are stored and shown like the log: no secret in them either.
     let redactor = attempt.log.redactor();
     outcome.message = outcome.message.map(|message| redactor.redact(&message));
@@ -105,6 +114,12 @@ impl AttemptRun<'_> {
     /// The phases in order.
     async fn run(&mut self) -> Result<Outcome, Stop> {
         let job = self.job;
+        if let Some(trace) = self.trace {
+            self.log.slimci(format_args!(
+                "attempt {} on {}, trace {}",
+                job.attempt, self.services.config.name, trace.trace_id
+            ));
+        }
         for directory in ["home", "tmp", "profiles", "target", "logs"] {
             let path = self.run_dir.join(directory);
             std::fs::create_dir_all(&path).map_err(|error| {
@@ -203,6 +218,9 @@ impl AttemptRun<'_> {
                 self.log.slimci(format_args!("no node results: {error}"));
                 Vec::new()
             });
+        if let (Some(trace), Some(build)) = (self.trace, self.build_span) {
+            trace.nodes(build, &nodes);
+        }
         let deferred = match &job.kind {
             JobKind::Ci { .. } => read_deferred(&self.target_dir().join("manifest.json"), &nodes),
             JobKind::Deploy | JobKind::Teardown { .. } => Vec::new(),
@@ -242,6 +260,7 @@ impl AttemptRun<'_> {
             dbt_exit_code: Some(built.dbt_exit_code),
             nodes,
             deferred,
+            usage: None,
         })
     }
 

@@ -41,6 +41,16 @@ struct RunResultEntry {
     relation_name: Option<String>,
     #[serde(default)]
     adapter_response: serde_json::Map<String, serde_json::Value>,
+    /// dbt's steps of the node (`compile`, `execute`), each with its start and end; a node
+    /// dbt skipped has none.
+    #[serde(default)]
+    timing: Vec<TimingEntry>,
+}
+
+#[derive(Deserialize)]
+struct TimingEntry {
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
+    completed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Every node's outcome from dbt's `run_results.json`.
@@ -58,6 +68,12 @@ pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, RunResultsError>
         .results
         .into_iter()
         .map(|entry| NodeResult {
+            started_at: entry.timing.iter().filter_map(|step| step.started_at).min(),
+            completed_at: entry
+                .timing
+                .iter()
+                .filter_map(|step| step.completed_at)
+                .max(),
             resource_type: entry
                 .unique_id
                 .split('.')
@@ -205,7 +221,9 @@ mod tests {
         std::fs::write(
             &path,
             r#"{"metadata": {}, "results": [
-                {"unique_id": "model.shop.stg_orders", "status": "success", "execution_time": 0.25, "message": "OK", "failures": null, "relation_name": "\"pr_shop_1\".\"main\".\"stg_orders\"", "timing": []},
+                {"unique_id": "model.shop.stg_orders", "status": "success", "execution_time": 0.25, "message": "OK", "failures": null, "relation_name": "\"pr_shop_1\".\"main\".\"stg_orders\"", "timing": [
+                    {"name": "compile", "started_at": "2026-01-02T03:04:05.100000Z", "completed_at": "2026-01-02T03:04:05.150000Z"},
+                    {"name": "execute", "started_at": "2026-01-02T03:04:05.160000Z", "completed_at": "2026-01-02T03:04:05.350000Z"}]},
                 {"unique_id": "test.shop.accepted_values_x", "status": "fail", "execution_time": 0.1, "message": "Got 5 results, configured to fail if != 0", "failures": 5}
             ]}"#,
         )
@@ -217,6 +235,11 @@ mod tests {
             Some("\"pr_shop_1\".\"main\".\"stg_orders\"")
         );
         assert_eq!(nodes[1].failures, Some(5));
+        // The node's span runs from its first step's start to its last step's end.
+        let at = |text: &str| Some(text.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+        assert_eq!(nodes[0].started_at, at("2026-01-02T03:04:05.100Z"));
+        assert_eq!(nodes[0].completed_at, at("2026-01-02T03:04:05.350Z"));
+        assert_eq!((nodes[1].started_at, nodes[1].completed_at), (None, None));
         assert_eq!(
             failure_summary(&nodes),
             "1 of 2 nodes failed: test.shop.accepted_values_x (Got 5 results, configured to fail if != 0)"

@@ -31,4 +31,6 @@ pub struct Services {
     pub warm: Option<Arc<WarmPool>>,
     /// The write guard's script, when dbt is a Python script here.
     pub guard_script: Option<GuardScript>,
+    /// OTLP export; a tracer when traces are exported (`crate::trace`).
+    pub telemetry: Arc<slimci_telemetry::Telemetry>,
 }

@@ -44,6 +44,7 @@ fn dropped(message: String, dbt_exit_code: Option<i32>) -> Outcome {
         dbt_exit_code,
         nodes: Vec::new(),
         deferred: Vec::new(),
+        usage: None,
     }
 }
 

@@ -30,6 +30,12 @@ pub(super) async fn heartbeat(
     require_agent(&state, &headers)?;
     let request: slimci_proto::HeartbeatRequest =
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    state.agents.heartbeat(
+        &request.agent,
+        &request.leases,
+        request.status.as_ref(),
+        chrono::Utc::now(),
+    );
     let lost = state
         .store
         .renew_leases(
@@ -63,6 +69,18 @@ pub(super) async fn claim(
     let response = match decision {
         ClaimDecision::Grant => {
             tracing::info!(run = %request.run_id, attempt = %request.attempt, agent = %request.agent, "claim granted");
+            state
+                .agents
+                .claimed(&request.agent, request.run_id, chrono::Utc::now());
+            if request.attempt == slimci_proto::Attempt(1)
+                && let Some(run) = state.store.run(request.run_id).await?
+                && let Some(started) = run.started_ms
+            {
+                state.metrics.queue_wait.observe(
+                    &[run.kind.as_str()],
+                    (started - run.created_ms).max(0) as f64 / 1000.0,
+                );
+            }
             ClaimResponse {
                 granted: true,
                 reason: None,

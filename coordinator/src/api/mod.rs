@@ -1,6 +1,6 @@
 //! The HTTP API, `/api/v1`: JSON in and out, errors as `{"error": "..."}` with a 4xx or 5xx.
 //!
-//! User routes (runs, logs, artifacts, production state and publishing it) need the API token when one is
+//! User routes (runs, logs, artifacts, production state and publishing it, agents, `/metrics`) need the API token when one is
 //! configured; agent routes (claim, heartbeat, artifact upload) need the agent token. This file
 //! holds the router, the error type, the token checks and the request-parsing helpers; the
 //! handlers are in one file per resource, the JSON types in the `slimci-client` crate and their
@@ -8,6 +8,7 @@
 
 mod agent;
 mod artifacts;
+pub mod fleet;
 mod logs;
 mod repositories;
 mod runs;
@@ -144,6 +145,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         usize::try_from(state.config.limits.max_artifact_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(fleet::metrics))
+        .route("/api/v1/agents", get(fleet::list_agents))
         .route("/api/v1/runs", post(runs::create_run).get(runs::list_runs))
         .route("/api/v1/runs/{id}", get(runs::get_run))
         .route("/api/v1/runs/{id}/logs", get(logs::get_logs))

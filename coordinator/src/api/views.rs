@@ -88,6 +88,11 @@ pub fn run_view(state: &AppState, run: Run) -> RunView {
             .as_deref()
             .and_then(|json| serde_json::from_str(json).ok()),
         waiting: None,
+        trace_id: run
+            .traceparent
+            .as_deref()
+            .and_then(slimci_telemetry::TraceParent::parse)
+            .map(|root| root.trace_id.to_string()),
         summary: None,
         phases: None,
         nodes: None,

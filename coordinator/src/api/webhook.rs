@@ -22,6 +22,7 @@ use slimci_proto::{IsolationName, PrNumber, RunKind, Sha};
 use super::{ApiError, submission_status};
 use crate::app::AppState;
 use crate::config::RepositoryConfig;
+use crate::metrics::WebhookOutcome;
 use crate::rules::{self, PullRequestAction, ValidRequest};
 use crate::runs;
 use crate::store::PullRequest;
@@ -108,6 +109,7 @@ pub async fn github_webhook(
     let signature = header(&headers, "x-hub-signature-256");
     if !signature.is_some_and(|signature| signature_is_valid(secret.as_bytes(), &body, signature)) {
         tracing::warn!(%delivery, signed = signature.is_some(), "refused a GitHub webhook with a missing or wrong signature");
+        state.metrics.webhook(WebhookOutcome::Forged);
         return Err(ApiError::Unauthorized);
     }
     let event = header(&headers, "x-github-event")
@@ -120,6 +122,7 @@ pub async fn github_webhook(
     }
     if !state.store.record_delivery(&delivery, &event).await? {
         tracing::info!(%delivery, %event, "replayed webhook delivery; not processed again");
+        state.metrics.webhook(WebhookOutcome::Duplicate);
         return Ok(answer(
             StatusCode::OK,
             format!("delivery {delivery} was already processed"),
@@ -137,6 +140,13 @@ pub async fn github_webhook(
         )),
     };
     tracing::info!(%delivery, %event, ok = handled.is_ok(), "GitHub webhook");
+    state.metrics.webhook(match &handled {
+        Ok(response) if event != "ping" && response.status() != StatusCode::ACCEPTED => {
+            WebhookOutcome::Accepted
+        }
+        Ok(_) => WebhookOutcome::Ignored,
+        Err(_) => WebhookOutcome::Invalid,
+    });
     handled
 }
 

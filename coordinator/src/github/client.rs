@@ -69,6 +69,8 @@ pub struct GitHub {
     tokens: Mutex<HashMap<u64, CachedToken>>,
     /// First wait before a retry (doubled each time); short in tests.
     retry_base: Duration,
+    /// Requests sent again since `take_retries` last asked (for the metrics).
+    retries: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -99,7 +101,13 @@ impl GitHub {
             installations: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             retry_base: Duration::from_millis(500),
+            retries: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many requests were sent again since the last call.
+    pub fn take_retries(&self) -> u64 {
+        self.retries.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn app_jwt(app_id: u64, private_key_pem: &[u8]) -> Result<String, GitHubError> {
@@ -260,6 +268,8 @@ impl GitHub {
                 }
             };
             tokio::time::sleep(retry_after.unwrap_or(wait).min(Duration::from_secs(60))).await;
+            self.retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             wait *= 2;
             attempt += 1;
         }

@@ -20,7 +20,12 @@ pub async fn notifier_loop(state: Arc<AppState>, github: Arc<GitHub>, shutdown: 
     loop {
         if let Err(error) = report_pending(&state, &github).await {
             tracing::warn!(%error, "GitHub reporting failed; will try again");
+            state.metrics.github_failures.inc(&["transient"]);
         }
+        state
+            .metrics
+            .github_retries
+            .add(&[], github.take_retries() as f64);
         let wait = tokio::time::sleep(Duration::from_secs(5));
         tokio::pin!(wait);
         tokio::select! {
@@ -48,7 +53,15 @@ enum ReportError {
 
 async fn report_pending(state: &AppState, github: &GitHub) -> Result<(), ReportError> {
     for run in state.store.runs_to_report(200).await? {
-        match report_run(state, github, &run).await {
+        let started = std::time::SystemTime::now();
+        let reported = report_run(state, github, &run).await;
+        crate::telemetry::github_report(
+            state,
+            &run,
+            started,
+            reported.as_ref().err().map(ToString::to_string),
+        );
+        match reported {
             Ok(()) => {
                 tracing::info!(run = %run.id, status = run.status.as_str(), "reported to GitHub")
             }
@@ -56,6 +69,7 @@ async fn report_pending(state: &AppState, github: &GitHub) -> Result<(), ReportE
             // see) must not hold up the others: say so once and move on.
             Err(ReportError::GitHub(error)) if error.is_permanent() => {
                 tracing::warn!(run = %run.id, status = run.status.as_str(), %error, "GitHub refused this report; not retrying it");
+                state.metrics.github_failures.inc(&["permanent"]);
             }
             // GitHub is down or limiting us: stop this round, the next one starts over.
             Err(error) => return Err(error),

@@ -280,6 +280,7 @@ mod tests {
             dispatched: true,
             sandbox: None,
             caches: None,
+            traceparent: None,
         }
     }
 
@@ -293,6 +294,8 @@ mod tests {
             failures: None,
             relation: None,
             adapter_response: None,
+            started_at: None,
+            completed_at: None,
         }
     }
 

@@ -65,7 +65,7 @@ impl Store {
                 .execute(&mut *transaction)
                 .await?;
             }
-            EventBody::PhaseFinished { phase, ok } => {
+            EventBody::PhaseFinished { phase, ok, .. } => {
                 sqlx::query(
                     "INSERT INTO run_phases (run_id, attempt, phase, started_ms, finished_ms, ok) VALUES (?, ?, ?, ?, ?, ?)
                      ON CONFLICT (run_id, attempt, phase) DO UPDATE SET finished_ms = excluded.finished_ms, ok = excluded.ok",

@@ -62,6 +62,7 @@ impl Store {
             production_state: None,
             status: RunStatus::Success,
             message: Some(publish.message.clone()),
+            traceparent: None,
         };
         let mut transaction = self.begin_immediate().await?;
         insert_run(&mut *transaction, &run, at).await?;

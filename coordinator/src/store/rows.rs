@@ -58,6 +58,9 @@ pub struct NewRun {
     /// `Queued`, or a terminal status for a request refused at admission.
     pub status: RunStatus,
     pub message: Option<String>,
+    /// The W3C `traceparent` of the run's root span, when its trace is exported: written with
+    /// the row, so the run's first dispatch already carries it.
+    pub traceparent: Option<String>,
 }
 
 /// A run as stored.
@@ -100,6 +103,8 @@ pub struct Run {
     pub sandbox: Option<String>,
     /// The agent's `CacheReport` as JSON, once the build ran.
     pub caches: Option<String>,
+    /// The W3C `traceparent` of the run's root span, when its trace is exported.
+    pub traceparent: Option<String>,
 }
 
 impl Run {
@@ -287,6 +292,7 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
         dispatched: flag(row, "published")?,
         sandbox: text(row, "sandbox")?,
         caches: text(row, "caches")?,
+        traceparent: text(row, "traceparent")?,
     })
 }
 
@@ -330,6 +336,9 @@ pub(super) fn node_from_row(row: &SqliteRow) -> Result<NodeResult> {
             .try_get::<Option<String>, _>("adapter_response")?
             .map(|text| serde_json::from_str(&text).map_err(corrupt))
             .transpose()?,
+        // A node's times travel in its trace; the store keeps its duration.
+        started_at: None,
+        completed_at: None,
     })
 }
 

@@ -7,7 +7,7 @@ use slimci_proto::{IsolationName, NodeResult, PrNumber, RepoName, RunId, RunKind
 use sqlx::{Executor, Sqlite};
 
 use super::rows::{artifact_from_row, node_from_row, phase_from_row, run_from_row};
-use super::{ArtifactRecord, NewRun, PhaseRecord, Result, Run, RunFilter, Store, now_ms};
+use super::{ArtifactRecord, NewRun, PhaseRecord, Result, Run, RunFilter, Store, corrupt, now_ms};
 use crate::rules::{self, RunStatus};
 
 /// Reads run `id` through `executor` (the pool, or a transaction that will write it).
@@ -31,8 +31,9 @@ pub(super) async fn insert_run<'e>(
     let production = run.production_state.as_ref();
     sqlx::query(
         "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
-            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
+            traceparent)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(run.repository.as_str())
@@ -49,6 +50,7 @@ pub(super) async fn insert_run<'e>(
     .bind(production.map(|production| production.deploy_run_id.to_string()))
     .bind(production.map(|production| production.sha.as_str()))
     .bind(production.map(|production| production.manifest_sha256.as_str()))
+    .bind(&run.traceparent)
     .execute(executor)
     .await?;
     Ok(())
@@ -134,6 +136,54 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    /// Ended runs whose root span was not exported yet, oldest first.
+    pub async fn runs_to_end_trace(&self, limit: u32) -> Result<Vec<Run>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE traceparent IS NOT NULL AND trace_ended = 0
+               AND status NOT IN ('queued', 'running')
+             ORDER BY finished_ms LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub async fn set_trace_ended(&self, id: RunId) -> Result<()> {
+        sqlx::query("UPDATE runs SET trace_ended = 1 WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Per repository with queued runs: how many, and when the oldest was requested (ms).
+    pub async fn queue_by_repository(&self) -> Result<Vec<(String, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT repository, count(*), min(created_ms) FROM runs WHERE status = 'queued'
+             GROUP BY repository ORDER BY repository",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// How many runs there are of each kind in each status.
+    pub async fn runs_by_kind_and_status(&self) -> Result<Vec<(RunKind, RunStatus, i64)>> {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT kind, status, count(*) FROM runs GROUP BY kind, status")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(kind, status, count)| {
+                let kind =
+                    RunKind::parse(&kind).ok_or_else(|| corrupt(format!("run kind {kind}")))?;
+                let status = RunStatus::parse(&status)
+                    .ok_or_else(|| corrupt(format!("run status {status}")))?;
+                Ok((kind, status, count))
+            })
+            .collect()
     }
 
     pub async fn phases(&self, id: RunId) -> Result<Vec<PhaseRecord>> {

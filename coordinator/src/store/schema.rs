@@ -125,6 +125,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // What the adapter said of each node's query (dbt's `adapter_response`, as JSON).
         "ALTER TABLE run_nodes ADD COLUMN adapter_response TEXT;",
     ),
+    (
+        7,
+        // The run's trace: its root span's W3C `traceparent` (exported when the run ends, then
+        // `trace_ended` is set), when traces are exported.
+        r#"
+    ALTER TABLE runs ADD COLUMN traceparent TEXT;
+    ALTER TABLE runs ADD COLUMN trace_ended INTEGER NOT NULL DEFAULT 0;
+    "#,
+    ),
 ];
 
 impl Store {

@@ -35,6 +35,7 @@ pub fn new_run(kind: RunKind) -> NewRun {
         production_state: None,
         status: RunStatus::Queued,
         message: None,
+        traceparent: None,
     }
 }
 
@@ -60,6 +61,7 @@ pub fn finished(run: &NewRun, seq: u64, result: RunResult) -> AgentEvent {
         }),
         nodes: vec![],
         deferred: vec![],
+        usage: None,
     };
     event(run, seq, EventBody::Finished(outcome))
 }

@@ -189,7 +189,12 @@ fn main() {
             ),
             serde_json::json!({ "index": index + 1, "total": stub.nodes, "status": status }),
         );
-        results.push(serde_json::json!({ "unique_id": id, "status": status, "execution_time": 0.01, "message": "OK", "failures": null }));
+        // dbt's `timing`: each node's steps with their start and end, one after the other.
+        let started =
+            chrono::Utc::now() - chrono::Duration::milliseconds(10 * i64::from(stub.nodes - index));
+        let completed = started + chrono::Duration::milliseconds(10);
+        let timing = serde_json::json!([{ "name": "execute", "started_at": started.to_rfc3339(), "completed_at": completed.to_rfc3339() }]);
+        results.push(serde_json::json!({ "unique_id": id, "status": status, "execution_time": 0.01, "message": "OK", "failures": null, "timing": timing }));
         let parents: Vec<String> = if index == 0 {
             vec![]
         } else {

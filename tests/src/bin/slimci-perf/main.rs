@@ -8,7 +8,8 @@
 //!   `slimci logs -f`) has it;
 //! - `throughput`: 1,000 instant builds on 4 agents, wall time per run;
 //! - `webhooks`: signed `pull_request` deliveries per second, with many connections;
-//! - `memory`: the agent's RSS when idle, the coordinator's holding 10,000 finished runs.
+//! - `memory`: the agent's RSS when idle, the coordinator's holding 10,000 finished runs;
+//! - `telemetry`: the overhead and throughput with OTLP export off, then on.
 //!
 //! Each prints its figures with the target and PASS or MISS; the last line is machine-readable:
 //! `perf overhead_p50_ms=.. cancel_p50_ms=.. log_p50_ms=.. drain_overhead_ms_per_run=..
@@ -22,6 +23,7 @@ mod log_latency;
 mod memory;
 mod overhead;
 mod report;
+mod telemetry;
 mod throughput;
 mod webhooks;
 
@@ -39,6 +41,7 @@ enum Measure {
     Throughput,
     Webhooks,
     Memory,
+    Telemetry,
 }
 
 #[derive(Parser)]
@@ -78,6 +81,12 @@ pub struct Args {
     /// Finished runs in the coordinator's store for its memory figure.
     #[arg(long, default_value_t = 10_000)]
     pub stored_runs: usize,
+    /// Telemetry: rounds of (off, on), each `--overhead-runs` sequential runs and a burst.
+    #[arg(long, default_value_t = 2)]
+    pub telemetry_rounds: usize,
+    /// Telemetry: instant builds per burst.
+    #[arg(long, default_value_t = 100)]
+    pub telemetry_burst: u64,
 }
 
 /// The machine-readable figures; `None` for a measurement that did not run or failed.
@@ -90,6 +99,9 @@ struct Figures {
     webhooks_per_s: Option<f64>,
     agent_idle_rss_mb: Option<f64>,
     coordinator_rss_mb_10k: Option<f64>,
+    /// Telemetry on over off: the overhead p50, and the time per run of a burst.
+    telemetry_overhead_ratio: Option<f64>,
+    telemetry_per_run_ratio: Option<f64>,
 }
 
 /// A figure of the last line: one decimal, `na` for none.
@@ -196,6 +208,17 @@ async fn main() -> anyhow::Result<()> {
             },
         )
         .await;
+    session
+        .measure(
+            Measure::Telemetry,
+            "telemetry",
+            telemetry::telemetry(&args),
+            |figures, cost| {
+                figures.telemetry_overhead_ratio = Some(cost.overhead_on_ms / cost.overhead_off_ms);
+                figures.telemetry_per_run_ratio = Some(cost.per_run_on_ms / cost.per_run_off_ms);
+            },
+        )
+        .await;
     let Session {
         figures, failed, ..
     } = session;
@@ -209,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         load_average()
     );
     println!(
-        "perf overhead_p50_ms={} cancel_p50_ms={} log_p50_ms={} drain_overhead_ms_per_run={} webhooks_per_s={} agent_idle_rss_mb={} coordinator_rss_mb_10k={}",
+        "perf overhead_p50_ms={} cancel_p50_ms={} log_p50_ms={} drain_overhead_ms_per_run={} webhooks_per_s={} agent_idle_rss_mb={} coordinator_rss_mb_10k={} telemetry_overhead_on_off={} telemetry_per_run_on_off={}",
         figure(figures.overhead_p50_ms),
         figure(figures.cancel_p50_ms),
         figure(figures.log_p50_ms),
@@ -217,6 +240,12 @@ async fn main() -> anyhow::Result<()> {
         figure(figures.webhooks_per_s),
         figure(figures.agent_idle_rss_mb),
         figure(figures.coordinator_rss_mb_10k),
+        figures
+            .telemetry_overhead_ratio
+            .map_or_else(|| "na".to_owned(), |ratio| format!("{ratio:.3}")),
+        figures
+            .telemetry_per_run_ratio
+            .map_or_else(|| "na".to_owned(), |ratio| format!("{ratio:.3}")),
     );
     if !failed.is_empty() {
         std::process::exit(1);
