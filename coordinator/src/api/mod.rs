@@ -8,10 +8,10 @@
 
 mod agent;
 mod artifacts;
-mod logs;
+pub(crate) mod logs;
 mod repositories;
 mod runs;
-mod views;
+pub(crate) mod views;
 mod webhook;
 
 use std::sync::Arc;
