@@ -130,6 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/runs/{id}/events", get(runs::events))
         .route("/runs/{id}/log", get(runs::log_text))
+        .route("/runs/{id}/timeline.svg", get(runs::timeline_svg))
         .route("/runs/{id}/artifacts/{name}", get(runs::artifact))
         .route("/repositories/{name}", get(repository::show))
         .route("/fleet", get(fleet::show))

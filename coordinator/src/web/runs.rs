@@ -629,6 +629,25 @@ pub(super) async fn events(
     Ok(crate::api::logs::follow_logs(state, run, resume_after).into_response())
 }
 
+/// `GET /runs/{id}/timeline.svg`: the build's timeline on its own (404 before dbt wrote
+/// `run_results.json`).
+pub(super) async fn timeline_svg(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> WebResult<Response> {
+    let id = parse_id(&id)?;
+    let has_results = state
+        .store
+        .artifacts(id)
+        .await?
+        .iter()
+        .any(|artifact| artifact.name == "run_results.json");
+    match timeline(&state, id, has_results).await {
+        (Some(svg), _) => Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()),
+        (None, note) => Err(WebError::NotFound(format!("run {id} has no timeline: {note}"))),
+    }
+}
+
 /// `GET /runs/{id}/log`: the whole log as text, behind the page's session.
 pub(super) async fn log_text(
     State(state): State<Arc<AppState>>,

@@ -4,6 +4,8 @@
 //!
 //! Bars are grouped by status into one `<path>` each, so a build of 2,000 nodes stays a few
 //! tens of kilobytes; a small build gets one `<rect>` per node with its name as a tooltip.
+//! Colours are attributes, not classes, so the picture is the same inline in the run's page and
+//! on its own (`/runs/{id}/timeline.svg`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -148,7 +150,7 @@ impl Timeline {
         let mut svg = String::with_capacity(64 * self.bars.len() + 1024);
         let _ = write!(
             svg,
-            r#"<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="build timeline: {} nodes on {} threads over {span:.1} s" xmlns="http://www.w3.org/2000/svg">"#,
+            r#"<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="build timeline: {} nodes on {} threads over {span:.1} s" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="11"><rect width="{WIDTH}" height="{height}" fill="#fff"/><g fill="{TEXT}">"#,
             self.bars.len(),
             threads.len()
         );
@@ -156,10 +158,11 @@ impl Timeline {
             let y = index as f64 * LANE + BAR;
             let _ = write!(
                 svg,
-                r#"<text x="0" y="{y}" class="lane">{}</text>"#,
+                r#"<text x="0" y="{y}">{}</text>"#,
                 escape(name)
             );
         }
+        svg.push_str("</g>");
         let x_of = |at: DateTime<Utc>| {
             LABELS + (at - first).num_milliseconds().max(0) as f64 / 1000.0 * scale
         };
@@ -170,10 +173,10 @@ impl Timeline {
                 let y = lane_of[bar.thread.as_str()] as f64 * LANE + 2.0;
                 let _ = write!(
                     svg,
-                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{BAR}" class="{}"><title>{} {} {:.2} s</title></rect>"#,
+                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{BAR}" fill="{}"><title>{} {} {:.2} s</title></rect>"#,
                     x_of(bar.start),
                     width_of(bar),
-                    status_class(&bar.status),
+                    colour(status_class(&bar.status)),
                     escape(&bar.unique_id),
                     escape(&bar.status),
                     (bar.end - bar.start).num_milliseconds() as f64 / 1000.0
@@ -191,28 +194,42 @@ impl Timeline {
                 );
             }
             for (class, path) in paths {
-                let _ = write!(svg, r#"<path class="{class}" d="{path}"/>"#);
+                let _ = write!(svg, r#"<path fill="{}" d="{path}"/>"#, colour(class));
             }
         }
         // A tick every round step, about eight of them.
         let step = nice_step(span / 8.0);
         let axis_y = threads.len() as f64 * LANE + 14.0;
+        let _ = write!(svg, r#"<g fill="{TEXT}">"#);
         let mut tick = 0.0;
         while tick <= span + 1e-9 {
             let x = LABELS + tick * scale;
             let _ = write!(
                 svg,
-                r#"<text x="{x:.1}" y="{axis_y}" class="tick">{}</text>"#,
+                r#"<text x="{x:.1}" y="{axis_y}">{}</text>"#,
                 seconds_label(tick)
             );
             tick += step;
         }
-        svg.push_str("</svg>");
+        svg.push_str("</g></svg>");
         svg
     }
 }
 
-/// The class a bar is drawn with (the stylesheet colours them).
+/// The colour of the text.
+const TEXT: &str = "#5f6b7a";
+
+/// The colour of a status class's bars (the page's stylesheet uses the same).
+fn colour(class: &str) -> &'static str {
+    match class {
+        "ok" => "#2f9e44",
+        "warn" => "#f08c00",
+        "bad" => "#d6336c",
+        _ => "#868e96",
+    }
+}
+
+/// A node status's class: `ok`, `warn`, `bad` or `other`.
 pub fn status_class(status: &str) -> &'static str {
     match status {
         "success" | "pass" => "ok",
@@ -294,7 +311,7 @@ mod tests {
         let svg = timeline.svg();
         assert!(svg.starts_with("<svg"), "{svg}");
         assert_eq!(svg.matches("<rect").count(), 3);
-        assert!(svg.contains(r#"class="bad"><title>test.s.&lt;x&gt; fail"#), "{svg}");
+        assert!(svg.contains(r##"fill="#d6336c"><title>test.s.&lt;x&gt; fail"##), "{svg}");
         assert!(!svg.contains("<x>"));
     }
 
