@@ -150,7 +150,7 @@ impl Timeline {
         let mut svg = String::with_capacity(64 * self.bars.len() + 1024);
         let _ = write!(
             svg,
-            r#"<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="build timeline: {} nodes on {} threads over {span:.1} s" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="11"><rect width="{WIDTH}" height="{height}" fill="#fff"/><g fill="{TEXT}">"#,
+            r##"<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="build timeline: {} nodes on {} threads over {span:.1} s" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="11"><rect width="{WIDTH}" height="{height}" fill="#fff"/><g fill="{TEXT}">"##,
             self.bars.len(),
             threads.len()
         );
