@@ -183,8 +183,11 @@ impl Client {
 
     /// `POST /api/v1/runs/{id}/cancel`.
     pub async fn cancel(&self, id: RunId) -> Result<RunView, ClientError> {
-        self.json(self.request(Method::POST, format!("{}/cancel", run_api_url(&self.base, id))))
-            .await
+        self.json(self.request(
+            Method::POST,
+            format!("{}/cancel", run_api_url(&self.base, id)),
+        ))
+        .await
     }
 
     /// `GET /api/v1/runs/{id}/artifacts/{name}`.

@@ -50,7 +50,9 @@ fn base_args(profile: &Path) -> Vec<String> {
 fn chromium() -> anyhow::Result<PathBuf> {
     let path = PathBuf::from(CHROMIUM);
     if !path.is_file() {
-        bail!("{CHROMIUM} is missing: run scripts/e2e (or scripts/test), which installs Debian's chromium");
+        bail!(
+            "{CHROMIUM} is missing: run scripts/e2e (or scripts/test), which installs Debian's chromium"
+        );
     }
     Ok(path)
 }
@@ -70,16 +72,27 @@ impl Drop for OneShot {
     }
 }
 
-/// Runs Chromium once with `args` and `url`, its stdout into `stdout`; fails at the deadline.
-async fn run_once(args: &[String], url: &str, stdout: &Path, log: &Path) -> anyhow::Result<()> {
-    let profile = tempfile::Builder::new().prefix("slimci-chromium-").tempdir()?;
+/// Runs Chromium once with `args` and `url`, its stdout into `stdout` (or nowhere) and its
+/// stderr into `log`; fails at the deadline.
+async fn run_once(
+    args: &[String],
+    url: &str,
+    stdout: Option<&Path>,
+    log: &Path,
+) -> anyhow::Result<()> {
+    let profile = tempfile::Builder::new()
+        .prefix("slimci-chromium-")
+        .tempdir()?;
     let mut command = command_dying_with_test(&chromium()?);
     command
         .args(base_args(profile.path()))
         .args(args)
         .arg(url)
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(stdout)?)
+        .stdout(match stdout {
+            Some(path) => Stdio::from(std::fs::File::create(path)?),
+            None => Stdio::null(),
+        })
         .stderr(std::fs::File::create(log)?);
     let mut once = OneShot {
         child: spawn(command).context("starting chromium")?,
@@ -105,13 +118,18 @@ async fn run_once(args: &[String], url: &str, stdout: &Path, log: &Path) -> anyh
 /// The page at `url` as Chromium built it, after its load event (`--dump-dom`).
 pub async fn dump_dom(url: &str, work: &Path) -> anyhow::Result<String> {
     let stdout = work.join("dump-dom.html");
-    run_once(&["--dump-dom".to_owned()], url, &stdout, &work.join("dump-dom.log")).await?;
+    run_once(
+        &["--dump-dom".to_owned()],
+        url,
+        Some(&stdout),
+        &work.join("dump-dom.log"),
+    )
+    .await?;
     Ok(std::fs::read_to_string(&stdout)?)
 }
 
 /// A PNG of the page at `url` in a window of `width`×`height` (`--screenshot`).
 pub async fn screenshot(url: &str, png: &Path, width: u32, height: u32) -> anyhow::Result<()> {
-    let work = png.with_extension("log");
     let _ = std::fs::remove_file(png);
     run_once(
         &[
@@ -119,11 +137,12 @@ pub async fn screenshot(url: &str, png: &Path, width: u32, height: u32) -> anyho
             format!("--window-size={width},{height}"),
         ],
         url,
-        &png.with_extension("stdout"),
-        &work,
+        None,
+        &png.with_extension("chromium.log"),
     )
     .await?;
-    let bytes = std::fs::read(png).with_context(|| format!("chromium wrote no {}", png.display()))?;
+    let bytes =
+        std::fs::read(png).with_context(|| format!("chromium wrote no {}", png.display()))?;
     if !bytes.starts_with(b"\x89PNG") {
         bail!("{} is not a PNG", png.display());
     }
@@ -152,7 +171,9 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start(log_dir: &Path) -> anyhow::Result<Browser> {
-        let profile = tempfile::Builder::new().prefix("slimci-chromium-").tempdir()?;
+        let profile = tempfile::Builder::new()
+            .prefix("slimci-chromium-")
+            .tempdir()?;
         let mut args = base_args(profile.path());
         args.push("--remote-debugging-port=0".to_owned());
         args.push("--window-size=1280,1600".to_owned());
@@ -254,8 +275,13 @@ impl Browser {
     pub async fn wait_loaded(&mut self, what: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + PAGE_DEADLINE;
         loop {
-            let state = self.eval("document.readyState + ' ' + location.href").await?;
-            if state.as_str().is_some_and(|text| text.starts_with("complete") && !text.ends_with("about:blank")) {
+            let state = self
+                .eval("document.readyState + ' ' + location.href")
+                .await?;
+            if state
+                .as_str()
+                .is_some_and(|text| text.starts_with("complete") && !text.ends_with("about:blank"))
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {

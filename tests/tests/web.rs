@@ -172,9 +172,16 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
             dom.contains(&format!("id=\"status\">{status}</span>")),
             "{id} is not shown {status}: {text}"
         );
-        assert!(text.contains(shows), "{id} ({status}) does not say {shows:?}: {text}");
+        assert!(
+            text.contains(shows),
+            "{id} ({status}) does not say {shows:?}: {text}"
+        );
         let cancellable = matches!(status, "running" | "queued");
-        assert_eq!(dom.contains("id=\"cancel\""), cancellable, "{status}: {text}");
+        assert_eq!(
+            dom.contains("id=\"cancel\""),
+            cancellable,
+            "{status}: {text}"
+        );
     }
 
     // The fleet: the agent and what it builds, the queue with positions.
@@ -183,7 +190,11 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     assert!(text.contains("agent-0"), "{text}");
     assert!(text.contains("ci shop #5"), "the agent builds PR 5: {text}");
     let queue_at = dom.find("id=\"queue\"").unwrap();
-    assert_eq!(dom[queue_at..].matches("<tr class=\"queued\">").count(), 1, "{text}");
+    assert_eq!(
+        dom[queue_at..].matches("<tr class=\"queued\">").count(),
+        1,
+        "{text}"
+    );
     assert!(text_of(&dom[queue_at..]).contains("1 ci"), "{text}");
     assert!(text.contains("#6"), "{text}");
 
@@ -208,9 +219,21 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     let dom = dump_dom(&format!("{url}/?repository=shop&pr=3"), &work)
         .await
         .unwrap();
-    assert_eq!(dom.matches("<tr class=\"run\">").count(), 2, "{}", text_of(&dom));
-    let dom = dump_dom(&format!("{url}/?status=failed"), &work).await.unwrap();
-    assert_eq!(dom.matches("<tr class=\"run\">").count(), 1, "{}", text_of(&dom));
+    assert_eq!(
+        dom.matches("<tr class=\"run\">").count(),
+        2,
+        "{}",
+        text_of(&dom)
+    );
+    let dom = dump_dom(&format!("{url}/?status=failed"), &work)
+        .await
+        .unwrap();
+    assert_eq!(
+        dom.matches("<tr class=\"run\">").count(),
+        1,
+        "{}",
+        text_of(&dom)
+    );
     assert!(dom.contains(&failed.id.to_string()));
 
     // The failed run: its nodes, the failed test first with its message, the deferred count,
@@ -224,12 +247,16 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     assert_eq!(dom.matches("<tr class=\"node ").count(), 25, "{text}");
     let first_node = dom.find("<tr class=\"node ").unwrap();
     assert!(
-        dom[first_node..].starts_with("<tr class=\"node bad\"><td>fail</td><td><code>test.stub.not_null_m0_id"),
+        dom[first_node..]
+            .starts_with("<tr class=\"node bad\"><td>fail</td><td><code>test.stub.not_null_m0_id"),
         "failures come first: {}",
         &dom[first_node..first_node + 200]
     );
     for index in 0..24 {
-        assert!(text.contains(&format!("model.stub.m{index} ")), "m{index}: {text}");
+        assert!(
+            text.contains(&format!("model.stub.m{index} ")),
+            "m{index}: {text}"
+        );
     }
     assert!(text.contains("5 deferred"), "{text}");
     assert!(text.contains("model.stub.production_4"), "{text}");
@@ -238,19 +265,35 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
         assert!(text.contains(thread), "{thread}: {text}");
     }
     assert_eq!(dom.matches("<rect x=").count(), 25, "one bar per node");
-    assert!(text.contains("run_results.json") && text.contains("manifest.json"), "{text}");
-    assert!(!dom.contains("id=\"cancel\""), "a finished run has no cancel button");
+    assert!(
+        text.contains("run_results.json") && text.contains("manifest.json"),
+        "{text}"
+    );
+    assert!(
+        !dom.contains("id=\"cancel\""),
+        "a finished run has no cancel button"
+    );
     assert!(!dom.contains("e2e-agent-token"), "no secret on the page");
     // Filtered to failures only.
     let dom = dump_dom(&format!("{url}/runs/{}?status=failures", failed.id), &work)
         .await
         .unwrap();
-    assert_eq!(dom.matches("<tr class=\"node ").count(), 2, "{}", text_of(&dom));
+    assert_eq!(
+        dom.matches("<tr class=\"node ").count(),
+        2,
+        "{}",
+        text_of(&dom)
+    );
 
     // The repository: production state, its pull requests with their isolations.
-    let dom = dump_dom(&format!("{url}/repositories/shop"), &work).await.unwrap();
+    let dom = dump_dom(&format!("{url}/repositories/shop"), &work)
+        .await
+        .unwrap();
     let text = text_of(&dom);
-    assert!(text.contains(&deploy.id.to_string()), "production state: {text}");
+    assert!(
+        text.contains(&deploy.id.to_string()),
+        "production state: {text}"
+    );
     assert_eq!(dom.matches("<tr class=\"pull\">").count(), 6, "{text}");
     for pr in [1, 2, 3, 5, 6, 7] {
         assert!(text.contains(&format!("pr_shop_{pr}")), "PR {pr}: {text}");
@@ -293,7 +336,11 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     let dom = dump_dom(&format!("{url}/runs/{}", running.id), &work)
         .await
         .unwrap();
-    assert!(dom.contains("id=\"status\">timed_out</span>"), "{}", text_of(&dom));
+    assert!(
+        dom.contains("id=\"status\">timed_out</span>"),
+        "{}",
+        text_of(&dom)
+    );
     cluster.assert_all_alive();
 }
 
@@ -346,11 +393,7 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
         let answer = http.get(format!("{url}{path}")).send().await.unwrap();
         assert_eq!(answer.status(), 303, "{path}");
     }
-    let answer = http
-        .get(format!("{run_page}/events"))
-        .send()
-        .await
-        .unwrap();
+    let answer = http.get(format!("{run_page}/events")).send().await.unwrap();
     assert_eq!(answer.status(), 401);
     let answer = http
         .post(format!("{run_page}/cancel"))
@@ -372,7 +415,10 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
             json!(token)
         )
     };
-    browser.eval(&type_token("not-the-token-at-all")).await.unwrap();
+    browser
+        .eval(&type_token("not-the-token-at-all"))
+        .await
+        .unwrap();
     browser
         .wait_until(
             "the refusal",
@@ -401,7 +447,10 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
     assert_eq!(session["httpOnly"], true, "{session}");
     assert_eq!(session["sameSite"], "Strict", "{session}");
     let value = session["value"].as_str().unwrap().to_owned();
-    assert!(!value.contains(API_TOKEN), "the cookie holds the token: {value}");
+    assert!(
+        !value.contains(API_TOKEN),
+        "the cookie holds the token: {value}"
+    );
     assert_eq!(browser.eval("document.cookie").await.unwrap(), "");
     let html = browser.html().await.unwrap();
     assert!(!html.contains(API_TOKEN), "the page shows the API token");

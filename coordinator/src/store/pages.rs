@@ -159,13 +159,12 @@ impl Store {
 
     /// Runs with status `status`, oldest first (for `queued`: the order they start in).
     pub async fn runs_with_status(&self, status: RunStatus, limit: u32) -> Result<Vec<Run>> {
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE status = ? ORDER BY created_ms, id LIMIT ?",
-        )
-        .bind(status.as_str())
-        .bind(limit.clamp(1, 10_000) as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT * FROM runs WHERE status = ? ORDER BY created_ms, id LIMIT ?")
+                .bind(status.as_str())
+                .bind(limit.clamp(1, 10_000) as i64)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(run_from_row).collect()
     }
 
@@ -214,11 +213,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            prs.iter().map(|pr| (pr.pr, pr.last_run.id)).collect::<Vec<_>>(),
+            prs.iter()
+                .map(|pr| (pr.pr, pr.last_run.id))
+                .collect::<Vec<_>>(),
             [(PrNumber(2), two), (PrNumber(1), one)]
         );
         assert!(prs[0].teardown.is_none());
         let queued = store.runs_with_status(RunStatus::Queued, 10).await.unwrap();
-        assert_eq!(queued.iter().map(|run| run.id).collect::<Vec<_>>(), [one, two]);
+        assert_eq!(
+            queued.iter().map(|run| run.id).collect::<Vec<_>>(),
+            [one, two]
+        );
     }
 }

@@ -129,10 +129,7 @@ pub fn csrf_valid(state: &AppState, headers: &HeaderMap, presented: Option<&str>
     if login_required(state) && valid_session(state, headers).is_none() {
         return false;
     }
-    constant_time_eq(
-        presented.as_bytes(),
-        csrf_token(state, headers).as_bytes(),
-    )
+    constant_time_eq(presented.as_bytes(), csrf_token(state, headers).as_bytes())
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -170,7 +167,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("a=1; slimci_session=x.y"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; slimci_session=x.y"),
+        );
         headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
         assert_eq!(cookie(&headers, SESSION_COOKIE), Some("x.y"));
         assert_eq!(cookie(&headers, "b"), Some("2"));

@@ -56,7 +56,10 @@ pub struct FleetSnapshot {
 /// Gathers the fleet from `Fleet` and the store.
 pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreError> {
     let now = now_ms();
-    let running = state.store.runs_with_status(RunStatus::Running, 10_000).await?;
+    let running = state
+        .store
+        .runs_with_status(RunStatus::Running, 10_000)
+        .await?;
     let mut agents: BTreeMap<String, AgentRow> = BTreeMap::new();
     for (name, last) in state.store.recent_agents(now - RECENT_MS).await? {
         agents.insert(
@@ -81,7 +84,12 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
             .push(run_row(run, None));
     }
     let mut agents: Vec<AgentRow> = agents.into_values().collect();
-    agents.sort_by(|a, b| b.building.len().cmp(&a.building.len()).then(a.name.cmp(&b.name)));
+    agents.sort_by(|a, b| {
+        b.building
+            .len()
+            .cmp(&a.building.len())
+            .then(a.name.cmp(&b.name))
+    });
     let queued = state
         .store
         .runs_with_status(RunStatus::Queued, QUEUE_LISTED)

@@ -29,7 +29,6 @@ use serde::Deserialize;
 use crate::app::AppState;
 use crate::store::StoreError;
 
-
 /// A page that could not be shown, as the browser gets it: an HTML page with the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
@@ -100,10 +99,7 @@ impl Layout {
 
     fn for_request(state: &AppState, headers: &HeaderMap, title: &str) -> Layout {
         let logged_in = auth::valid_session(state, headers).is_some();
-        Layout::new(
-            title,
-            logged_in.then(|| auth::csrf_token(state, headers)),
-        )
+        Layout::new(title, logged_in.then(|| auth::csrf_token(state, headers)))
     }
 }
 
@@ -134,7 +130,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/runs/{id}/artifacts/{name}", get(runs::artifact))
         .route("/repositories/{name}", get(repository::show))
         .route("/fleet", get(fleet::show))
-        .layer(middleware::from_fn_with_state(state.clone(), require_session))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_session,
+        ))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
         .route("/static/slimci.css", get(stylesheet))
@@ -315,7 +314,11 @@ pub fn duration(seconds: f64) -> String {
     } else if seconds < 60.0 {
         format!("{seconds:.1} s")
     } else if seconds < 3600.0 {
-        format!("{} min {:02} s", (seconds / 60.0) as u64, (seconds % 60.0) as u64)
+        format!(
+            "{} min {:02} s",
+            (seconds / 60.0) as u64,
+            (seconds % 60.0) as u64
+        )
     } else {
         format!(
             "{} h {:02} min",

@@ -86,12 +86,23 @@ pub fn run_row(run: &Run, counts: Option<&Vec<NodeCount>>) -> RunRow {
     let summary = counts.map(|counts| summary_of(counts)).unwrap_or_default();
     let id = run.id.to_string();
     RunRow {
-        short_id: id.chars().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect(),
+        short_id: id
+            .chars()
+            .rev()
+            .take(8)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect(),
         id,
         repository: run.repository.to_string(),
         kind: run.kind.as_str(),
         pr: run.pr.map(|pr| pr.0),
-        sha: run.sha.as_ref().map(|sha| short_sha(sha.as_str())).unwrap_or_default(),
+        sha: run
+            .sha
+            .as_ref()
+            .map(|sha| short_sha(sha.as_str()))
+            .unwrap_or_default(),
         status: run.status.as_str(),
         created: when(run.created_ms),
         duration: seconds(run).map(duration).unwrap_or_default(),
@@ -343,7 +354,10 @@ fn log_tail(state: &AppState, run: &Run) -> WebResult<(Vec<String>, u64)> {
 /// The timeline from the run's `run_results.json`, if it uploaded one dbt wrote with timings.
 async fn timeline(state: &AppState, id: RunId, has_results: bool) -> (Option<String>, String) {
     if !has_results {
-        return (None, "no run_results.json (yet): dbt writes it when the build ends".to_owned());
+        return (
+            None,
+            "no run_results.json (yet): dbt writes it when the build ends".to_owned(),
+        );
     }
     let Ok(path) = state.artifacts.path(id, "run_results.json") else {
         return (None, String::new());
@@ -351,7 +365,10 @@ async fn timeline(state: &AppState, id: RunId, has_results: bool) -> (Option<Str
     let read = tokio::task::spawn_blocking(move || -> Result<Timeline, String> {
         let length = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
         if length > MAX_RUN_RESULTS_BYTES {
-            return Err(format!("run_results.json is {} , too large to draw", size(length)));
+            return Err(format!(
+                "run_results.json is {} , too large to draw",
+                size(length)
+            ));
         }
         let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
         Timeline::from_run_results(&bytes).map_err(|e| e.to_string())
@@ -512,7 +529,9 @@ pub async fn run_page(
         })
         .collect();
 
-    let has_results = artifacts.iter().any(|artifact| artifact.name == "run_results.json");
+    let has_results = artifacts
+        .iter()
+        .any(|artifact| artifact.name == "run_results.json");
     let (timeline_svg, timeline_note) = timeline(state, id, has_results).await;
     let (log_lines, log_total) = log_tail(state, &run)?;
     let cancellable = !run.status.is_terminal() && !run.cancel_requested;
@@ -644,7 +663,9 @@ pub(super) async fn timeline_svg(
         .any(|artifact| artifact.name == "run_results.json");
     match timeline(&state, id, has_results).await {
         (Some(svg), _) => Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()),
-        (None, note) => Err(WebError::NotFound(format!("run {id} has no timeline: {note}"))),
+        (None, note) => Err(WebError::NotFound(format!(
+            "run {id} has no timeline: {note}"
+        ))),
     }
 }
 
@@ -696,7 +717,9 @@ pub(super) async fn artifact(
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(WebError::NotFound(format!("run {id} has no artifact `{name}`")));
+            return Err(WebError::NotFound(format!(
+                "run {id} has no artifact `{name}`"
+            )));
         }
         Err(error) => return Err(WebError::Internal(error.to_string())),
     };

@@ -73,7 +73,8 @@ fn instant(text: &Option<String>) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
         .or_else(|_| {
-            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").map(|at| at.and_utc())
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .map(|at| at.and_utc())
         })
         .ok()
 }
@@ -156,18 +157,15 @@ impl Timeline {
         );
         for (index, name) in threads.iter().enumerate() {
             let y = index as f64 * LANE + BAR;
-            let _ = write!(
-                svg,
-                r#"<text x="0" y="{y}">{}</text>"#,
-                escape(name)
-            );
+            let _ = write!(svg, r#"<text x="0" y="{y}">{}</text>"#, escape(name));
         }
         svg.push_str("</g>");
         let x_of = |at: DateTime<Utc>| {
             LABELS + (at - first).num_milliseconds().max(0) as f64 / 1000.0 * scale
         };
         // Width at least a hair, so a node of a millisecond is still seen.
-        let width_of = |bar: &Bar| ((bar.end - bar.start).num_milliseconds() as f64 / 1000.0 * scale).max(0.8);
+        let width_of =
+            |bar: &Bar| ((bar.end - bar.start).num_milliseconds() as f64 / 1000.0 * scale).max(0.8);
         if self.bars.len() <= TOOLTIPS_UP_TO {
             for bar in &self.bars {
                 let y = lane_of[bar.thread.as_str()] as f64 * LANE + 2.0;
@@ -240,7 +238,9 @@ pub fn status_class(status: &str) -> &'static str {
 }
 
 fn nice_step(rough: f64) -> f64 {
-    for step in [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0] {
+    for step in [
+        0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ] {
         if step >= rough {
             return step;
         }
@@ -250,7 +250,11 @@ fn nice_step(rough: f64) -> f64 {
 
 fn seconds_label(seconds: f64) -> String {
     if seconds >= 60.0 {
-        format!("{}m{:02}s", (seconds / 60.0) as u64, (seconds % 60.0) as u64)
+        format!(
+            "{}m{:02}s",
+            (seconds / 60.0) as u64,
+            (seconds % 60.0) as u64
+        )
     } else if seconds.fract().abs() > 1e-9 {
         format!("{seconds:.1}s")
     } else {
@@ -291,19 +295,43 @@ mod tests {
                 })
             })
             .collect();
-        serde_json::json!({ "results": results }).to_string().into_bytes()
+        serde_json::json!({ "results": results })
+            .to_string()
+            .into_bytes()
     }
 
     #[test]
     fn nodes_land_on_their_threads_in_time_order() {
         let bytes = results(&[
-            ("model.s.b", "success", "Thread-2", "2024-05-01T10:00:01Z", "2024-05-01T10:00:03Z"),
-            ("model.s.a", "success", "Thread-1", "2024-05-01T10:00:00Z", "2024-05-01T10:00:01Z"),
-            ("test.s.<x>", "fail", "Thread-10", "2024-05-01T10:00:03.5", "2024-05-01T10:00:04"),
+            (
+                "model.s.b",
+                "success",
+                "Thread-2",
+                "2024-05-01T10:00:01Z",
+                "2024-05-01T10:00:03Z",
+            ),
+            (
+                "model.s.a",
+                "success",
+                "Thread-1",
+                "2024-05-01T10:00:00Z",
+                "2024-05-01T10:00:01Z",
+            ),
+            (
+                "test.s.<x>",
+                "fail",
+                "Thread-10",
+                "2024-05-01T10:00:03.5",
+                "2024-05-01T10:00:04",
+            ),
         ]);
         let timeline = Timeline::from_run_results(&bytes).unwrap();
         assert_eq!(
-            timeline.bars.iter().map(|b| b.unique_id.as_str()).collect::<Vec<_>>(),
+            timeline
+                .bars
+                .iter()
+                .map(|b| b.unique_id.as_str())
+                .collect::<Vec<_>>(),
             ["model.s.a", "model.s.b", "test.s.<x>"]
         );
         assert_eq!(timeline.threads(), ["Thread-1", "Thread-2", "Thread-10"]);
@@ -311,7 +339,10 @@ mod tests {
         let svg = timeline.svg();
         assert!(svg.starts_with("<svg"), "{svg}");
         assert_eq!(svg.matches("<rect").count(), 3);
-        assert!(svg.contains(r##"fill="#d6336c"><title>test.s.&lt;x&gt; fail"##), "{svg}");
+        assert!(
+            svg.contains(r##"fill="#d6336c"><title>test.s.&lt;x&gt; fail"##),
+            "{svg}"
+        );
         assert!(!svg.contains("<x>"));
     }
 
@@ -320,23 +351,32 @@ mod tests {
         let entries: Vec<(String, &str, String, String, String)> = (0..2000)
             .map(|i| {
                 let start = format!("2024-05-01T10:{:02}:{:02}Z", i / 600, (i / 10) % 60);
-                (format!("model.s.m{i}"), if i % 100 == 0 { "error" } else { "success" }, format!("Thread-{}", i % 4 + 1), start.clone(), start)
+                (
+                    format!("model.s.m{i}"),
+                    if i % 100 == 0 { "error" } else { "success" },
+                    format!("Thread-{}", i % 4 + 1),
+                    start.clone(),
+                    start,
+                )
             })
             .collect();
         let borrowed: Vec<(&str, &str, &str, &str, &str)> = entries
             .iter()
             .map(|(a, b, c, d, e)| (a.as_str(), *b, c.as_str(), d.as_str(), e.as_str()))
             .collect();
-        let svg = Timeline::from_run_results(&results(&borrowed)).unwrap().svg();
+        let svg = Timeline::from_run_results(&results(&borrowed))
+            .unwrap()
+            .svg();
         assert_eq!(svg.matches("<path").count(), 2);
         assert!(svg.len() < 60_000, "{} bytes", svg.len());
     }
 
     #[test]
     fn results_without_timing_draw_nothing() {
-        let timeline =
-            Timeline::from_run_results(br#"{"results":[{"unique_id":"m","status":"skipped","timing":[]}]}"#)
-                .unwrap();
+        let timeline = Timeline::from_run_results(
+            br#"{"results":[{"unique_id":"m","status":"skipped","timing":[]}]}"#,
+        )
+        .unwrap();
         assert!(timeline.bars.is_empty());
         assert_eq!(timeline.svg(), "");
         assert!(Timeline::from_run_results(b"nope").is_err());

@@ -187,9 +187,12 @@ fn main() {
     let per_thread = stub.nodes.div_ceil(threads).max(1);
     let slice_ms = (stub.duration_ms / u64::from(per_thread)).max(1) as i64;
     let timing = |index: u32| {
-        let start = built_from + chrono::Duration::milliseconds(i64::from(index / threads) * slice_ms);
+        let start =
+            built_from + chrono::Duration::milliseconds(i64::from(index / threads) * slice_ms);
         let end = start + chrono::Duration::milliseconds(slice_ms * 9 / 10);
-        let at = |time: chrono::DateTime<chrono::Utc>| time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let at = |time: chrono::DateTime<chrono::Utc>| {
+            time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        };
         (
             format!("Thread-{}", index % threads + 1),
             serde_json::json!([

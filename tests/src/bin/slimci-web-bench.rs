@@ -93,12 +93,20 @@ async fn main() -> anyhow::Result<()> {
         .origin
         .pull_request(1, &[("slimci_stub.json", &current, &big)])?;
     let run = cluster.create_run(&ci_request(1, &sha)).await?;
-    let run = cluster.wait_for_run(run.id, Duration::from_secs(300)).await?;
+    let run = cluster
+        .wait_for_run(run.id, Duration::from_secs(300))
+        .await?;
     anyhow::ensure!(run.status == RunStatus::Failed, "the large build: {run:?}");
     let page_url = format!("{}/runs/{}", cluster.url, run.id);
 
     let http = slimci_tests::cluster::http_client();
-    let html = http.get(&page_url).send().await?.error_for_status()?.bytes().await?;
+    let html = http
+        .get(&page_url)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
     let mut total = html.len();
     for asset in ["/static/slimci.css", "/static/slimci.js"] {
         total += http
@@ -129,20 +137,31 @@ async fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let body = http.get(&page_url).send().await?.bytes().await?;
         server.push(started.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(body.len() == html.len(), "the page changed between requests");
+        anyhow::ensure!(
+            body.len() == html.len(),
+            "the page changed between requests"
+        );
     }
 
     let browser_dir = tempfile::tempdir()?;
     let mut browser = Browser::start(browser_dir.path()).await?;
     let mut fcp = Vec::new();
     let mut dcl = Vec::new();
-    for _ in 0..args.loads {
-        browser.open("about:blank#reset").await.ok();
-        browser.open(&page_url).await?;
+    for load in 0..args.loads {
+        // A new URL each time, so every load is a navigation of its own.
+        browser.open(&format!("{page_url}?load={load}")).await?;
+        browser
+            .wait_until(
+                "the first paint to be recorded",
+                "performance.getEntriesByType('paint').length > 0",
+                Duration::from_secs(10),
+            )
+            .await
+            .ok();
         let timing = browser
             .eval(
                 "(() => { const nav = performance.getEntriesByType('navigation')[0]; \
-                 const paint = performance.getEntriesByName('first-contentful-paint')[0]; \
+                 const paint = performance.getEntriesByName('first-contentful-paint')[0] || performance.getEntriesByName('first-paint')[0]; \
                  return { dcl: nav ? nav.domContentLoadedEventEnd : null, fcp: paint ? paint.startTime : null }; })()",
             )
             .await?;
