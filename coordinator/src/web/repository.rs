@@ -93,7 +93,7 @@ pub(super) async fn show(
             .runs_of_kind(&repository.name, RunKind::Publish, LISTED)
             .await?,
     );
-    deploys.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+    deploys.sort_by_key(|run| std::cmp::Reverse(run.created_ms));
     deploys.truncate(LISTED as usize);
     ids.extend(deploys.iter().map(|run| run.id));
     let counts = state.store.node_counts(&ids).await?;

@@ -107,7 +107,7 @@ impl Timeline {
                 end: end.max(start),
             });
         }
-        bars.sort_by(|a, b| a.start.cmp(&b.start));
+        bars.sort_by_key(|bar| bar.start);
         Ok(Timeline { bars })
     }
 
