@@ -338,7 +338,7 @@ mod tests {
         assert!((timeline.span_s() - 4.0).abs() < 1e-9);
         let svg = timeline.svg();
         assert!(svg.starts_with("<svg"), "{svg}");
-        assert_eq!(svg.matches("<rect").count(), 3);
+        assert_eq!(svg.matches("<rect x=").count(), 3);
         assert!(
             svg.contains(r##"fill="#d6336c"><title>test.s.&lt;x&gt; fail"##),
             "{svg}"
