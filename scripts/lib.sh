@@ -125,7 +125,7 @@ ensure_ansible() {
 }
 
 # What the end-to-end tests need on this machine: RabbitMQ on 5672, the tools the fault and
-# GitHub App tests run, the build user, dbt. Exports SLIMCI_DBT.
+# GitHub App tests run, Chromium for the web page tests, the build user, dbt. Exports SLIMCI_DBT.
 ensure_test_prerequisites() {
   ensure_build_tools
   ensure_rabbitmq
@@ -134,6 +134,8 @@ ensure_test_prerequisites() {
   apt_install rabbitmq-server openssl curl
   # The PostgreSQL warehouse tests start servers of their own (initdb, pg_ctl).
   apt_install postgresql-15 postgresql-client-15
+  # The web page tests load the coordinator's pages in headless Chromium.
+  apt_install chromium
   ensure_build_user
   SLIMCI_DBT=$(ensure_dbt)
   export SLIMCI_DBT

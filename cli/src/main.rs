@@ -90,7 +90,8 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Show a run: status, phases, node results, the production state it compared against.
+    /// Show a run: status, phases, node results, the production state it compared against, and
+    /// the URL of its web page.
     Show {
         run: String,
         /// Print the raw JSON.
@@ -231,7 +232,9 @@ async fn execute(client: &Client, command: Command) -> anyhow::Result<ExitCode> 
                     serde_json::to_string_pretty(&client.run_json(id).await?)?
                 );
             } else {
-                print_summary(&client.run(id).await?);
+                let run = client.run(id).await?;
+                print_summary(&run);
+                println!("\n{}", run.url);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -8,7 +8,7 @@ use slimci_proto::RunId;
 
 use crate::request::RunRequest;
 use crate::sse::LogStream;
-use crate::urls::{artifact_url, run_logs_url, run_url};
+use crate::urls::{artifact_url, run_api_url, run_logs_url};
 use crate::views::{AgentView, ProductionStateView, RepositoryView, RunView};
 
 /// Why a call failed. The transport errors keep their cause as `source()`; print the chain
@@ -148,13 +148,13 @@ impl Client {
 
     /// `GET /api/v1/runs/{id}`: the full view.
     pub async fn run(&self, id: RunId) -> Result<RunView, ClientError> {
-        self.json(self.request(Method::GET, run_url(&self.base, id)))
+        self.json(self.request(Method::GET, run_api_url(&self.base, id)))
             .await
     }
 
     /// `GET /api/v1/runs/{id}` as the coordinator wrote it, for showing it raw.
     pub async fn run_json(&self, id: RunId) -> Result<serde_json::Value, ClientError> {
-        self.json(self.request(Method::GET, run_url(&self.base, id)))
+        self.json(self.request(Method::GET, run_api_url(&self.base, id)))
             .await
     }
 
@@ -183,8 +183,11 @@ impl Client {
 
     /// `POST /api/v1/runs/{id}/cancel`.
     pub async fn cancel(&self, id: RunId) -> Result<RunView, ClientError> {
-        self.json(self.request(Method::POST, format!("{}/cancel", run_url(&self.base, id))))
-            .await
+        self.json(self.request(
+            Method::POST,
+            format!("{}/cancel", run_api_url(&self.base, id)),
+        ))
+        .await
     }
 
     /// `GET /api/v1/runs/{id}/artifacts/{name}`.

@@ -18,7 +18,7 @@ pub use nodes::{is_failure, summarize};
 pub use request::RunRequest;
 pub use sse::{LogEvent, LogStream, SseEvent, find_event_end, parse_event};
 pub use status::RunStatus;
-pub use urls::{artifact_url, run_logs_url, run_url};
+pub use urls::{artifact_url, run_api_url, run_logs_url, run_url};
 pub use views::{
     AgentView, ArtifactView, LogEnd, PhaseView, ProductionStateView, Progress, RepositoryView,
     RunView, StateView, Summary,

@@ -1,21 +1,28 @@
-//! Where a run and its artifacts live: the one place the user API's URLs are spelled, for the
-//! coordinator's views, its GitHub links and the client's requests.
+//! Where a run and its artifacts live: the one place these URLs are spelled, for the
+//! coordinator's views, its GitHub links, `slimci show` and the client's requests.
 
 use slimci_proto::RunId;
 
-/// `{base}/api/v1/runs/{id}`; `base` is the coordinator's public URL without a trailing `/`.
+/// `{base}/runs/{id}`: the run's web page, where people are sent (GitHub's status and comment,
+/// `slimci show`, the API's `url`). `base` is the coordinator's public URL without a trailing
+/// `/`.
 pub fn run_url(base: &str, id: RunId) -> String {
+    format!("{base}/runs/{id}")
+}
+
+/// `{base}/api/v1/runs/{id}`: the run in the JSON API.
+pub fn run_api_url(base: &str, id: RunId) -> String {
     format!("{base}/api/v1/runs/{id}")
 }
 
-/// `{base}/api/v1/runs/{id}/logs`.
+/// `{base}/api/v1/runs/{id}/logs`: the log as plain text.
 pub fn run_logs_url(base: &str, id: RunId) -> String {
-    format!("{}/logs", run_url(base, id))
+    format!("{}/logs", run_api_url(base, id))
 }
 
 /// `{base}/api/v1/runs/{id}/artifacts/{name}`.
 pub fn artifact_url(base: &str, id: RunId, name: &str) -> String {
-    format!("{}/artifacts/{name}", run_url(base, id))
+    format!("{}/artifacts/{name}", run_api_url(base, id))
 }
 
 #[cfg(test)]
@@ -23,10 +30,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_hang_off_the_run() {
+    fn people_get_the_page_and_programs_the_api() {
         let id = RunId::new();
+        assert_eq!(run_url("http://c", id), format!("http://c/runs/{id}"));
         assert_eq!(
-            run_url("http://c", id),
+            run_api_url("http://c", id),
             format!("http://c/api/v1/runs/{id}")
         );
         assert_eq!(

@@ -4,7 +4,8 @@
 //!
 //! Layers: `rules` holds the decisions (no I/O); `store`, `logs` and `artifacts` hold state;
 //! `app` is the state every part shares; `runs` and `leases` act on runs; `api` (HTTP, with the
-//! GitHub webhook), `queue` (AMQP) and `github` (REST) are adapters that call them.
+//! GitHub webhook), `web` (the pages, over `api`'s views and log stream), `queue` (AMQP) and
+//! `github` (REST) are adapters that call them.
 
 pub mod agents;
 pub mod api;
@@ -22,6 +23,7 @@ pub mod runs;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -181,7 +183,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     }
     tasks.close();
 
-    let served = axum::serve(listener, api::router(state.clone()))
+    let routes = api::router(state.clone()).merge(web::router(state.clone()));
+    let served = axum::serve(listener, routes)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod binaries;
 pub mod broker;
+pub mod browser;
 pub mod cluster;
 pub mod github;
 pub mod inspect;

@@ -69,7 +69,7 @@ pub(super) async fn get_logs(
 
 /// Server-sent events: `log` (one line each, `id` = line number), `progress` (`{done,total}`),
 /// and a final `end` carrying the run's terminal status, after which the stream closes.
-fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoResponse {
+pub(crate) fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> impl IntoResponse {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(256);
     let mut changes = state.changes.subscribe();
     tokio::spawn(async move {

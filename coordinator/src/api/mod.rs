@@ -9,10 +9,10 @@
 mod agent;
 mod artifacts;
 pub mod fleet;
-mod logs;
+pub(crate) mod logs;
 mod repositories;
 mod runs;
-mod views;
+pub(crate) mod views;
 mod webhook;
 
 use std::sync::Arc;

@@ -89,14 +89,15 @@ async fn report_run(state: &AppState, github: &GitHub, run: &Run) -> Result<(), 
         return Ok(());
     };
     let Some(sha) = &run.sha else { return Ok(()) };
-    let logs_url = state.run_logs_url(run.id);
+    // People follow the links: the run's page, not the API.
+    let page_url = state.run_url(run.id);
     let nodes = state.store.nodes(run.id).await?;
     let position = state.store.queue_position(run).await?;
     github
         .set_status(
             &full_name,
             sha.as_str(),
-            &commit_status(run, &nodes, position, &logs_url),
+            &commit_status(run, &nodes, position, &page_url),
         )
         .await?;
     if let (RunKind::Ci, Some(pr)) = (run.kind, run.pr) {
@@ -111,11 +112,12 @@ async fn report_run(state: &AppState, github: &GitHub, run: &Run) -> Result<(), 
         } else {
             state.store.nodes(latest.id).await?
         };
+        let latest_page = state.run_url(latest.id);
         let body = comment_body(
             &latest,
             &latest_nodes,
-            &state.run_url(latest.id),
-            &state.run_logs_url(latest.id),
+            &latest_page,
+            &format!("{latest_page}#log"),
         );
         let known = state.store.comment_id(&run.repository, pr).await?;
         let id = github.upsert_comment(&full_name, pr, &body, known).await?;

@@ -17,6 +17,7 @@ mod events;
 mod github;
 mod leases;
 mod outbox;
+mod pages;
 mod production;
 mod rows;
 mod runs;
@@ -32,6 +33,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
 pub use events::Applied;
+pub use pages::{NodeCount, PageFilter, PullRequestRuns};
 pub use production::Publish;
 pub use rows::{
     ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,

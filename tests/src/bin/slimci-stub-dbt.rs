@@ -11,6 +11,9 @@
 //! so a test can check from the agents' own side that attempts of a run never overlapped.
 //! `line_interval_ms` (for `bench/perf`'s log latency): the `log_lines` lines come that many
 //! milliseconds apart, each flushed at once and ending `at_ms=<wall-clock ms>`.
+//! Every result has dbt's `thread_id` and `timing`, the nodes spread over `threads` threads
+//! (default 1) across `duration_ms`; `failing_test` adds a test that fails with that message,
+//! and `deferred` makes the first model depend on that many models the build does not select.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -30,6 +33,12 @@ struct Stub {
     record: Option<String>,
     /// Print the log lines this far apart, each with its wall-clock time (`at_ms=`).
     line_interval_ms: u64,
+    /// dbt threads the nodes are spread over in `run_results.json` (0 counts as 1).
+    threads: u32,
+    /// A test `test.stub.not_null_m0_id` that fails with this message.
+    failing_test: Option<String>,
+    /// Parents of `model.stub.m0` outside the selection (what `--defer` reads from production).
+    deferred: u32,
 }
 
 /// The wall clock in Unix ms. (Not `slimci_tests::measure::now_ms`: the stub stays off the
@@ -156,6 +165,7 @@ fn main() {
         written += 1024;
     }
     let _ = out.flush();
+    let built_from = chrono::Utc::now();
     let deadline = Instant::now() + Duration::from_millis(stub.duration_ms);
     let mut last_alive = Instant::now();
     while Instant::now() < deadline {
@@ -172,6 +182,33 @@ fn main() {
     }
     let mut results = Vec::new();
     let mut nodes = serde_json::Map::new();
+    // Each thread runs its share of the nodes one after the other across the build's duration.
+    let threads = stub.threads.max(1);
+    let per_thread = stub.nodes.div_ceil(threads).max(1);
+    let slice_ms = (stub.duration_ms / u64::from(per_thread)).max(1) as i64;
+    let timing = |index: u32| {
+        let start =
+            built_from + chrono::Duration::milliseconds(i64::from(index / threads) * slice_ms);
+        let end = start + chrono::Duration::milliseconds(slice_ms * 9 / 10);
+        let at = |time: chrono::DateTime<chrono::Utc>| {
+            time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        };
+        (
+            format!("Thread-{}", index % threads + 1),
+            serde_json::json!([
+                { "name": "compile", "started_at": at(start), "completed_at": at(start) },
+                { "name": "execute", "started_at": at(start), "completed_at": at(end) },
+            ]),
+        )
+    };
+    if let Some(message) = &stub.failing_test {
+        let (thread_id, timing) = timing(stub.nodes);
+        results.push(serde_json::json!({ "unique_id": "test.stub.not_null_m0_id", "status": "fail", "execution_time": 0.02, "message": message, "failures": 3, "thread_id": thread_id, "timing": timing }));
+        nodes.insert(
+            "test.stub.not_null_m0_id".to_owned(),
+            serde_json::json!({ "depends_on": { "nodes": ["model.stub.m0"] } }),
+        );
+    }
     for index in 0..stub.nodes {
         let id = format!("model.stub.m{index}");
         let status = if stub.exit_code == 1 && index == 0 {
@@ -189,14 +226,12 @@ fn main() {
             ),
             serde_json::json!({ "index": index + 1, "total": stub.nodes, "status": status }),
         );
-        // dbt's `timing`: each node's steps with their start and end, one after the other.
-        let started =
-            chrono::Utc::now() - chrono::Duration::milliseconds(10 * i64::from(stub.nodes - index));
-        let completed = started + chrono::Duration::milliseconds(10);
-        let timing = serde_json::json!([{ "name": "execute", "started_at": started.to_rfc3339(), "completed_at": completed.to_rfc3339() }]);
-        results.push(serde_json::json!({ "unique_id": id, "status": status, "execution_time": 0.01, "message": "OK", "failures": null, "timing": timing }));
+        let (thread_id, timing) = timing(index);
+        results.push(serde_json::json!({ "unique_id": id, "status": status, "execution_time": 0.01, "message": "OK", "failures": null, "thread_id": thread_id, "timing": timing }));
         let parents: Vec<String> = if index == 0 {
-            vec![]
+            (0..stub.deferred)
+                .map(|parent| format!("model.stub.production_{parent}"))
+                .collect()
         } else {
             vec![format!("model.stub.m{}", index - 1)]
         };

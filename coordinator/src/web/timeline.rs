@@ -1,0 +1,384 @@
+//! The picture of a build: one bar per node on the dbt thread that ran it, from dbt's
+//! `run_results.json` (`thread_id`, and `timing` with `started_at`/`completed_at` per step),
+//! drawn as SVG on the server. Pure: bytes in, text out.
+//!
+//! Bars are grouped by status into one `<path>` each, so a build of 2,000 nodes stays a few
+//! tens of kilobytes; a small build gets one `<rect>` per node with its name as a tooltip.
+//! Colours are attributes, not classes, so the picture is the same inline in the run's page and
+//! on its own (`/runs/{id}/timeline.svg`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+/// Builds with at most this many nodes get a tooltip per bar.
+const TOOLTIPS_UP_TO: usize = 400;
+/// The drawing's width in SVG units; it scales to the page.
+const WIDTH: f64 = 1000.0;
+/// Room for the thread names on the left.
+const LABELS: f64 = 90.0;
+const LANE: f64 = 18.0;
+const BAR: f64 = 12.0;
+const AXIS: f64 = 22.0;
+
+/// One node as the timeline draws it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bar {
+    pub unique_id: String,
+    pub status: String,
+    pub thread: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// What `run_results.json` says of when and where each node ran.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Timeline {
+    pub bars: Vec<Bar>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("run_results.json cannot be read: {0}")]
+pub struct TimelineError(#[from] serde_json::Error);
+
+#[derive(Deserialize)]
+struct RunResults {
+    results: Vec<ResultEntry>,
+}
+
+#[derive(Deserialize)]
+struct ResultEntry {
+    unique_id: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    thread_id: Option<String>,
+    #[serde(default)]
+    timing: Vec<TimingEntry>,
+}
+
+#[derive(Deserialize)]
+struct TimingEntry {
+    #[serde(default)]
+    started_at: Option<String>,
+    #[serde(default)]
+    completed_at: Option<String>,
+}
+
+fn instant(text: &Option<String>) -> Option<DateTime<Utc>> {
+    let text = text.as_deref()?;
+    // dbt writes `2024-05-01T10:00:00.123456Z`; older versions leave out the zone.
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .map(|at| at.and_utc())
+        })
+        .ok()
+}
+
+impl Timeline {
+    /// The nodes of `run_results.json` that say when they ran; nodes without timing (skipped
+    /// ones) are left out.
+    pub fn from_run_results(bytes: &[u8]) -> Result<Timeline, TimelineError> {
+        let results: RunResults = serde_json::from_slice(bytes)?;
+        let mut bars = Vec::with_capacity(results.results.len());
+        for entry in results.results {
+            let start = entry
+                .timing
+                .iter()
+                .filter_map(|step| instant(&step.started_at))
+                .min();
+            let end = entry
+                .timing
+                .iter()
+                .filter_map(|step| instant(&step.completed_at))
+                .max();
+            let (Some(start), Some(end)) = (start, end) else {
+                continue;
+            };
+            bars.push(Bar {
+                unique_id: entry.unique_id,
+                status: entry.status,
+                thread: entry.thread_id.unwrap_or_else(|| "main".to_owned()),
+                start,
+                end: end.max(start),
+            });
+        }
+        bars.sort_by_key(|bar| bar.start);
+        Ok(Timeline { bars })
+    }
+
+    /// The threads in their natural order (`Thread-2` before `Thread-10`).
+    fn threads(&self) -> Vec<&str> {
+        let mut threads: Vec<&str> = self.bars.iter().map(|bar| bar.thread.as_str()).collect();
+        threads.sort_by_key(|name| {
+            let digits: String = name.chars().filter(char::is_ascii_digit).collect();
+            (digits.parse::<u64>().unwrap_or(u64::MAX), name.to_string())
+        });
+        threads.dedup();
+        threads
+    }
+
+    /// Seconds from the first node's start to the last node's end.
+    pub fn span_s(&self) -> f64 {
+        let (Some(first), Some(last)) = (
+            self.bars.iter().map(|bar| bar.start).min(),
+            self.bars.iter().map(|bar| bar.end).max(),
+        ) else {
+            return 0.0;
+        };
+        (last - first).num_milliseconds().max(0) as f64 / 1000.0
+    }
+
+    /// The SVG: a lane per thread, a bar per node coloured by its status class, and a time
+    /// axis. Node names are escaped.
+    pub fn svg(&self) -> String {
+        let threads = self.threads();
+        let Some(first) = self.bars.iter().map(|bar| bar.start).min() else {
+            return String::new();
+        };
+        let span = self.span_s().max(0.001);
+        let scale = (WIDTH - LABELS - 10.0) / span;
+        let height = threads.len() as f64 * LANE + AXIS;
+        let lane_of: BTreeMap<&str, usize> = threads
+            .iter()
+            .enumerate()
+            .map(|(index, name)| (*name, index))
+            .collect();
+        let mut svg = String::with_capacity(64 * self.bars.len() + 1024);
+        let _ = write!(
+            svg,
+            r##"<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="build timeline: {} nodes on {} threads over {span:.1} s" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif" font-size="11"><rect width="{WIDTH}" height="{height}" fill="#fff"/><g fill="{TEXT}">"##,
+            self.bars.len(),
+            threads.len()
+        );
+        for (index, name) in threads.iter().enumerate() {
+            let y = index as f64 * LANE + BAR;
+            let _ = write!(svg, r#"<text x="0" y="{y}">{}</text>"#, escape(name));
+        }
+        svg.push_str("</g>");
+        let x_of = |at: DateTime<Utc>| {
+            LABELS + (at - first).num_milliseconds().max(0) as f64 / 1000.0 * scale
+        };
+        // Width at least a hair, so a node of a millisecond is still seen.
+        let width_of =
+            |bar: &Bar| ((bar.end - bar.start).num_milliseconds() as f64 / 1000.0 * scale).max(0.8);
+        if self.bars.len() <= TOOLTIPS_UP_TO {
+            for bar in &self.bars {
+                let y = lane_of[bar.thread.as_str()] as f64 * LANE + 2.0;
+                let _ = write!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{BAR}" fill="{}"><title>{} {} {:.2} s</title></rect>"#,
+                    x_of(bar.start),
+                    width_of(bar),
+                    colour(status_class(&bar.status)),
+                    escape(&bar.unique_id),
+                    escape(&bar.status),
+                    (bar.end - bar.start).num_milliseconds() as f64 / 1000.0
+                );
+            }
+        } else {
+            let mut paths: BTreeMap<&str, String> = BTreeMap::new();
+            for bar in &self.bars {
+                let y = lane_of[bar.thread.as_str()] as f64 * LANE + 2.0;
+                let width = width_of(bar);
+                let _ = write!(
+                    paths.entry(status_class(&bar.status)).or_default(),
+                    "M{:.1} {y}h{width:.1}v{BAR}h-{width:.1}z",
+                    x_of(bar.start)
+                );
+            }
+            for (class, path) in paths {
+                let _ = write!(svg, r#"<path fill="{}" d="{path}"/>"#, colour(class));
+            }
+        }
+        // A tick every round step, about eight of them.
+        let step = nice_step(span / 8.0);
+        let axis_y = threads.len() as f64 * LANE + 14.0;
+        let _ = write!(svg, r#"<g fill="{TEXT}">"#);
+        let mut tick = 0.0;
+        while tick <= span + 1e-9 {
+            let x = LABELS + tick * scale;
+            let _ = write!(
+                svg,
+                r#"<text x="{x:.1}" y="{axis_y}">{}</text>"#,
+                seconds_label(tick)
+            );
+            tick += step;
+        }
+        svg.push_str("</g></svg>");
+        svg
+    }
+}
+
+/// The colour of the text.
+const TEXT: &str = "#5f6b7a";
+
+/// The colour of a status class's bars (the page's stylesheet uses the same).
+fn colour(class: &str) -> &'static str {
+    match class {
+        "ok" => "#2f9e44",
+        "warn" => "#f08c00",
+        "bad" => "#d6336c",
+        _ => "#868e96",
+    }
+}
+
+/// A node status's class: `ok`, `warn`, `bad` or `other`.
+pub fn status_class(status: &str) -> &'static str {
+    match status {
+        "success" | "pass" => "ok",
+        "warn" => "warn",
+        "error" | "fail" | "runtime error" => "bad",
+        _ => "other",
+    }
+}
+
+fn nice_step(rough: f64) -> f64 {
+    for step in [
+        0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ] {
+        if step >= rough {
+            return step;
+        }
+    }
+    (rough / 600.0).ceil() * 600.0
+}
+
+fn seconds_label(seconds: f64) -> String {
+    if seconds >= 60.0 {
+        format!(
+            "{}m{:02}s",
+            (seconds / 60.0) as u64,
+            (seconds % 60.0) as u64
+        )
+    } else if seconds.fract().abs() > 1e-9 {
+        format!("{seconds:.1}s")
+    } else {
+        format!("{seconds:.0}s")
+    }
+}
+
+/// Text made safe for XML content and attributes.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(entries: &[(&str, &str, &str, &str, &str)]) -> Vec<u8> {
+        let results: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(id, status, thread, start, end)| {
+                serde_json::json!({
+                    "unique_id": id, "status": status, "thread_id": thread,
+                    "timing": [
+                        {"name": "compile", "started_at": start, "completed_at": start},
+                        {"name": "execute", "started_at": start, "completed_at": end},
+                    ],
+                })
+            })
+            .collect();
+        serde_json::json!({ "results": results })
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn nodes_land_on_their_threads_in_time_order() {
+        let bytes = results(&[
+            (
+                "model.s.b",
+                "success",
+                "Thread-2",
+                "2024-05-01T10:00:01Z",
+                "2024-05-01T10:00:03Z",
+            ),
+            (
+                "model.s.a",
+                "success",
+                "Thread-1",
+                "2024-05-01T10:00:00Z",
+                "2024-05-01T10:00:01Z",
+            ),
+            (
+                "test.s.<x>",
+                "fail",
+                "Thread-10",
+                "2024-05-01T10:00:03.5",
+                "2024-05-01T10:00:04",
+            ),
+        ]);
+        let timeline = Timeline::from_run_results(&bytes).unwrap();
+        assert_eq!(
+            timeline
+                .bars
+                .iter()
+                .map(|b| b.unique_id.as_str())
+                .collect::<Vec<_>>(),
+            ["model.s.a", "model.s.b", "test.s.<x>"]
+        );
+        assert_eq!(timeline.threads(), ["Thread-1", "Thread-2", "Thread-10"]);
+        assert!((timeline.span_s() - 4.0).abs() < 1e-9);
+        let svg = timeline.svg();
+        assert!(svg.starts_with("<svg"), "{svg}");
+        assert_eq!(svg.matches("<rect x=").count(), 3);
+        assert!(
+            svg.contains(r##"fill="#d6336c"><title>test.s.&lt;x&gt; fail"##),
+            "{svg}"
+        );
+        assert!(!svg.contains("<x>"));
+    }
+
+    #[test]
+    fn a_large_build_is_drawn_as_one_path_per_status() {
+        let entries: Vec<(String, &str, String, String, String)> = (0..2000)
+            .map(|i| {
+                let start = format!("2024-05-01T10:{:02}:{:02}Z", i / 600, (i / 10) % 60);
+                (
+                    format!("model.s.m{i}"),
+                    if i % 100 == 0 { "error" } else { "success" },
+                    format!("Thread-{}", i % 4 + 1),
+                    start.clone(),
+                    start,
+                )
+            })
+            .collect();
+        let borrowed: Vec<(&str, &str, &str, &str, &str)> = entries
+            .iter()
+            .map(|(a, b, c, d, e)| (a.as_str(), *b, c.as_str(), d.as_str(), e.as_str()))
+            .collect();
+        let svg = Timeline::from_run_results(&results(&borrowed))
+            .unwrap()
+            .svg();
+        assert_eq!(svg.matches("<path").count(), 2);
+        assert!(svg.len() < 60_000, "{} bytes", svg.len());
+    }
+
+    #[test]
+    fn results_without_timing_draw_nothing() {
+        let timeline = Timeline::from_run_results(
+            br#"{"results":[{"unique_id":"m","status":"skipped","timing":[]}]}"#,
+        )
+        .unwrap();
+        assert!(timeline.bars.is_empty());
+        assert_eq!(timeline.svg(), "");
+        assert!(Timeline::from_run_results(b"nope").is_err());
+    }
+}
