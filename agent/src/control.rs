@@ -39,8 +39,8 @@ async fn control_session(
         stop,
     )
     .await?;
+    slimci_broker::declare_topology(&connection, &listener.topology).await?;
     let channel = connection.create_channel().await?;
-    slimci_broker::declare_topology(&channel, &listener.topology).await?;
     let queue = channel
         .queue_declare(
             "".into(),

@@ -57,6 +57,11 @@ pub enum BrokerError {
         exchange: String,
         routing_key: String,
     },
+    #[error(
+        "slimci's queues and exchanges (`{prefix}.*`) do not exist on this broker and this user \
+         may not declare them: start the coordinator, whose user may ({detail})"
+    )]
+    TopologyMissing { prefix: String, detail: String },
     #[error("the connection to the broker was lost")]
     Disconnected,
     #[error("shutting down")]
@@ -170,14 +175,89 @@ pub async fn open_session(
     shutdown: &CancellationToken,
 ) -> Result<(Connection, ConfirmedPublisher), BrokerError> {
     let connection = connect(url, name, shutdown).await?;
+    declare_topology(&connection, topology).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
-    declare_topology(publisher.channel(), topology).await?;
     Ok((connection, publisher))
 }
 
-/// Declares every queue and exchange of the topology. Idempotent; both sides call it on every
-/// (re)connect, so either may start first.
-pub async fn declare_topology(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+/// Declares every queue and exchange of the topology, on a channel of its own. Idempotent; both
+/// sides call it on every (re)connect, so either may start first.
+///
+/// A broker provisioned with least permissions (ansible's `slimci_coordinator` role) lets only
+/// the coordinator's user configure slimci's names. Another user (an agent's) is refused
+/// (`ACCESS_REFUSED`, which closes the channel); it then checks instead, on a fresh channel and
+/// with passive declares, which need no permission, that everything it uses exists. If it does
+/// not (the coordinator has never run on this broker), that is the error, and the caller's
+/// reconnect loop tries again later.
+pub async fn declare_topology(
+    connection: &Connection,
+    topology: &Topology,
+) -> Result<(), BrokerError> {
+    let channel = connection.create_channel().await?;
+    let declared = declare_all(&channel, topology).await;
+    match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(BrokerError::Amqp(error)) if is_access_refused(&error) => {
+            tracing::debug!(%error, "may not declare the topology; checking that it exists");
+            let channel = connection.create_channel().await?;
+            match check_topology(&channel, topology).await {
+                Ok(()) => {
+                    let _ = channel.close(200, "checked".into()).await;
+                    Ok(())
+                }
+                Err(BrokerError::Amqp(missing)) => Err(BrokerError::TopologyMissing {
+                    prefix: topology.prefix().to_owned(),
+                    detail: missing.to_string(),
+                }),
+                Err(other) => Err(other),
+            }
+        }
+        Err(other) => Err(other),
+    }
+}
+
+fn is_access_refused(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+    )
+}
+
+/// Passive declares of what an agent uses: the jobs and events queues, the control and
+/// dead-letter exchanges. Each fails (`NOT_FOUND`) if its name does not exist.
+async fn check_topology(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+    let passive_queue = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for queue in [topology.jobs_queue(), topology.events_queue()] {
+        channel
+            .queue_declare(queue.as_str().into(), passive_queue, FieldTable::default())
+            .await?;
+    }
+    let passive_exchange = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for exchange in [topology.control_exchange(), topology.dead_letter_exchange()] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                passive_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn declare_all(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()

@@ -71,6 +71,34 @@ impl PrivateBroker {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// The URL of `user` in the default vhost.
+    pub fn url_of(&self, user: &str, password: &str) -> String {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Adds `user` with RabbitMQ's configure, write and read patterns in the default vhost.
+    pub fn add_user(
+        &self,
+        user: &str,
+        password: &str,
+        [configure, write, read]: [&str; 3],
+    ) -> anyhow::Result<()> {
+        for args in [
+            vec!["add_user", user, password],
+            vec!["set_permissions", "-p", "/", user, configure, write, read],
+        ] {
+            let output = rabbitmqctl(&self.node, args[0]).args(&args[1..]).output()?;
+            if !output.status.success() {
+                bail!(
+                    "rabbitmqctl {}: {}",
+                    args[0],
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

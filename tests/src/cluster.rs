@@ -34,8 +34,12 @@ pub struct ClusterOptions {
     pub warehouse_extra: String,
     /// Extra environment of the agent processes.
     pub agent_env: Vec<(String, String)>,
-    /// A broker other than the shared one (a `broker::PrivateBroker`).
+    /// A broker other than the shared one (a `broker::PrivateBroker`). The test inspects the
+    /// queues with it, and the processes use it unless given their own below.
     pub amqp_url: Option<String>,
+    /// The coordinator's and the agents' own URLs (their own broker users).
+    pub coordinator_amqp_url: Option<String>,
+    pub agent_amqp_url: Option<String>,
     /// A dbt other than `SLIMCI_DBT` (the stub, for fault and load tests).
     pub dbt: Option<PathBuf>,
     /// TOML tables appended to the agents' configuration (`[telemetry]`, ...).
@@ -56,6 +60,8 @@ impl Default for ClusterOptions {
             warehouse_extra: String::new(),
             agent_env: Vec::new(),
             amqp_url: None,
+            coordinator_amqp_url: None,
+            agent_amqp_url: None,
             dbt: None,
             agent_toml: String::new(),
         }
@@ -70,6 +76,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The broker this cluster uses (the shared one, or a private node).
     pub amqp_url: String,
+    /// What the agents connect with: `amqp_url` unless the options gave them their own.
+    agent_amqp_url: String,
     dbt: PathBuf,
     restarts: usize,
     agent_sandbox: String,
@@ -120,9 +128,14 @@ impl Cluster {
         write_coordinator_config(dir.path(), &prefix, &origin.path, &options)?;
         let coordinator = start_coordinator(dir.path(), "coordinator")?;
         let url = wait_for_address(dir.path(), &coordinator).await?;
+        let agent_amqp_url = options
+            .agent_amqp_url
+            .clone()
+            .unwrap_or_else(|| amqp_url.clone());
         let mut cluster = Cluster {
             dir,
             amqp_url,
+            agent_amqp_url,
             dbt,
             restarts: 0,
             agent_sandbox: options.sandbox,
@@ -185,7 +198,7 @@ token = "{AGENT_TOKEN}"
                 sandbox = self.agent_sandbox,
                 work = dir.join(name).display(),
                 dbt = self.dbt.display(),
-                amqp_url = self.amqp_url,
+                amqp_url = self.agent_amqp_url,
                 prefix = self.prefix,
                 url = self.url,
                 warehouse = self.agent_warehouse.clone().unwrap_or_else(|| format!(
@@ -502,7 +515,11 @@ production_branch = "main"
 {coordinator_toml}
 "#,
             data = dir.join("coordinator").display(),
-            amqp_url = options.amqp_url.as_deref().unwrap_or(AMQP_URL),
+            amqp_url = options
+                .coordinator_amqp_url
+                .as_deref()
+                .or(options.amqp_url.as_deref())
+                .unwrap_or(AMQP_URL),
             origin = origin.display(),
             timeout = options
                 .run_timeout_secs

@@ -420,3 +420,129 @@ async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() 
     let _ = std::fs::remove_file(&record);
     cluster.assert_all_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_least_privilege_broker_users_an_agent_checks_the_topology_and_serves() {
+    use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
+    let broker = PrivateBroker::start(1_800_000).await.unwrap();
+    // The permissions ansible's `slimci_coordinator` role gives its two users (its
+    // vars/main.yml), written here for any test cluster's prefix rather than for one.
+    let prefix = r"slimci-test-[0-9a-f]{32}";
+    broker
+        .add_user(
+            "coordinator",
+            "coordinator-password",
+            [
+                &format!(r"^{prefix}\..*$"),
+                &format!(r"^({prefix}\..*|amq\.default)$"),
+                &format!(r"^{prefix}\..*$"),
+            ],
+        )
+        .unwrap();
+    broker
+        .add_user(
+            "agent",
+            "agent-password",
+            [
+                r"^amq\.gen-.*$",
+                &format!(r"^(amq\.gen-.*|amq\.default|{prefix}\.dead-letter)$"),
+                &format!(r"^(amq\.gen-.*|{prefix}\.jobs|{prefix}\.control)$"),
+            ],
+        )
+        .unwrap();
+    let agent_url = broker.url_of("agent", "agent-password");
+
+    // Before any coordinator has run on the broker, the agent's user may not declare slimci's
+    // names and finds none: the error says what to do.
+    let topology =
+        slimci_proto::Topology::new(&format!("slimci-test-{}", uuid::Uuid::new_v4().simple()));
+    let as_agent = lapin::Connection::connect(&agent_url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let error = slimci_broker::declare_topology(&as_agent, &topology)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, slimci_broker::BrokerError::TopologyMissing { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("start the coordinator"),
+        "{error}"
+    );
+
+    let mut cluster = Cluster::start(ClusterOptions {
+        amqp_url: Some(broker.url()),
+        coordinator_amqp_url: Some(broker.url_of("coordinator", "coordinator-password")),
+        agent_amqp_url: Some(agent_url),
+        ..stub_options(1, "")
+    })
+    .await
+    .unwrap();
+    // Jobs reach the agent and its events reach the coordinator.
+    let id = deploy_with(&cluster, json!({ "duration_ms": 100 })).await;
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success, "{run:?}");
+    // A cancel reaches it through the control exchange.
+    let id = deploy_with(&cluster, json!({ "duration_ms": 60000 })).await;
+    wait_running(&cluster, id).await;
+    cluster.client.cancel(id).await.unwrap();
+    let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
+    // A job it cannot read goes to the dead-letter queue with the agent's reason, which it may
+    // publish to `<prefix>.dead-letter` (a refused copy would arrive without one).
+    let inspector =
+        lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = inspector.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{}.jobs", cluster.prefix).as_str().into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for("the garbage to be dead-lettered", TIMEOUT, || async {
+        Ok((cluster.queue_depth("jobs.dead").await? == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let dead = channel
+        .basic_get(
+            format!("{}.jobs.dead", cluster.prefix).as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = slimci_broker::dead_reason(&dead.delivery.properties);
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("is not JSON")),
+        "{reason:?}"
+    );
+    // And the agent's user may not read what is not its own: the events.
+    let channel = as_agent.create_channel().await.unwrap();
+    let refused = channel
+        .basic_consume(
+            format!("{}.events", cluster.prefix).as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("ACCESS_REFUSED")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    let _ = inspector.close(200, "bye".into()).await;
+    cluster.assert_all_alive();
+}
