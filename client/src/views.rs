@@ -130,6 +130,9 @@ pub struct ProductionStateView {
     pub manifest_sha256: String,
     pub manifest_url: String,
     pub updated_at: String,
+    /// The dbt Cloud run whose manifest this is (production from dbt Cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbt_cloud_run_id: Option<u64>,
 }
 
 /// One entry of `GET /api/v1/repositories`.

@@ -42,6 +42,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// OTLP export: a tracer when traces are exported (`crate::telemetry`).
     pub telemetry: slimci_telemetry::Telemetry,
+    /// The dbt Cloud accounts of the repositories that have one.
+    pub dbt_cloud: crate::dbt_cloud::DbtCloud,
 }
 
 impl AppState {

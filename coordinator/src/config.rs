@@ -9,6 +9,8 @@ pub use slimci_broker::AmqpConfig;
 use slimci_config_file::{ConfigFileError, inline_or_file, load_toml};
 use slimci_proto::{IsolationName, PrNumber, RepoName, RepositoryWarehouse};
 
+pub use crate::dbt_cloud::config::{DbtCloudConfig, ProductionSource};
+
 /// Everything `slimci-coordinator` reads at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +283,11 @@ pub struct RepositoryConfig {
     /// Where production lives and PR schemas go on a server warehouse (PostgreSQL,
     /// Snowflake); carried by every job of the repository.
     pub warehouse: Option<RepositoryWarehouseConfig>,
+    /// Where the production state comes from: slimci (deploys, publishes) or dbt Cloud.
+    #[serde(default)]
+    pub production_source: ProductionSource,
+    /// The repository's dbt Cloud account and jobs (README "Hybrid with dbt Cloud").
+    pub dbt_cloud: Option<DbtCloudConfig>,
 }
 
 /// `[repository.warehouse]`: see `slimci_proto::RepositoryWarehouse`.
@@ -399,6 +406,13 @@ impl Config {
                     repository.name
                 )));
             }
+            DbtCloudConfig::check(
+                repository.dbt_cloud.as_ref(),
+                repository.name.as_str(),
+                repository.production_source,
+                repository.deploys,
+            )
+            .map_err(ConfigError::Invalid)?;
             if let Some(warehouse) = &repository.warehouse {
                 let names = [
                     ("database", Some(&warehouse.database)),

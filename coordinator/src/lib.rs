@@ -12,11 +12,13 @@ pub mod api;
 pub mod app;
 pub mod artifacts;
 pub mod config;
+pub mod dbt_cloud;
 pub mod fleet;
 pub mod github;
 pub mod leases;
 pub mod logs;
 pub mod metrics;
+pub mod publish;
 pub mod queue;
 pub mod rules;
 pub mod runs;
@@ -96,6 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         None => None,
     };
     let (changes, _) = broadcast::channel(4096);
+    let dbt_cloud = dbt_cloud::DbtCloud::from_config(&config)?;
     let state = Arc::new(AppState {
         logs: Arc::new(logs::LogStore::new(
             config.data_dir.join("logs"),
@@ -115,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         agents: agents::Agents::default(),
         metrics: metrics::Metrics::new(),
         telemetry,
+        dbt_cloud,
     });
     let _gauges = state
         .telemetry
@@ -139,6 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         shutdown.clone(),
     ));
     tasks.spawn(leases::reaper_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(dbt_cloud::production_loop(state.clone(), shutdown.clone()));
     tasks.spawn(telemetry::trace_end_loop(state.clone(), shutdown.clone()));
     if let Some(listener) = metrics_listener {
         tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics without a token");

@@ -21,6 +21,11 @@ pub struct Submitted {
 /// and supersedes the PR's runs of older commits.
 pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
     let requested_at = std::time::SystemTime::now();
+    if request.kind == RunKind::Ci
+        && let Some(repository) = state.config.repository(request.repository.as_str())
+    {
+        crate::dbt_cloud::refresh_if_stale(state, repository).await;
+    }
     // One submission at a time, so two requests for one PR cannot both miss each other.
     let _serial = state.submit_lock.lock().await;
     let production_state = match request.kind {

@@ -10,6 +10,7 @@ pub mod binaries;
 pub mod broker;
 pub mod browser;
 pub mod cluster;
+pub mod dbt_cloud;
 pub mod github;
 pub mod inspect;
 pub mod measure;

@@ -345,3 +345,176 @@ async fn a_published_manifest_is_the_production_state_ci_runs_compare_against() 
     let ci = cluster.run(ci.id).await.unwrap();
     assert_eq!(ci.production_state.unwrap().deploy_run_id, first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_from_dbt_cloud_is_the_manifest_of_the_production_jobs_latest_success() {
+    use slimci_tests::dbt_cloud::{ERROR, FakeDbtCloud, FakeRun, SUCCESS};
+    const PRODUCTION_JOB: u64 = 456;
+    let cloud = FakeDbtCloud::start(9_001, "cloud-service-token").await;
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("dbt-cloud-token");
+    std::fs::write(&token_file, "cloud-service-token\n").unwrap();
+    let mut cluster = Cluster::start(ClusterOptions {
+        repository_toml: format!(
+            r#"deploys = false
+production_source = "dbt_cloud"
+[repository.dbt_cloud]
+account_id = {account}
+api_url = "{url}"
+token_file = "{token_file}"
+production_job_id = {PRODUCTION_JOB}
+production_poll_secs = 1
+"#,
+            account = cloud.account_id,
+            url = cloud.url,
+            token_file = token_file.display(),
+        ),
+        ..deploys_off()
+    })
+    .await
+    .unwrap();
+
+    // The production job: a success of main's commit, then a newer failed run (never taken),
+    // and runs of other jobs around them. dbt Cloud is rate limiting and failing at first.
+    let first_sha = cluster.origin.main_sha().unwrap();
+    let manifest =
+        std::fs::read(parse_manifest(&cluster, &first_sha, &work.path().join("first")).await)
+            .unwrap();
+    for id in 100..130 {
+        cloud.add_run(FakeRun::new(id, 999, SUCCESS));
+    }
+    cloud.fail_next(&[429, 500, 502]);
+    cloud.add_run(
+        FakeRun::new(1_001, PRODUCTION_JOB, SUCCESS)
+            .with_sha(&first_sha)
+            .with_artifact("manifest.json", manifest.clone()),
+    );
+    cloud.add_run(FakeRun::new(1_002, PRODUCTION_JOB, ERROR).with_sha(&first_sha));
+    cloud.add_run(FakeRun::new(1_003, 999, SUCCESS));
+
+    let production = slimci_tests::wait_for(
+        "dbt Cloud's production run to be imported",
+        Duration::from_secs(60),
+        || async { Ok(cluster.production_state().await.ok()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(production.dbt_cloud_run_id, Some(1_001));
+    assert_eq!(production.sha, first_sha);
+    assert_eq!(production.run_kind, RunKind::Publish);
+    assert_eq!(production.manifest_sha256, sha256(&manifest));
+    let run = cluster.run(production.deploy_run_id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Success);
+    assert!(
+        run.message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("manifest.json of dbt Cloud run 1001 (production job 456)"),
+        "{run:?}"
+    );
+    assert_eq!(
+        cluster
+            .client
+            .artifact(production.deploy_run_id, "manifest.json")
+            .await
+            .unwrap(),
+        manifest
+    );
+
+    // What dbt Cloud received: the token, and a question for the job's latest success; the
+    // rate limit and the errors were asked again, not given up on or spun on.
+    let requests = cloud.requests();
+    assert!(requests.len() >= 5, "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|request| request.authorization.as_deref() == Some("Token cloud-service-token")),
+        "{requests:?}"
+    );
+    let asked = &requests[0];
+    assert_eq!(
+        asked.path,
+        format!("/api/v2/accounts/{}/runs/", cloud.account_id)
+    );
+    assert_eq!(asked.query["job_definition_id"], "456");
+    assert_eq!(asked.query["status"], "10");
+    assert_eq!(asked.query["order_by"], "-id");
+    assert!(
+        requests
+            .iter()
+            .any(|request| request.path.ends_with("/runs/1001/artifacts/manifest.json"))
+    );
+
+    // A CI run compares against it.
+    let pr_sha = cluster
+        .origin
+        .pull_request(2, &[edits::ADD_COLUMN])
+        .unwrap();
+    let ci = cluster.create_run(&ci_request(2, &pr_sha)).await.unwrap();
+    assert_eq!(
+        ci.production_state
+            .as_ref()
+            .map(|stamp| stamp.deploy_run_id),
+        Some(production.deploy_run_id),
+        "{ci:?}"
+    );
+    let ci = cluster
+        .wait_for_run(ci.id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let log = cluster.log(ci.id).await.unwrap();
+    assert!(
+        log.contains(&format!(
+            "comparing against production state of deploy {}",
+            production.deploy_run_id
+        )),
+        "{log}"
+    );
+
+    // Production moves on in dbt Cloud: the next success is imported once, and the import of
+    // the older one is not repeated.
+    let second_sha = cluster
+        .origin
+        .commit_file_on_main(
+            edits::FILE,
+            &std::fs::read_to_string(cluster.origin.path.join(edits::FILE))
+                .unwrap()
+                .replacen(edits::ADD_COLUMN.1, edits::ADD_COLUMN.2, 1),
+        )
+        .unwrap();
+    let second =
+        std::fs::read(parse_manifest(&cluster, &second_sha, &work.path().join("second")).await)
+            .unwrap();
+    cloud.add_run(
+        FakeRun::new(1_004, PRODUCTION_JOB, SUCCESS)
+            .with_sha(&second_sha)
+            .with_artifact("manifest.json", second.clone()),
+    );
+    let moved = slimci_tests::wait_for(
+        "the newer success to be imported",
+        Duration::from_secs(60),
+        || async {
+            let production = cluster.production_state().await?;
+            Ok((production.dbt_cloud_run_id == Some(1_004)).then_some(production))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved.sha, second_sha);
+    assert_eq!(moved.manifest_sha256, sha256(&second));
+    // Two more polls: nothing new.
+    let polls = cloud.requests().len();
+    slimci_tests::wait_for("two more polls", Duration::from_secs(30), || async {
+        Ok((cloud.requests().len() >= polls + 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    let publishes = cluster
+        .runs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|run| run.kind == RunKind::Publish)
+        .count();
+    assert_eq!(publishes, 2, "each dbt Cloud run imported once");
+}

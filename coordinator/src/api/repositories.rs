@@ -2,7 +2,6 @@
 //! manifest of its last successful deploy or publish), and publishing a manifest made outside
 //! slimci as the new production state.
 
-use std::io::BufReader;
 use std::sync::Arc;
 
 use axum::Json;
@@ -12,18 +11,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use slimci_client::{ProductionStateView, RepositoryView};
-use slimci_proto::{RunId, Sha};
+use slimci_proto::Sha;
 
 use super::views::{production_state_view, production_view};
 use super::{ApiError, ApiResult, require_user};
 use crate::app::AppState;
-use crate::artifacts::ArtifactError;
 use crate::config::RepositoryConfig;
-use crate::rules::{self, ManifestFacts};
-use crate::store::{ArtifactRecord, Publish, now_ms};
-
-/// The artifact name a production state's manifest has, whichever run made it.
-const MANIFEST: &str = "manifest.json";
+use crate::publish::{Origin, PublishError, publish_manifest};
+use crate::rules;
 
 pub(super) async fn list_repositories(
     State(state): State<Arc<AppState>>,
@@ -87,70 +82,23 @@ pub(super) async fn publish_production_state(
         ));
     };
     let sha = Sha::parse(&sha).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    let id = RunId::new();
-    let limit = state.config.limits.max_artifact_bytes;
-    let recorded = async {
-        let stored = state
-            .artifacts
-            .put(id, MANIFEST, body.into_data_stream(), limit)
-            .await
-            .map_err(|error| match error {
-                ArtifactError::TooLarge { limit } => ApiError::TooLarge(format!(
-                    "the manifest is larger than the limit of {limit} bytes (the coordinator's `limits.max_artifact_bytes`)"
-                )),
-                ArtifactError::Body(_) => ApiError::BadRequest(error.to_string()),
-                ArtifactError::BadName(_) | ArtifactError::Io(_) => {
-                    ApiError::Internal(error.to_string())
-                }
-            })?;
-        let facts = check_stored_manifest(&state, id).await?;
-        let publish = Publish {
-            id,
-            repository: repository.name.clone(),
-            sha,
-            fetch_ref: format!("refs/heads/{}", repository.production_branch),
-            message: rules::published_message(&facts, stored.size),
-            manifest: ArtifactRecord {
-                name: MANIFEST.to_owned(),
-                size: stored.size,
-                sha256: stored.sha256,
-                created_ms: now_ms(),
-            },
-        };
-        Ok(state.store.record_publish(&publish).await?)
-    }
-    .await;
-    let production = match recorded {
-        Ok(production) => production,
-        Err(error) => {
-            if let Err(removing) = state.artifacts.remove_run(id).await {
-                tracing::warn!(run = %id, error = %removing, "cannot remove a refused publish's manifest");
-            }
-            return Err(error);
-        }
-    };
-    tracing::info!(run = %id, repository = %production.repository, sha = %production.sha, manifest_sha256 = %production.manifest_sha256, "manifest published; it is the production state now");
-    let _ = state.changes.send(id);
+    let production = publish_manifest(
+        &state,
+        repository,
+        sha,
+        body.into_data_stream(),
+        Origin::Api,
+    )
+    .await
+    .map_err(|error| match error {
+        PublishError::TooLarge { .. } => ApiError::TooLarge(error.to_string()),
+        PublishError::Refused(message) => ApiError::BadRequest(message),
+        PublishError::Internal(message) => ApiError::Internal(message),
+        PublishError::Store(error) => error.into(),
+    })?;
     Ok((
         StatusCode::CREATED,
         Json(production_view(&state, production)),
     )
         .into_response())
-}
-
-/// Reads the stored body back (off the async threads; a manifest can be large) and checks
-/// that it is a dbt manifest.
-async fn check_stored_manifest(state: &AppState, id: RunId) -> ApiResult<ManifestFacts> {
-    let path = state
-        .artifacts
-        .path(id, MANIFEST)
-        .map_err(|error| ApiError::Internal(error.to_string()))?;
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)
-            .map_err(|error| ApiError::Internal(format!("{}: {error}", path.display())))?;
-        rules::check_manifest(BufReader::new(file))
-            .map_err(|error| ApiError::BadRequest(error.to_string()))
-    })
-    .await
-    .map_err(|error| ApiError::Internal(error.to_string()))?
 }

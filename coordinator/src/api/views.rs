@@ -159,5 +159,6 @@ pub fn production_view(state: &AppState, production: ProductionState) -> Product
         sha: production.sha.to_string(),
         manifest_sha256: production.manifest_sha256,
         updated_at: time(production.updated_ms),
+        dbt_cloud_run_id: production.dbt_cloud_run_id,
     }
 }

@@ -26,7 +26,7 @@ pub use fate::{
     Finish, FinishedAttempt, LostAttempt, LostAttemptView, LostReason, decide_finish,
     decide_lost_attempt, superseded_message,
 };
-pub use publish::{ManifestError, ManifestFacts, check_manifest, published_message};
+pub use publish::{FROM_OUTSIDE, ManifestError, ManifestFacts, check_manifest, published_message};
 pub use request::{
     Admission, RequestError, RunRequest, ValidRequest, admit, check_deploys_allowed,
     no_production_state_message, teardown_request, validate_request,

@@ -114,8 +114,11 @@ pub fn check_manifest(reader: impl Read) -> Result<ManifestFacts, ManifestError>
     })
 }
 
-/// The message of a publish run.
-pub fn published_message(facts: &ManifestFacts, size: u64) -> String {
+/// Where a published manifest came from, as its run's message says.
+pub const FROM_OUTSIDE: &str = "published from outside slimci";
+
+/// The message of a publish run whose manifest came `from` (e.g. [`FROM_OUTSIDE`]).
+pub fn published_message(facts: &ManifestFacts, size: u64, from: &str) -> String {
     let schema = facts
         .dbt_schema_version
         .rsplit('/')
@@ -128,7 +131,7 @@ pub fn published_message(facts: &ManifestFacts, size: u64) -> String {
         .map(|version| format!("dbt {version}, "))
         .unwrap_or_default();
     format!(
-        "manifest.json published from outside slimci ({dbt}schema {schema}, {} nodes, {size} bytes); it is the repository's production state",
+        "manifest.json {from} ({dbt}schema {schema}, {} nodes, {size} bytes); it is the repository's production state",
         facts.nodes
     )
 }
@@ -153,7 +156,7 @@ mod tests {
         assert_eq!(facts.dbt_version.as_deref(), Some("1.11.2"));
         assert_eq!(facts.nodes, 2);
         assert_eq!(
-            published_message(&facts, 300),
+            published_message(&facts, 300, FROM_OUTSIDE),
             "manifest.json published from outside slimci (dbt 1.11.2, schema v12, 2 nodes, 300 bytes); it is the repository's production state"
         );
     }

@@ -23,6 +23,8 @@ pub struct Publish {
     /// The stored `manifest.json`.
     pub manifest: ArtifactRecord,
     pub message: String,
+    /// The dbt Cloud run it came from, if it did.
+    pub dbt_cloud_run_id: Option<u64>,
 }
 
 async fn read_production_state<'e>(
@@ -30,7 +32,7 @@ async fn read_production_state<'e>(
     repository: &RepoName,
 ) -> Result<Option<ProductionState>> {
     let row = sqlx::query(
-        "SELECT production_state.*, runs.kind FROM production_state
+        "SELECT production_state.*, runs.kind, runs.dbt_cloud_run_id FROM production_state
          JOIN runs ON runs.id = production_state.deploy_run_id
          WHERE production_state.repository = ?",
     )
@@ -66,6 +68,13 @@ impl Store {
         };
         let mut transaction = self.begin_immediate().await?;
         insert_run(&mut *transaction, &run, at).await?;
+        if let Some(cloud_run) = publish.dbt_cloud_run_id {
+            sqlx::query("UPDATE runs SET dbt_cloud_run_id = ? WHERE id = ?")
+                .bind(cloud_run as i64)
+                .bind(publish.id.to_string())
+                .execute(&mut *transaction)
+                .await?;
+        }
         record_artifact(&mut *transaction, publish.id, &publish.manifest).await?;
         promote(
             &mut transaction,
@@ -81,6 +90,18 @@ impl Store {
             .ok_or_else(|| corrupt("production state missing right after a publish"))?;
         transaction.commit().await?;
         Ok(production)
+    }
+
+    /// The newest dbt Cloud run whose manifest `repository` imported, if any: the production
+    /// import takes only newer ones.
+    pub async fn latest_dbt_cloud_import(&self, repository: &RepoName) -> Result<Option<u64>> {
+        let latest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(dbt_cloud_run_id) FROM runs WHERE repository = ? AND kind = 'publish'",
+        )
+        .bind(repository.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(latest.map(|id| id as u64))
     }
 
     /// Stamps the production state a CI run compares against, as it is dispatched.
@@ -163,6 +184,7 @@ mod tests {
             sha: Sha::parse(&"cd".repeat(20)).unwrap(),
             manifest_sha256: "cafe".into(),
             updated_ms: 0,
+            dbt_cloud_run_id: None,
         };
         store
             .stamp_production_state(run.id, &production)
@@ -194,6 +216,7 @@ mod tests {
                 created_ms: super::super::now_ms(),
             },
             message: "published".into(),
+            dbt_cloud_run_id: None,
         };
         let first = publish('a', "f1");
         let production = store.record_publish(&first).await.unwrap();
@@ -229,5 +252,21 @@ mod tests {
             .unwrap();
         assert_eq!(stamp.deploy_run_id, first.id);
         assert_eq!(stamp.manifest_sha256, "f1");
+        assert_eq!(
+            store.latest_dbt_cloud_import(&repository).await.unwrap(),
+            None
+        );
+
+        // An import from dbt Cloud carries its run id to the production state.
+        let imported = Publish {
+            dbt_cloud_run_id: Some(7001),
+            ..publish('c', "f3")
+        };
+        let production = store.record_publish(&imported).await.unwrap();
+        assert_eq!(production.dbt_cloud_run_id, Some(7001));
+        assert_eq!(
+            store.latest_dbt_cloud_import(&repository).await.unwrap(),
+            Some(7001)
+        );
     }
 }

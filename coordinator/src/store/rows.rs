@@ -21,6 +21,8 @@ pub struct ProductionState {
     pub sha: Sha,
     pub manifest_sha256: String,
     pub updated_ms: i64,
+    /// The dbt Cloud run whose manifest this is, for production from dbt Cloud.
+    pub dbt_cloud_run_id: Option<u64>,
 }
 
 /// The production state stamped on a CI run as it is dispatched (the `state_*` columns): what
@@ -359,6 +361,9 @@ pub(super) fn production_state_from_row(row: &SqliteRow) -> Result<ProductionSta
         sha: sha(row, "sha")?.ok_or_else(|| corrupt("production state without a commit"))?,
         manifest_sha256: row.try_get("manifest_sha256")?,
         updated_ms: row.try_get("updated_ms")?,
+        dbt_cloud_run_id: row
+            .try_get::<Option<i64>, _>("dbt_cloud_run_id")?
+            .map(|id| id as u64),
     })
 }
 

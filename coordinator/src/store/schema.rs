@@ -134,6 +134,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE runs ADD COLUMN trace_ended INTEGER NOT NULL DEFAULT 0;
     "#,
     ),
+    (
+        8,
+        // The dbt Cloud run a publish run imported the manifest of (production from dbt Cloud).
+        "ALTER TABLE runs ADD COLUMN dbt_cloud_run_id INTEGER;",
+    ),
 ];
 
 impl Store {

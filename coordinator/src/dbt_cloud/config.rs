@@ -1,0 +1,136 @@
+//! `[repository.dbt_cloud]`: where a repository's dbt Cloud account is and which of its jobs
+//! slimci uses, and `production_source`, which says where the repository's production state
+//! comes from.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Where a repository's production state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProductionSource {
+    /// slimci's own deploys, or manifests published to it (`slimci state publish`).
+    #[default]
+    Slimci,
+    /// The `manifest.json` of the latest successful run of the dbt Cloud production job.
+    DbtCloud,
+}
+
+/// The multi-tenant North American host; other regions and single-tenant accounts have their
+/// own (`emea.dbt.com`, `au.dbt.com`, `<prefix>.us1.dbt.com`, ...).
+pub const DEFAULT_API_URL: &str = "https://cloud.getdbt.com";
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbtCloudConfig {
+    pub account_id: u64,
+    /// The account's access URL, without `/api/v2`.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// A service token with job admin (trigger, cancel) and read access; or `token_file`.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// The job whose successful runs are production (with `production_source = "dbt_cloud"`).
+    pub production_job_id: Option<u64>,
+    /// How often the production job's latest successful run is looked for.
+    #[serde(default = "default_poll_secs")]
+    pub production_poll_secs: u64,
+    /// Before dispatching a CI run, a production state older than this is looked for again
+    /// (at most that once per dispatch).
+    #[serde(default = "default_max_age_secs")]
+    pub production_max_age_secs: u64,
+}
+
+impl std::fmt::Debug for DbtCloudConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbtCloudConfig")
+            .field("account_id", &self.account_id)
+            .field("api_url", &self.api_url)
+            .field("token", &self.token.as_ref().map(|_| "<masked>"))
+            .field("token_file", &self.token_file)
+            .field("production_job_id", &self.production_job_id)
+            .field("production_poll_secs", &self.production_poll_secs)
+            .field("production_max_age_secs", &self.production_max_age_secs)
+            .finish()
+    }
+}
+
+fn default_api_url() -> String {
+    DEFAULT_API_URL.to_owned()
+}
+
+fn default_poll_secs() -> u64 {
+    60
+}
+
+fn default_max_age_secs() -> u64 {
+    600
+}
+
+impl DbtCloudConfig {
+    /// What is wrong with this section of repository `repository`, whose production comes from
+    /// `source` and which slimci deploys if `deploys`.
+    pub fn check(
+        section: Option<&DbtCloudConfig>,
+        repository: &str,
+        source: ProductionSource,
+        deploys: bool,
+    ) -> Result<(), String> {
+        if source == ProductionSource::DbtCloud {
+            let Some(section) = section else {
+                return Err(format!(
+                    "repository `{repository}`: production_source = \"dbt_cloud\" needs a [repository.dbt_cloud] section with account_id, token_file and production_job_id"
+                ));
+            };
+            if section.production_job_id.is_none() {
+                return Err(format!(
+                    "repository `{repository}`: production_source = \"dbt_cloud\" needs dbt_cloud.production_job_id, the job whose successful runs are production"
+                ));
+            }
+            if deploys {
+                return Err(format!(
+                    "repository `{repository}`: production comes from dbt Cloud, so slimci must not deploy it too: set deploys = false"
+                ));
+            }
+        }
+        let Some(section) = section else {
+            return Ok(());
+        };
+        if section.token.is_some() == section.token_file.is_some() {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud needs exactly one of token and token_file"
+            ));
+        }
+        let url = section.api_url.trim_end_matches('/');
+        if !(url.starts_with("https://") || url.starts_with("http://")) || url.ends_with("/api/v2")
+        {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud.api_url `{}` must be the account's access URL, such as {DEFAULT_API_URL}, without /api/v2",
+                section.api_url
+            ));
+        }
+        if section.production_poll_secs == 0 {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud.production_poll_secs must be at least 1"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The token, from the config or its file.
+    pub fn read_token(&self) -> Result<String, String> {
+        match (&self.token, &self.token_file) {
+            (Some(token), _) => Ok(token.trim().to_owned()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|text| text.trim().to_owned())
+                .map_err(|error| {
+                    format!(
+                        "cannot read dbt_cloud.token_file {}: {error}",
+                        path.display()
+                    )
+                }),
+            (None, None) => Err("dbt_cloud needs token or token_file".to_owned()),
+        }
+    }
+}
