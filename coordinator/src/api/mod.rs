@@ -128,6 +128,16 @@ fn require_user(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
+/// Who asked, for a run requested through the API: the `slimci` CLI, or another client named
+/// by its `User-Agent`.
+fn trigger_of(headers: &HeaderMap) -> slimci_client::Trigger {
+    slimci_client::Trigger::from_user_agent(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|value| value.to_str().ok()),
+    )
+}
+
 fn parse_run_id(text: &str) -> ApiResult<RunId> {
     RunId::parse(text).map_err(|error| ApiError::BadRequest(error.to_string()))
 }

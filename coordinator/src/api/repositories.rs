@@ -116,6 +116,7 @@ pub(super) async fn publish_production_state(
                 sha256: stored.sha256,
                 created_ms: now_ms(),
             },
+            trigger: super::trigger_of(&headers),
         };
         Ok(state.store.record_publish(&publish).await?)
     }

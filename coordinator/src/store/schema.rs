@@ -134,6 +134,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE runs ADD COLUMN trace_ended INTEGER NOT NULL DEFAULT 0;
     "#,
     ),
+    (
+        8,
+        // Who or what asked for the run (`slimci_client::Trigger`, as JSON), recorded where
+        // the request came in; NULL for runs made before.
+        "ALTER TABLE runs ADD COLUMN triggered_by TEXT;",
+    ),
 ];
 
 impl Store {

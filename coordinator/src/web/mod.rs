@@ -7,12 +7,17 @@
 //! run's log and progress over the API's server-sent events. The pages read the store and the
 //! API's views; they change nothing except through `runs::cancel`.
 //!
-//! `auth`: login sessions and CSRF tokens. `runs`: the run list and a run's page.
-//! `timeline`: `run_results.json` → SVG. `repository`, `fleet`: those pages.
+//! `auth`: login sessions and CSRF tokens. `runs`: the run list. `run_page`: a run's page,
+//! with its head from `run_head`; `run_links`: what that page links to (the log as text, the
+//! event stream, the timeline alone, artifacts). `timeline`: `run_results.json` → SVG.
+//! `repository`, `fleet`: those pages.
 
 mod auth;
 pub mod fleet;
 mod repository;
+mod run_head;
+mod run_links;
+mod run_page;
 mod runs;
 pub mod timeline;
 
@@ -122,12 +127,12 @@ fn render(template: &impl Template) -> Response {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(runs::index))
-        .route("/runs/{id}", get(runs::show))
-        .route("/runs/{id}/cancel", post(runs::cancel))
-        .route("/runs/{id}/events", get(runs::events))
-        .route("/runs/{id}/log", get(runs::log_text))
-        .route("/runs/{id}/timeline.svg", get(runs::timeline_svg))
-        .route("/runs/{id}/artifacts/{name}", get(runs::artifact))
+        .route("/runs/{id}", get(run_page::show))
+        .route("/runs/{id}/cancel", post(run_page::cancel))
+        .route("/runs/{id}/events", get(run_links::events))
+        .route("/runs/{id}/log", get(run_links::log_text))
+        .route("/runs/{id}/timeline.svg", get(run_links::timeline_svg))
+        .route("/runs/{id}/artifacts/{name}", get(run_links::artifact))
         .route("/repositories/{name}", get(repository::show))
         .route("/fleet", get(fleet::show))
         .layer(middleware::from_fn_with_state(

@@ -1,6 +1,7 @@
 //! The picture of a build: one bar per node on the dbt thread that ran it, from dbt's
-//! `run_results.json` (`thread_id`, and `timing` with `started_at`/`completed_at` per step),
-//! drawn as SVG on the server. Pure: bytes in, text out.
+//! `run_results.json` (`thread_id`, and when each node ran, read by `slimci_proto::run_results`,
+//! the reader the agent's node results share), drawn as SVG on the server. Pure: bytes in, text
+//! out.
 //!
 //! Bars are grouped by status into one `<path>` each, so a build of 2,000 nodes stays a few
 //! tens of kilobytes; a small build gets one `<rect>` per node with its name as a tooltip.
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use slimci_proto::run_results::RunResults;
 
 /// Builds with at most this many nodes get a tooltip per bar.
 const TOOLTIPS_UP_TO: usize = 400;
@@ -43,60 +44,14 @@ pub struct Timeline {
 #[error("run_results.json cannot be read: {0}")]
 pub struct TimelineError(#[from] serde_json::Error);
 
-#[derive(Deserialize)]
-struct RunResults {
-    results: Vec<ResultEntry>,
-}
-
-#[derive(Deserialize)]
-struct ResultEntry {
-    unique_id: String,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    thread_id: Option<String>,
-    #[serde(default)]
-    timing: Vec<TimingEntry>,
-}
-
-#[derive(Deserialize)]
-struct TimingEntry {
-    #[serde(default)]
-    started_at: Option<String>,
-    #[serde(default)]
-    completed_at: Option<String>,
-}
-
-fn instant(text: &Option<String>) -> Option<DateTime<Utc>> {
-    let text = text.as_deref()?;
-    // dbt writes `2024-05-01T10:00:00.123456Z`; older versions leave out the zone.
-    DateTime::parse_from_rfc3339(text)
-        .map(|at| at.with_timezone(&Utc))
-        .or_else(|_| {
-            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-                .map(|at| at.and_utc())
-        })
-        .ok()
-}
-
 impl Timeline {
     /// The nodes of `run_results.json` that say when they ran; nodes without timing (skipped
     /// ones) are left out.
     pub fn from_run_results(bytes: &[u8]) -> Result<Timeline, TimelineError> {
-        let results: RunResults = serde_json::from_slice(bytes)?;
+        let results = RunResults::parse(bytes)?;
         let mut bars = Vec::with_capacity(results.results.len());
         for entry in results.results {
-            let start = entry
-                .timing
-                .iter()
-                .filter_map(|step| instant(&step.started_at))
-                .min();
-            let end = entry
-                .timing
-                .iter()
-                .filter_map(|step| instant(&step.completed_at))
-                .max();
-            let (Some(start), Some(end)) = (start, end) else {
+            let (Some(start), Some(end)) = (entry.started_at(), entry.completed_at()) else {
                 continue;
             };
             bars.push(Bar {
