@@ -364,7 +364,7 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     let first_node = dom.find("<tr class=\"node ").unwrap();
     assert!(
         dom[first_node..]
-            .starts_with("<tr class=\"node bad\"><td>fail</td><td><code>test.stub.not_null_m0_id"),
+            .starts_with("<tr class=\"node bad\"><td>fail</td><td>test.stub.not_null_m0_id"),
         "failures come first: {}",
         &dom[first_node..first_node + 200]
     );

@@ -36,11 +36,7 @@ pub(super) async fn get_logs(
     let run = load_run(&state, id).await?;
     if query.follow {
         // A client resuming after a dropped connection says which line it saw last.
-        let resume_after = headers
-            .get("last-event-id")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or(0);
+        let resume_after = last_event_id(&headers).unwrap_or(0);
         return Ok(follow_logs(state, run, resume_after).into_response());
     }
     let text = state
@@ -48,6 +44,14 @@ pub(super) async fn get_logs(
         .whole_text(id, run.attempt)
         .map_err(|error| ApiError::Internal(error.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// The last line a reconnecting event-stream client saw (`Last-Event-ID`).
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
 }
 
 /// Server-sent events: `log` (one line each, `id` = line number), `progress` (`{done,total}`),

@@ -7,7 +7,7 @@
 //! construction in `views`.
 
 mod agent;
-mod artifacts;
+pub(crate) mod artifacts;
 pub mod fleet;
 pub(crate) mod logs;
 mod repositories;

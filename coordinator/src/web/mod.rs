@@ -56,7 +56,12 @@ impl From<StoreError> for WebError {
 
 impl From<crate::api::ApiError> for WebError {
     fn from(error: crate::api::ApiError) -> Self {
-        WebError::Internal(error.to_string())
+        use crate::api::ApiError;
+        match error {
+            ApiError::BadRequest(message) => WebError::BadRequest(message),
+            ApiError::NotFound(message) => WebError::NotFound(message),
+            error => WebError::Internal(error.to_string()),
+        }
     }
 }
 
@@ -92,6 +97,9 @@ pub type WebResult<T> = Result<T, WebError>;
 pub struct Layout {
     pub title: String,
     pub logout_csrf: Option<String>,
+    /// The static files' version, in their URLs (`?v=`), so browsers keep them until they
+    /// change.
+    pub assets: &'static str,
 }
 
 impl Layout {
@@ -99,6 +107,7 @@ impl Layout {
         Layout {
             title: title.to_owned(),
             logout_csrf,
+            assets: assets_version(),
         }
     }
 
@@ -188,13 +197,32 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+const STYLESHEET: &str = include_str!("../../static/slimci.css");
+const SCRIPT: &str = include_str!("../../static/slimci.js");
+/// Pages name the static files with their version, so a browser may keep them for good.
+const STATIC_CACHE: &str = "public, max-age=31536000, immutable";
+
+/// The first 12 hex digits of the static files' sha256: what changes their URLs when they
+/// change.
+fn assets_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(STYLESHEET)
+            .chain_update(SCRIPT)
+            .finalize();
+        hex::encode(digest)[..12].to_owned()
+    })
+}
+
 async fn stylesheet() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "max-age=300"),
+            (header::CACHE_CONTROL, STATIC_CACHE),
         ],
-        include_str!("../../static/slimci.css"),
+        STYLESHEET,
     )
 }
 
@@ -202,9 +230,9 @@ async fn script() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "max-age=300"),
+            (header::CACHE_CONTROL, STATIC_CACHE),
         ],
-        include_str!("../../static/slimci.js"),
+        SCRIPT,
     )
 }
 

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +13,8 @@ use slimci_proto::RunId;
 
 use super::timeline::Timeline;
 use super::{WebError, WebResult, duration};
+use crate::api::artifacts::{Disposition, download};
+use crate::api::logs::last_event_id;
 use crate::app::AppState;
 use crate::store::ArtifactRecord;
 
@@ -151,12 +152,7 @@ pub(super) async fn events(
     Query(query): Query<EventsQuery>,
 ) -> WebResult<Response> {
     let run = load_run(&state, parse_id(&id)?).await?;
-    let resume_after = headers
-        .get("last-event-id")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
-        .or(query.after)
-        .unwrap_or(0);
+    let resume_after = last_event_id(&headers).or(query.after).unwrap_or(0);
     Ok(crate::api::logs::follow_logs(state, run, resume_after).into_response())
 }
 
@@ -202,33 +198,5 @@ pub(super) async fn artifact(
     Path((id, name)): Path<(String, String)>,
 ) -> WebResult<Response> {
     let id = parse_id(&id)?;
-    let path = state
-        .artifacts
-        .path(id, &name)
-        .map_err(|error| WebError::BadRequest(error.to_string()))?;
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(WebError::NotFound(format!(
-                "run {id} has no artifact `{name}`"
-            )));
-        }
-        Err(error) => return Err(WebError::Internal(error.to_string())),
-    };
-    let content_type = if name.ends_with(".json") {
-        "application/json"
-    } else {
-        "application/octet-stream"
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type.to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{name}\""),
-            ),
-        ],
-        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
-    )
-        .into_response())
+    Ok(download(&state, id, &name, Disposition::Attachment).await?)
 }
