@@ -52,7 +52,16 @@ pub struct DrawnTimeline {
 /// Timelines drawn lately, by run and the sha256 of the `run_results.json` they were drawn
 /// from: an uploaded artifact never changes under its hash, so a page shown again (a reload,
 /// the live page's reload at the end) does not parse and draw it again.
-static DRAWN: Mutex<VecDeque<(RunId, String, Arc<str>, String)>> = Mutex::new(VecDeque::new());
+static DRAWN: Mutex<VecDeque<Drawn>> = Mutex::new(VecDeque::new());
+
+/// One timeline kept drawn.
+struct Drawn {
+    run: RunId,
+    /// Of the `run_results.json` it was drawn from.
+    sha256: String,
+    svg: Arc<str>,
+    note: String,
+}
 
 /// The timeline of run `id` from its `run_results.json` (`results`, its artifact record), if
 /// dbt wrote one with timings.
@@ -71,8 +80,8 @@ pub(super) async fn timeline_of(
         .lock()
         .expect("timelines lock")
         .iter()
-        .find(|(run, sha256, _, _)| *run == id && *sha256 == results.sha256)
-        .map(|(_, _, svg, note)| (svg.clone(), note.clone()));
+        .find(|drawn| drawn.run == id && drawn.sha256 == results.sha256)
+        .map(|drawn| (drawn.svg.clone(), drawn.note.clone()));
     if let Some((svg, note)) = drawn_before {
         return DrawnTimeline {
             svg: Some(svg),
@@ -123,7 +132,12 @@ pub(super) async fn timeline_of(
     if drawn.len() == TIMELINES_KEPT {
         drawn.pop_front();
     }
-    drawn.push_back((id, results.sha256.clone(), svg.clone(), note.clone()));
+    drawn.push_back(Drawn {
+        run: id,
+        sha256: results.sha256.clone(),
+        svg: svg.clone(),
+        note: note.clone(),
+    });
     DrawnTimeline {
         svg: Some(svg),
         note,
