@@ -56,9 +56,11 @@ pub struct Client {
 
 impl Client {
     /// `base` is the coordinator's URL (`http://127.0.0.1:8080`); `token` its API token, when
-    /// it requires one.
+    /// it requires one. The `slimci` CLI's client: it says so in its `User-Agent`
+    /// (`CLI_USER_AGENT`), so the runs it asks for are recorded as the CLI's.
     pub fn new(base: &str, token: Option<String>) -> Client {
         let http = reqwest::Client::builder()
+            .user_agent(crate::trigger::CLI_USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
             .build()
             .expect("HTTP client");

@@ -9,6 +9,7 @@ mod nodes;
 mod request;
 mod sse;
 mod status;
+mod trigger;
 mod urls;
 mod views;
 mod waiting;
@@ -18,6 +19,7 @@ pub use nodes::{is_failure, summarize};
 pub use request::RunRequest;
 pub use sse::{LogEvent, LogStream, SseEvent, find_event_end, parse_event};
 pub use status::RunStatus;
+pub use trigger::{CLI_USER_AGENT, Trigger};
 pub use urls::{artifact_url, run_api_url, run_logs_url, run_url};
 pub use views::{
     AgentView, ArtifactView, LogEnd, PhaseView, ProductionStateView, Progress, RepositoryView,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use slimci_proto::{Attempt, CacheReport, NodeResult, RunId, RunKind, SandboxReport};
 
 use crate::status::RunStatus;
+use crate::trigger::Trigger;
 use crate::waiting::Waiting;
 
 /// The production state a CI run compared against (`deploy_run_id`: the deploy or publish
@@ -114,6 +115,9 @@ pub struct RunView {
     /// The run's OpenTelemetry trace (32 hex digits), when the coordinator exports traces.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// Who or what asked for the run; `null` for runs recorded before coordinators kept it.
+    #[serde(default)]
+    pub trigger: Option<Trigger>,
 }
 
 /// `GET /api/v1/repositories/{name}/production-state`: the manifest CI runs compare against

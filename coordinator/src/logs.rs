@@ -168,12 +168,158 @@ impl LogStore {
     }
 }
 
+/// A reader's place in a run's log, across its attempts: every reader of a log (the API's text
+/// and event stream, the run page's tail and text) walks it with one, so lines are numbered the
+/// same everywhere: from 1, across attempts, as the event stream's `id`s are.
+#[derive(Debug, Clone)]
+pub struct LogCursor {
+    run: RunId,
+    attempt: Attempt,
+    offset: u64,
+    line_number: u64,
+}
+
+/// A line of a run's log and its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberedLine {
+    pub attempt: Attempt,
+    pub number: u64,
+    pub text: String,
+}
+
+impl LogCursor {
+    /// At the start of `run`'s first attempt.
+    pub fn new(run: RunId) -> LogCursor {
+        LogCursor {
+            run,
+            attempt: Attempt(1),
+            offset: 0,
+            line_number: 0,
+        }
+    }
+
+    /// The attempt it reads.
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    /// The whole lines written past the cursor, up to attempt `last` (the run's current
+    /// one), at most one read's worth; empty when there is nothing more for now. Lines of an
+    /// attempt before `last` are final, so the cursor moves on to the next attempt once it
+    /// read them all.
+    pub fn next_lines(
+        &mut self,
+        logs: &LogStore,
+        last: Attempt,
+    ) -> Result<Vec<NumberedLine>, LogError> {
+        loop {
+            let (lines, next) = logs.read_from(self.run, self.attempt, self.offset)?;
+            if !lines.is_empty() {
+                self.offset = next;
+                let attempt = self.attempt;
+                return Ok(lines
+                    .into_iter()
+                    .map(|text| {
+                        self.line_number += 1;
+                        NumberedLine {
+                            attempt,
+                            number: self.line_number,
+                            text,
+                        }
+                    })
+                    .collect());
+            }
+            if self.attempt >= last {
+                return Ok(Vec::new());
+            }
+            self.attempt = Attempt(self.attempt.0 + 1);
+            self.offset = 0;
+        }
+    }
+}
+
+impl LogStore {
+    /// Every line of `run`'s attempts up to `last`, in order, given to `each`.
+    pub fn each_line(
+        &self,
+        run: RunId,
+        last: Attempt,
+        mut each: impl FnMut(NumberedLine),
+    ) -> Result<(), LogError> {
+        let mut cursor = LogCursor::new(run);
+        loop {
+            let lines = cursor.next_lines(self, last)?;
+            if lines.is_empty() {
+                return Ok(());
+            }
+            lines.into_iter().for_each(&mut each);
+        }
+    }
+
+    /// The whole log as text; a run of more than one attempt gets a `[slimci] attempt N` line
+    /// before each attempt's lines.
+    pub fn whole_text(&self, run: RunId, last: Attempt) -> Result<String, LogError> {
+        let mut text = String::new();
+        let mut headed = 0;
+        let mut head_up_to = |text: &mut String, attempt: u32| {
+            while last.0 > 1 && headed < attempt {
+                headed += 1;
+                text.push_str(&format!("[slimci] attempt {headed}\n"));
+            }
+        };
+        self.each_line(run, last, |line| {
+            head_up_to(&mut text, line.attempt.0);
+            text.push_str(&line.text);
+            text.push('\n');
+        })?;
+        head_up_to(&mut text, last.0);
+        Ok(text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lines(range: std::ops::Range<u32>) -> Vec<String> {
         range.map(|n| format!("line {n}")).collect()
+    }
+
+    #[test]
+    fn a_cursor_numbers_lines_across_attempts_as_they_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(dir.path().to_owned(), 1 << 20);
+        let run = RunId::new();
+        logs.append(run, Attempt(1), 0, &lines(0..2)).unwrap();
+        let mut cursor = LogCursor::new(run);
+        let first = cursor.next_lines(&logs, Attempt(1)).unwrap();
+        assert_eq!(
+            first.iter().map(|line| line.number).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(cursor.next_lines(&logs, Attempt(1)).unwrap().is_empty());
+        // Attempt 1 was lost after one more line; attempt 2 starts.
+        logs.append(run, Attempt(1), 2, &lines(2..3)).unwrap();
+        logs.append(run, Attempt(2), 0, &lines(0..1)).unwrap();
+        let more = cursor.next_lines(&logs, Attempt(2)).unwrap();
+        assert_eq!(
+            (more[0].attempt, more[0].number, more[0].text.as_str()),
+            (Attempt(1), 3, "line 2")
+        );
+        let more = cursor.next_lines(&logs, Attempt(2)).unwrap();
+        assert_eq!(
+            (more[0].attempt, more[0].number, more[0].text.as_str()),
+            (Attempt(2), 4, "line 0")
+        );
+        assert_eq!(cursor.attempt(), Attempt(2));
+        assert_eq!(
+            logs.whole_text(run, Attempt(3)).unwrap(),
+            "[slimci] attempt 1\nline 0\nline 1\nline 2\n[slimci] attempt 2\nline 0\n[slimci] attempt 3\n"
+        );
+        assert_eq!(
+            logs.whole_text(run, Attempt(1)).unwrap(),
+            "line 0\nline 1\nline 2\n"
+        );
     }
 
     #[test]

@@ -33,28 +33,38 @@ pub enum PublishError {
 }
 
 /// Where a published manifest comes from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Origin {
-    /// `POST /api/v1/repositories/{name}/production-state` (`slimci state publish`).
-    Api,
+    /// `POST /api/v1/repositories/{name}/production-state` (`slimci state publish`), by whom.
+    Api(slimci_client::Trigger),
     /// The run of a dbt Cloud job.
     DbtCloud { run: u64, job: u64 },
 }
 
 impl Origin {
-    fn describe(self) -> String {
+    fn describe(&self) -> String {
         match self {
-            Origin::Api => rules::FROM_OUTSIDE.to_owned(),
+            Origin::Api(_) => rules::FROM_OUTSIDE.to_owned(),
             Origin::DbtCloud { run, job } => {
                 format!("of dbt Cloud run {run} (production job {job})")
             }
         }
     }
 
-    fn dbt_cloud_run(self) -> Option<u64> {
+    fn dbt_cloud_run(&self) -> Option<u64> {
         match self {
-            Origin::Api => None,
-            Origin::DbtCloud { run, .. } => Some(run),
+            Origin::Api(_) => None,
+            Origin::DbtCloud { run, .. } => Some(*run),
+        }
+    }
+
+    fn trigger(&self) -> slimci_client::Trigger {
+        match self {
+            Origin::Api(trigger) => trigger.clone(),
+            Origin::DbtCloud { run, job } => slimci_client::Trigger::DbtCloud {
+                job: *job,
+                run: *run,
+            },
         }
     }
 }
@@ -99,6 +109,7 @@ where
                 sha256: stored.sha256,
                 created_ms: now_ms(),
             },
+            trigger: origin.trigger(),
             dbt_cloud_run_id: origin.dbt_cloud_run(),
         };
         Ok(state.store.record_publish(&publish).await?)

@@ -3,6 +3,7 @@
 //! isolation. The decisions are `rules`; this module applies them to the store and wakes the
 //! publisher.
 
+use slimci_client::Trigger;
 use slimci_proto::{PrNumber, RunId, RunKind};
 
 use crate::app::AppState;
@@ -19,7 +20,12 @@ pub struct Submitted {
 /// Records a run for a valid request: refuses a CI run without production state (recorded as
 /// `error`), answers with the existing run when the same commit is already queued or building,
 /// and supersedes the PR's runs of older commits.
-pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
+/// `trigger` is who or what asked, recorded with the run.
+pub async fn submit(
+    state: &AppState,
+    request: ValidRequest,
+    trigger: Trigger,
+) -> Result<Submitted, StoreError> {
     let requested_at = std::time::SystemTime::now();
     if request.kind == RunKind::Ci
         && let Some(repository) = state.config.repository(request.repository.as_str())
@@ -71,6 +77,7 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
         status,
         message,
         traceparent: crate::telemetry::new_trace(state),
+        trigger,
     };
     state.store.insert_run(&new_run).await?;
     tracing::info!(run = %new_run.id, repository = %new_run.repository, kind = new_run.kind.as_str(), pr = ?new_run.pr.map(|pr| pr.0), status = status.as_str(), "run accepted");
@@ -149,14 +156,21 @@ pub async fn cancel_pull_request(
     Ok(cancelled)
 }
 
-/// Queues a teardown run that drops PR `pr`'s isolation (and nothing else).
+/// Queues a teardown run that drops PR `pr`'s isolation (and nothing else), asked for by
+/// `trigger`.
 pub async fn teardown(
     state: &AppState,
     repository: &RepositoryConfig,
     pr: PrNumber,
+    trigger: Trigger,
 ) -> Result<Submitted, StoreError> {
     let timeout = run_timeout_secs(&state.config, repository);
-    submit(state, rules::teardown_request(repository, pr, timeout)).await
+    submit(
+        state,
+        rules::teardown_request(repository, pr, timeout),
+        trigger,
+    )
+    .await
 }
 
 /// How long a run of `repository` may take: its own limit, or the coordinator's.

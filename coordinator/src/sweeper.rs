@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use slimci_client::Trigger;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
@@ -69,7 +70,7 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
             (None, None) => "unknown (never seen in a webhook)",
         };
         let age_hours = (crate::store::now_ms() - candidate.last_finished_ms) as f64 / 3_600_000.0;
-        let teardown = runs::teardown(state, &repository, pr).await?;
+        let teardown = runs::teardown(state, &repository, pr, Trigger::Sweeper).await?;
         queued += 1;
         tracing::info!(
             repository = %repository_name,

@@ -52,6 +52,15 @@ fn root_of(run: &Run) -> Option<Context> {
         .map(|root| root.context())
 }
 
+/// The run's trace id (32 hex digits), when its trace is exported: what the API's run view and
+/// the run's page show.
+pub fn trace_id(run: &Run) -> Option<String> {
+    run.traceparent
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .map(|root| root.trace_id.to_string())
+}
+
 /// The `traceparent` of a new run's root span, stored with the run; none when traces are off.
 pub fn new_trace(state: &AppState) -> Option<String> {
     state

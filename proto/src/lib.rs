@@ -8,6 +8,7 @@
 
 mod ids;
 mod job;
+pub mod run_results;
 mod topology;
 
 use chrono::{DateTime, Utc};

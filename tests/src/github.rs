@@ -102,6 +102,7 @@ pub fn push_payload(full_name: &str, git_ref: &str, after: &str) -> Value {
         "forced": false,
         "repository": { "full_name": full_name, "name": name, "owner": { "login": owner } },
         "pusher": { "name": "analyst" },
+        "sender": { "login": "analyst" },
     })
 }
 

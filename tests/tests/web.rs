@@ -4,18 +4,22 @@
 //! the login a coordinator with an API token requires; a forged cancel refused.
 //!
 //! Real coordinator, agent and RabbitMQ, with the stub dbt (tests/src/bin/slimci-stub-dbt.rs)
-//! for speed. Screenshots are kept in `target/web-screenshots/`.
+//! for speed; the fake GitHub (`github.rs`) for a deploy by `push` webhook, and an OTLP
+//! receiver (`otlp.rs`) so runs have traces. Screenshots are kept in `target/web-screenshots/`.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slimci_client::{RunRequest, RunStatus, RunView};
+use slimci_client::{RunRequest, RunStatus, RunView, Trigger};
 use slimci_proto::RunId;
 use slimci_tests::browser::{Browser, dump_dom, screenshot, screenshot_dir};
 use slimci_tests::cluster::http_client;
+use slimci_tests::github::{FakeGitHub, push_payload};
 use slimci_tests::origin::git;
+use slimci_tests::otlp::OtlpReceiver;
 use slimci_tests::{
-    Cluster, ClusterOptions, binary, ci_request, deploy_request, wait_for, workspace_root,
+    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, deploy_request, wait_for,
+    workspace_root,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -97,17 +101,62 @@ fn text_of(html: &str) -> String {
         .join(" ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pages_show_runs_in_every_status_in_chromium() {
-    // Builds of more than 60 s time out, so one can be seen running and then timed out.
-    let mut cluster = Cluster::start(stub_options("run_timeout_secs = 60"))
+const GITHUB_REPOSITORY: &str = "acme/shop";
+const GITHUB_TOKEN: &str = "e2e-web-github-token";
+
+/// Deploys a commit of main made for `stub` through GitHub's `push` webhook, as a merge would.
+async fn deploy_by_push(cluster: &mut Cluster, stub: &Value) -> RunId {
+    let sha = cluster
+        .origin
+        .commit_file_on_main("slimci_stub.json", &stub.to_string())
+        .unwrap();
+    let (status, answer) = cluster
+        .webhook(
+            "push",
+            &uuid::Uuid::new_v4().to_string(),
+            &push_payload(GITHUB_REPOSITORY, "refs/heads/main", &sha),
+            Some(WEBHOOK_SECRET),
+        )
         .await
         .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    RunId::parse(answer["run"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_show_runs_in_every_status_in_chromium() {
+    // Builds of more than 60 s time out, so one can be seen running and then timed out. The
+    // repository is on the fake GitHub (deploys come by webhook), and the coordinator exports
+    // traces, so runs have trace ids.
+    let github = FakeGitHub::start().await;
+    github.accept_token(GITHUB_TOKEN);
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let mut cluster = Cluster::start(ClusterOptions {
+        coordinator_toml: format!(
+            "[github]\napi_url = \"{}\"\nwebhook_secret = \"{WEBHOOK_SECRET}\"\ntoken = \"{GITHUB_TOKEN}\"\n\n[telemetry]\nenabled = true\nendpoint = \"{}\"\n",
+            github.url, receiver.url
+        ),
+        ..stub_options(&format!(
+            "run_timeout_secs = 60\ngithub = \"{GITHUB_REPOSITORY}\""
+        ))
+    })
+    .await
+    .unwrap();
     let work = cluster.dir.path().join("chromium");
     std::fs::create_dir_all(&work).unwrap();
-    let deploy = deploy_with(&mut cluster, &json!({ "duration_ms": 200, "nodes": 3 })).await;
-    let deploy = cluster.wait_for_run(deploy.id, TIMEOUT).await.unwrap();
+    let deploy = deploy_by_push(&mut cluster, &json!({ "duration_ms": 200, "nodes": 3 })).await;
+    let deploy = cluster.wait_for_run(deploy, TIMEOUT).await.unwrap();
     assert_eq!(deploy.status, RunStatus::Success, "{deploy:?}");
+    // The API says who triggered it: the webhook's delivery, its event and sender.
+    assert!(
+        matches!(
+            &deploy.trigger,
+            Some(Trigger::Github { event, sender: Some(sender), .. })
+                if event == "push" && sender == "analyst"
+        ),
+        "{:?}",
+        deploy.trigger
+    );
 
     // failed: a test fails, two models are built on 4 threads, five parents are deferred.
     let sha = pull_request(
@@ -121,11 +170,36 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     assert_eq!(failed.status, RunStatus::Failed, "{failed:?}");
     assert_eq!(failed.deferred.len(), 5, "{failed:?}");
 
-    // error: dbt exits 2.
+    assert_eq!(
+        failed.trigger,
+        Some(Trigger::Api { user_agent: None }),
+        "the test's own HTTP client is an API caller"
+    );
+    let failed_trace = failed.trace_id.clone().expect("traces are exported");
+
+    // error: dbt exits 2; asked for with the `slimci` CLI.
     let sha = pull_request(&cluster, 2, &json!({ "duration_ms": 100, "exit_code": 2 }));
-    let errored = cluster.create_run(&ci_request(2, &sha)).await.unwrap();
-    let errored = cluster.wait_for_run(errored.id, TIMEOUT).await.unwrap();
+    let output = cluster
+        .run_cli(&[
+            "trigger",
+            "--repo",
+            "shop",
+            "--pr",
+            "2",
+            "--sha",
+            &sha,
+            "--no-follow",
+        ])
+        .await;
+    assert!(output.status.success(), "{output:?}");
+    let errored = RunId::parse(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    let errored = cluster.wait_for_run(errored, TIMEOUT).await.unwrap();
     assert_eq!(errored.status, RunStatus::Error, "{errored:?}");
+    assert!(
+        matches!(&errored.trigger, Some(Trigger::Cli { version: Some(_) })),
+        "{:?}",
+        errored.trigger
+    );
 
     // superseded: a newer commit of PR 3 replaces a building one.
     let old_sha = pull_request(&cluster, 3, &json!({ "duration_ms": 600_000 }));
@@ -155,17 +229,65 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     assert_eq!(cancelled.status, RunStatus::Cancelled, "{cancelled:?}");
 
     let url = &cluster.url.clone();
+    // The fleet: the agent as its heartbeats said (busy, its one slot taken, its version), the
+    // run it builds linked, and the queue with positions. Read while PR 5 still builds.
+    let dom = dump_dom(&format!("{url}/fleet"), &work).await.unwrap();
+    let text = text_of(&dom);
+    let agent_at = dom
+        .find("<tr class=\"agent\" id=\"agent-agent-0\">")
+        .unwrap_or_else(|| panic!("no row for agent-0: {text}"));
+    let agent_row = &dom[agent_at..agent_at + dom[agent_at..].find("</tr>").unwrap()];
+    let agent_text = text_of(agent_row);
+    assert!(
+        agent_row.contains("<td class=\"a-busy\">busy</td>"),
+        "{agent_text}"
+    );
+    assert!(
+        agent_row.contains("<td class=\"slots\">1 of 1</td>"),
+        "{agent_text}"
+    );
+    assert!(
+        agent_text.contains(env!("CARGO_PKG_VERSION")),
+        "its version: {agent_text}"
+    );
+    assert!(
+        agent_row.contains(&format!("<a href=\"/runs/{}\">ci shop #5</a>", running.id)),
+        "the agent builds PR 5: {agent_text}"
+    );
+    assert!(
+        agent_text.contains(" ago "),
+        "its last heartbeat: {agent_text}"
+    );
+    assert!(
+        dom.contains("<b id=\"busy-slots\">1</b> of <b id=\"slots\">1</b> busy"),
+        "{text}"
+    );
+    let queue_at = dom.find("id=\"queue\"").unwrap();
+    assert_eq!(
+        dom[queue_at..].matches("<tr class=\"queued\">").count(),
+        1,
+        "{text}"
+    );
+    assert!(text_of(&dom[queue_at..]).contains("1 ci"), "{text}");
+    assert!(text.contains("#6"), "{text}");
+
     // Each run's page, with what its status shows (the running and queued ones first, while
-    // they still are).
+    // they still are), and who or what triggered it.
+    let api = "the HTTP API";
     let pages = [
-        (running.id, "running", "Following the build"),
-        (queued.id, "queued", "queued for"),
-        (deploy.id, "success", "Deploy of shop"),
-        (errored.id, "error", "dbt exit code 2"),
-        (superseded.id, "superseded", "Superseded by"),
-        (cancelled.id, "cancelled", "cancelled"),
+        (running.id, "running", "Following the build", api),
+        (queued.id, "queued", "queued for", api),
+        (
+            deploy.id,
+            "success",
+            "Deploy of shop",
+            "GitHub webhook: push to the production branch by @analyst",
+        ),
+        (errored.id, "error", "dbt exit code 2", "the slimci CLI "),
+        (superseded.id, "superseded", "Superseded by", api),
+        (cancelled.id, "cancelled", "cancelled", api),
     ];
-    for (id, status, shows) in pages {
+    for (id, status, shows, triggered_by) in pages {
         let dom = dump_dom(&format!("{url}/runs/{id}"), &work).await.unwrap();
         let text = text_of(&dom);
         assert!(
@@ -176,6 +298,10 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
             text.contains(shows),
             "{id} ({status}) does not say {shows:?}: {text}"
         );
+        assert!(
+            text.contains(&format!("Triggered by {triggered_by}")),
+            "{id} ({status}) is not said to be triggered by {triggered_by:?}: {text}"
+        );
         let cancellable = matches!(status, "running" | "queued");
         assert_eq!(
             dom.contains("id=\"cancel\""),
@@ -183,20 +309,6 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
             "{status}: {text}"
         );
     }
-
-    // The fleet: the agent and what it builds, the queue with positions.
-    let dom = dump_dom(&format!("{url}/fleet"), &work).await.unwrap();
-    let text = text_of(&dom);
-    assert!(text.contains("agent-0"), "{text}");
-    assert!(text.contains("ci shop #5"), "the agent builds PR 5: {text}");
-    let queue_at = dom.find("id=\"queue\"").unwrap();
-    assert_eq!(
-        dom[queue_at..].matches("<tr class=\"queued\">").count(),
-        1,
-        "{text}"
-    );
-    assert!(text_of(&dom[queue_at..]).contains("1 ci"), "{text}");
-    assert!(text.contains("#6"), "{text}");
 
     // The run list: every status, with its filters.
     let dom = dump_dom(&format!("{url}/"), &work).await.unwrap();
@@ -243,12 +355,16 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
         .unwrap();
     let text = text_of(&dom);
     assert!(text.contains(FAILED_TEST_MESSAGE), "{text}");
+    assert!(
+        dom.contains(&format!("<code id=\"trace-id\">{failed_trace}</code>")),
+        "the trace id: {text}"
+    );
     assert!(text.contains("test.stub.not_null_m0_id"), "{text}");
     assert_eq!(dom.matches("<tr class=\"node ").count(), 25, "{text}");
     let first_node = dom.find("<tr class=\"node ").unwrap();
     assert!(
         dom[first_node..]
-            .starts_with("<tr class=\"node bad\"><td>fail</td><td><code>test.stub.not_null_m0_id"),
+            .starts_with("<tr class=\"node bad\"><td>fail</td><td>test.stub.not_null_m0_id"),
         "failures come first: {}",
         &dom[first_node..first_node + 200]
     );

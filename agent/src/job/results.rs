@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use slimci_proto::run_results::{RunResultEntry, RunResults};
 use slimci_proto::{NodeResult, RunResult};
 
 use crate::job::build::Built;
@@ -25,69 +26,21 @@ pub enum RunResultsError {
     },
 }
 
-#[derive(Deserialize)]
-struct RunResults {
-    results: Vec<RunResultEntry>,
-}
-
-#[derive(Deserialize)]
-struct RunResultEntry {
-    unique_id: String,
-    status: String,
-    #[serde(default)]
-    execution_time: f64,
-    message: Option<String>,
-    failures: Option<u64>,
-    relation_name: Option<String>,
-    #[serde(default)]
-    adapter_response: serde_json::Map<String, serde_json::Value>,
-    /// dbt's steps of the node (`compile`, `execute`), each with its start and end; a node
-    /// dbt skipped has none.
-    #[serde(default)]
-    timing: Vec<TimingEntry>,
-}
-
-#[derive(Deserialize)]
-struct TimingEntry {
-    started_at: Option<chrono::DateTime<chrono::Utc>>,
-    completed_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// Every node's outcome from dbt's `run_results.json`.
+/// Every node's outcome from dbt's `run_results.json` (read by `slimci_proto::run_results`, the
+/// reader the coordinator's timeline shares).
 pub fn read_run_results(path: &Path) -> Result<Vec<NodeResult>, RunResultsError> {
     let bytes = std::fs::read(path).map_err(|source| RunResultsError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
-    let results: RunResults =
-        serde_json::from_slice(&bytes).map_err(|source| RunResultsError::NotRunResults {
-            path: path.to_owned(),
-            source,
-        })?;
+    let results = RunResults::parse(&bytes).map_err(|source| RunResultsError::NotRunResults {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(results
         .results
         .into_iter()
-        .map(|entry| NodeResult {
-            started_at: entry.timing.iter().filter_map(|step| step.started_at).min(),
-            completed_at: entry
-                .timing
-                .iter()
-                .filter_map(|step| step.completed_at)
-                .max(),
-            resource_type: entry
-                .unique_id
-                .split('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-            unique_id: entry.unique_id,
-            status: entry.status,
-            execution_time_s: entry.execution_time,
-            message: entry.message,
-            failures: entry.failures,
-            relation: entry.relation_name,
-            adapter_response: Some(entry.adapter_response).filter(|response| !response.is_empty()),
-        })
+        .map(RunResultEntry::into_node_result)
         .collect())
 }
 

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use slimci_client::ArtifactView;
+use slimci_proto::RunId;
 
 use super::views::artifact_views;
 use super::{ApiError, ApiResult, load_run, parse_run_id, require_agent, require_user};
@@ -35,10 +36,27 @@ pub(super) async fn get_artifact(
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     require_user(&state, &headers)?;
-    let id = parse_run_id(&id)?;
+    download(&state, parse_run_id(&id)?, &name, Disposition::Inline).await
+}
+
+/// How a download is offered: as the answer itself (API clients), or as a file to save (the
+/// run page's links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    Inline,
+    Attachment,
+}
+
+/// Artifact `name` of run `id`, streamed from the artifact store.
+pub(crate) async fn download(
+    state: &AppState,
+    id: RunId,
+    name: &str,
+    disposition: Disposition,
+) -> ApiResult<Response> {
     let path = state
         .artifacts
-        .path(id, &name)
+        .path(id, name)
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
@@ -55,7 +73,16 @@ pub(super) async fn get_artifact(
         "application/octet-stream"
     };
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    if disposition == Disposition::Attachment
+        && let Ok(value) =
+            header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+    {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
 }
 
 pub(super) async fn put_artifact(

@@ -11,12 +11,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use slimci_client::{LogEnd, Progress};
-use slimci_proto::Attempt;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ApiError, ApiResult, load_run, parse_run_id, require_user};
 use crate::app::AppState;
+use crate::logs::LogCursor;
 use crate::store::Run;
 
 #[derive(Deserialize)]
@@ -36,35 +36,22 @@ pub(super) async fn get_logs(
     let run = load_run(&state, id).await?;
     if query.follow {
         // A client resuming after a dropped connection says which line it saw last.
-        let resume_after = headers
-            .get("last-event-id")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or(0);
+        let resume_after = last_event_id(&headers).unwrap_or(0);
         return Ok(follow_logs(state, run, resume_after).into_response());
     }
-    let mut text = String::new();
-    for attempt in 1..=run.attempt.0 {
-        if run.attempt.0 > 1 {
-            text.push_str(&format!("[slimci] attempt {attempt}\n"));
-        }
-        let mut offset = 0;
-        loop {
-            let (lines, next) = state
-                .logs
-                .read_from(id, Attempt(attempt), offset)
-                .map_err(|error| ApiError::Internal(error.to_string()))?;
-            if lines.is_empty() {
-                break;
-            }
-            for line in lines {
-                text.push_str(&line);
-                text.push('\n');
-            }
-            offset = next;
-        }
-    }
+    let text = state
+        .logs
+        .whole_text(id, run.attempt)
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// The last line a reconnecting event-stream client saw (`Last-Event-ID`).
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
 }
 
 /// Server-sent events: `log` (one line each, `id` = line number), `progress` (`{done,total}`),
@@ -74,39 +61,32 @@ pub(crate) fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> 
     let mut changes = state.changes.subscribe();
     tokio::spawn(async move {
         let id = run.id;
-        let mut attempt = Attempt(1);
-        let mut offset = 0u64;
-        let mut line_number = 0u64;
+        let mut cursor = LogCursor::new(id);
         let mut progress = (u32::MAX, u32::MAX);
         loop {
             let Ok(Some(run)) = state.store.run(id).await else {
                 return;
             };
-            // Drain every attempt up to the current one; lines of finished attempts are final.
+            // Every line so far, up to the current attempt.
             loop {
-                let Ok((lines, next)) = state.logs.read_from(id, attempt, offset) else {
+                let Ok(lines) = cursor.next_lines(&state.logs, run.attempt) else {
                     return;
                 };
+                if lines.is_empty() {
+                    break;
+                }
                 for line in lines {
-                    line_number += 1;
-                    if line_number <= resume_after {
+                    if line.number <= resume_after {
                         continue;
                     }
                     let event = Event::default()
                         .event("log")
-                        .id(line_number.to_string())
-                        .data(line);
+                        .id(line.number.to_string())
+                        .data(line.text);
                     if sender.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
-                offset = next;
-                if attempt < run.attempt {
-                    attempt = Attempt(attempt.0 + 1);
-                    offset = 0;
-                    continue;
-                }
-                break;
             }
             if (run.progress_done, run.progress_total) != progress {
                 progress = (run.progress_done, run.progress_total);
@@ -124,12 +104,13 @@ pub(crate) fn follow_logs(state: Arc<AppState>, run: Run, resume_after: u64) -> 
                 }
             }
             if run.status.is_terminal() {
-                // The terminal status is written after the last log batch was applied.
-                let (lines, _) = state
-                    .logs
-                    .read_from(id, attempt, offset)
-                    .unwrap_or_default();
-                if lines.is_empty() {
+                // The terminal status is written after the last log batch was applied; a
+                // line written since the drain above is sent before the end.
+                let drained = cursor
+                    .clone()
+                    .next_lines(&state.logs, run.attempt)
+                    .map_or(true, |lines| lines.is_empty());
+                if drained {
                     let data = serde_json::to_string(&LogEnd {
                         message: run.message,
                         status: run.status,

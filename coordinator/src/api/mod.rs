@@ -7,7 +7,7 @@
 //! construction in `views`.
 
 mod agent;
-mod artifacts;
+pub(crate) mod artifacts;
 pub mod fleet;
 pub(crate) mod logs;
 mod repositories;
@@ -126,6 +126,16 @@ fn require_user(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         }
         _ => Err(ApiError::Unauthorized),
     }
+}
+
+/// Who asked, for a run requested through the API: the `slimci` CLI, or another client named
+/// by its `User-Agent`.
+fn trigger_of(headers: &HeaderMap) -> slimci_client::Trigger {
+    slimci_client::Trigger::from_user_agent(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|value| value.to_str().ok()),
+    )
 }
 
 fn parse_run_id(text: &str) -> ApiResult<RunId> {

@@ -87,7 +87,7 @@ pub(super) async fn publish_production_state(
         repository,
         sha,
         body.into_data_stream(),
-        Origin::Api,
+        Origin::Api(super::trigger_of(&headers)),
     )
     .await
     .map_err(|error| match error {

@@ -34,7 +34,7 @@ pub(super) async fn create_run(
             ApiError::BadRequest(error.to_string())
         }
     })?;
-    let submitted = crate::runs::submit(&state, valid).await?;
+    let submitted = crate::runs::submit(&state, valid, super::trigger_of(&headers)).await?;
     let status = submission_status(&submitted);
     Ok((status, Json(full_run_view(&state, submitted.run).await?)).into_response())
 }
@@ -122,7 +122,8 @@ pub(super) async fn teardown_pull_request(
     let pr = slimci_proto::PrNumber(pr);
     crate::runs::cancel_pull_request(&state, &repository, pr, "the pull request was closed")
         .await?;
-    let submitted = crate::runs::teardown(&state, &repository, pr).await?;
+    let submitted =
+        crate::runs::teardown(&state, &repository, pr, super::trigger_of(&headers)).await?;
     let status = submission_status(&submitted);
     Ok((status, Json(full_run_view(&state, submitted.run).await?)).into_response())
 }

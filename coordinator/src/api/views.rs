@@ -49,6 +49,7 @@ pub fn run_view(state: &AppState, run: Run) -> RunView {
         sha: stamp.sha.to_string(),
         manifest_sha256: stamp.manifest_sha256.clone(),
     });
+    let trace_id = crate::telemetry::trace_id(&run);
     RunView {
         url: state.run_url(run.id),
         id: run.id,
@@ -88,11 +89,8 @@ pub fn run_view(state: &AppState, run: Run) -> RunView {
             .as_deref()
             .and_then(|json| serde_json::from_str(json).ok()),
         waiting: None,
-        trace_id: run
-            .traceparent
-            .as_deref()
-            .and_then(slimci_telemetry::TraceParent::parse)
-            .map(|root| root.trace_id.to_string()),
+        trace_id,
+        trigger: run.trigger,
         summary: None,
         phases: None,
         nodes: None,

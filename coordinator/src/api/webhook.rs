@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
+use slimci_client::Trigger;
 use slimci_proto::{IsolationName, PrNumber, RunKind, Sha};
 
 use super::{ApiError, submission_status};
@@ -46,6 +47,12 @@ struct Repository {
     full_name: String,
 }
 
+/// Who sent the event (every event GitHub delivers names one).
+#[derive(Deserialize)]
+struct Sender {
+    login: String,
+}
+
 #[derive(Deserialize)]
 struct Head {
     sha: String,
@@ -65,6 +72,8 @@ struct PullRequestEvent {
     number: u64,
     pull_request: PullRequestPayload,
     repository: Repository,
+    #[serde(default)]
+    sender: Option<Sender>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +84,8 @@ struct PushEvent {
     #[serde(default)]
     deleted: bool,
     repository: Repository,
+    #[serde(default)]
+    sender: Option<Sender>,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -131,8 +142,8 @@ pub async fn github_webhook(
     }
     let handled = match event.as_str() {
         "ping" => Ok(answer(StatusCode::OK, "pong", None)),
-        "pull_request" => pull_request(&state, &body).await,
-        "push" => push(&state, &body).await,
+        "pull_request" => pull_request(&state, &body, &delivery).await,
+        "push" => push(&state, &body, &delivery).await,
         other => Ok(answer(
             StatusCode::ACCEPTED,
             format!("`{other}` events are not used by slimci; nothing done"),
@@ -172,8 +183,24 @@ fn configured_repository(
     })
 }
 
-async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+/// The run's trigger: this delivery of `event`.
+fn webhook_trigger(
+    event: &str,
+    action: Option<&str>,
+    sender: Option<Sender>,
+    delivery: &str,
+) -> Trigger {
+    Trigger::Github {
+        event: event.to_owned(),
+        action: action.map(str::to_owned),
+        sender: sender.map(|sender| sender.login),
+        delivery: delivery.to_owned(),
+    }
+}
+
+async fn pull_request(state: &AppState, body: &[u8], delivery: &str) -> Result<Response, ApiError> {
     let event: PullRequestEvent = parse(body, "pull_request")?;
+    let trigger = webhook_trigger("pull_request", Some(&event.action), event.sender, delivery);
     let repository = match configured_repository(state, &event.repository) {
         Ok(repository) => repository,
         Err(not_configured) => return Ok(*not_configured),
@@ -198,7 +225,7 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
         PullRequestAction::Build => {
             let what = format!("CI run of {} for PR #{pr}", head_sha.short());
             let request = pull_request_build(state, &repository, pr, head_sha)?;
-            submit(state, request, what).await
+            submit(state, request, trigger, what).await
         }
         PullRequestAction::SkipDraft => Ok(answer(
             StatusCode::OK,
@@ -226,7 +253,7 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
             let cancelled =
                 runs::cancel_pull_request(state, &repository, pr, "the pull request was closed")
                     .await?;
-            let teardown = runs::teardown(state, &repository, pr).await?;
+            let teardown = runs::teardown(state, &repository, pr, trigger).await?;
             Ok(answer(
                 StatusCode::CREATED,
                 format!(
@@ -246,7 +273,7 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
     }
 }
 
-async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+async fn push(state: &AppState, body: &[u8], delivery: &str) -> Result<Response, ApiError> {
     let event: PushEvent = parse(body, "push")?;
     let repository = match configured_repository(state, &event.repository) {
         Ok(repository) => repository,
@@ -281,7 +308,8 @@ async fn push(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         isolation: None,
         timeout_secs: runs::run_timeout_secs(&state.config, &repository),
     };
-    submit(state, request, what).await
+    let trigger = webhook_trigger("push", None, event.sender, delivery);
+    submit(state, request, trigger, what).await
 }
 
 fn parse_sha(text: &str) -> Result<Sha, ApiError> {
@@ -317,9 +345,10 @@ fn pull_request_build(
 async fn submit(
     state: &AppState,
     request: ValidRequest,
+    trigger: Trigger,
     what: String,
 ) -> Result<Response, ApiError> {
-    let submitted = runs::submit(state, request).await?;
+    let submitted = runs::submit(state, request, trigger).await?;
     Ok(answer(
         submission_status(&submitted),
         what,

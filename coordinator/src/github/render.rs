@@ -281,6 +281,7 @@ mod tests {
             sandbox: None,
             caches: None,
             traceparent: None,
+            trigger: None,
         }
     }
 

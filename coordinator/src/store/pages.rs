@@ -167,17 +167,6 @@ impl Store {
                 .await?;
         rows.iter().map(run_from_row).collect()
     }
-
-    /// The agents that took a run lately (the newest first), with when they last started one.
-    pub async fn recent_agents(&self, since_ms: i64) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT agent, max(started_ms) AS last FROM runs
-             WHERE agent IS NOT NULL AND started_ms >= ? GROUP BY agent ORDER BY last DESC",
-        )
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?)
-    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub struct Publish {
     /// The stored `manifest.json`.
     pub manifest: ArtifactRecord,
     pub message: String,
+    /// Who published it.
+    pub trigger: slimci_client::Trigger,
     /// The dbt Cloud run it came from, if it did.
     pub dbt_cloud_run_id: Option<u64>,
 }
@@ -65,6 +67,7 @@ impl Store {
             status: RunStatus::Success,
             message: Some(publish.message.clone()),
             traceparent: None,
+            trigger: publish.trigger.clone(),
         };
         let mut transaction = self.begin_immediate().await?;
         insert_run(&mut *transaction, &run, at).await?;
@@ -216,6 +219,9 @@ mod tests {
                 created_ms: super::super::now_ms(),
             },
             message: "published".into(),
+            trigger: slimci_client::Trigger::Cli {
+                version: Some("0.1.0".into()),
+            },
             dbt_cloud_run_id: None,
         };
         let first = publish('a', "f1");
@@ -227,6 +233,7 @@ mod tests {
         assert_eq!(run.kind, RunKind::Publish);
         assert_eq!(run.status, RunStatus::Success);
         assert!(run.finished_ms.is_some());
+        assert_eq!(run.trigger, Some(first.trigger.clone()), "who published it");
         assert_eq!(store.artifacts(first.id).await.unwrap()[0].sha256, "f1");
 
         // A CI run stamped with the first keeps it when the second moves production state.

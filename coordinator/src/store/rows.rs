@@ -1,6 +1,7 @@
 //! The store's row types, and one decoder per row type (`*_from_row`), built from shared
 //! column decoders so every column is read the same way wherever it appears.
 
+use slimci_client::Trigger;
 use slimci_proto::{
     Attempt, IsolationName, NodeResult, Phase, PrNumber, RepoName, RunId, RunKind, Sha,
 };
@@ -63,6 +64,8 @@ pub struct NewRun {
     /// The W3C `traceparent` of the run's root span, when its trace is exported: written with
     /// the row, so the run's first dispatch already carries it.
     pub traceparent: Option<String>,
+    /// Who or what asked for it.
+    pub trigger: Trigger,
 }
 
 /// A run as stored.
@@ -107,6 +110,9 @@ pub struct Run {
     pub caches: Option<String>,
     /// The W3C `traceparent` of the run's root span, when its trace is exported.
     pub traceparent: Option<String>,
+    /// Who or what asked for it; none for runs recorded before triggers were (or written by a
+    /// newer coordinator in a form this one does not know).
+    pub trigger: Option<Trigger>,
 }
 
 impl Run {
@@ -295,6 +301,7 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
         sandbox: text(row, "sandbox")?,
         caches: text(row, "caches")?,
         traceparent: text(row, "traceparent")?,
+        trigger: text(row, "triggered_by")?.and_then(|json| serde_json::from_str(&json).ok()),
     })
 }
 

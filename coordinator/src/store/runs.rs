@@ -32,8 +32,8 @@ pub(super) async fn insert_run<'e>(
     sqlx::query(
         "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
             created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
-            traceparent)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            traceparent, triggered_by)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(run.repository.as_str())
@@ -51,6 +51,7 @@ pub(super) async fn insert_run<'e>(
     .bind(production.map(|production| production.sha.as_str()))
     .bind(production.map(|production| production.manifest_sha256.as_str()))
     .bind(&run.traceparent)
+    .bind(serde_json::to_string(&run.trigger).expect("a trigger serializes"))
     .execute(executor)
     .await?;
     Ok(())

@@ -136,6 +136,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (
         8,
+        // Who or what asked for the run (`slimci_client::Trigger`, as JSON), recorded where
+        // the request came in; NULL for runs made before.
+        "ALTER TABLE runs ADD COLUMN triggered_by TEXT;",
+    ),
+    (
+        9,
         // The dbt Cloud run a publish run imported the manifest of (production from dbt Cloud).
         "ALTER TABLE runs ADD COLUMN dbt_cloud_run_id INTEGER;",
     ),

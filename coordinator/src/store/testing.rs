@@ -36,6 +36,7 @@ pub fn new_run(kind: RunKind) -> NewRun {
         status: RunStatus::Queued,
         message: None,
         traceparent: None,
+        trigger: slimci_client::Trigger::Api { user_agent: None },
     }
 }
 

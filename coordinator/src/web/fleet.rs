@@ -1,38 +1,47 @@
 //! `/fleet`: the agents, what each builds, and the queue with positions.
 //!
-//! The coordinator has no agent registry yet: what it knows of the fleet is RabbitMQ's count
-//! of consumers on the jobs queue (`Fleet`), and from the store which agent holds which running
-//! attempt and which agents took runs lately. `fleet_snapshot` is the one place that gathers
-//! it; when agents register (with their slots and heartbeats), it is the function to point at
-//! that registry.
+//! The agents are the registry's (`crate::agents`, the same as `GET /api/v1/agents`): each as
+//! its last heartbeat said (version, slots, busy slots, draining) and where it stands by
+//! `agent_state`. A running run whose agent the registry does not know (the coordinator
+//! restarted and that agent has not sent a heartbeat since) is still listed under its agent's
+//! name. `fleet_snapshot` is the one place that gathers what the page shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use slimci_proto::Topology;
+use chrono::Utc;
+use slimci_proto::{RunId, Topology};
 
 use super::runs::{RunRow, run_row};
 use super::{Layout, WebResult, duration, render, when};
+use crate::agents::FleetTotals;
 use crate::app::AppState;
 use crate::rules::RunStatus;
-use crate::store::{StoreError, now_ms};
+use crate::store::{Run, StoreError, now_ms};
 
-/// Agents that took a run within this long are listed even when idle.
-const RECENT_MS: i64 = 24 * 3600 * 1000;
 /// Queued runs listed.
 const QUEUE_LISTED: u32 = 500;
+/// Running runs read to say what each agent builds.
+const RUNNING_READ: u32 = 10_000;
 
 /// One agent as the coordinator knows it.
 pub struct AgentRow {
     pub name: String,
+    /// `idle`, `busy`, `draining`, `offline`, or `unknown` for an agent known only by a run it
+    /// holds.
+    pub state: &'static str,
+    pub version: Option<String>,
+    /// Its slots, as its heartbeat said; none for an agent that has not said.
+    pub slots: Option<u16>,
+    pub busy_slots: u16,
     /// The runs it builds now (one per busy slot).
     pub building: Vec<RunRow>,
-    /// When it last started a run.
-    pub last_started: String,
+    /// When it was last heard from, and how long ago.
+    pub last_heartbeat: Option<(String, String)>,
 }
 
 /// A queued run and its place in line.
@@ -50,46 +59,93 @@ pub struct FleetSnapshot {
     /// Agents consuming the jobs queue, as RabbitMQ last said; none when it was not asked lately.
     pub agents_consuming: Option<u32>,
     pub agents: Vec<AgentRow>,
+    /// Agents by state, and slots over the agents not offline.
+    pub totals: FleetTotals,
     pub queue: Vec<QueuedRow>,
 }
 
-/// Gathers the fleet from `Fleet` and the store.
+impl FleetSnapshot {
+    /// Busy slots over slots, as a whole percentage.
+    pub fn saturation_percent(&self) -> u32 {
+        (self.totals.saturation() * 100.0).round() as u32
+    }
+
+    /// Runs being built, over every agent.
+    pub fn building(&self) -> usize {
+        self.agents.iter().map(|agent| agent.building.len()).sum()
+    }
+}
+
+/// Gathers the fleet from the agents registry, `Fleet` and the store.
 pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreError> {
     let now = now_ms();
+    let at = Utc::now();
     let running = state
         .store
-        .runs_with_status(RunStatus::Running, 10_000)
+        .runs_with_status(RunStatus::Running, RUNNING_READ)
         .await?;
+    let mut running_by_id: HashMap<RunId, &Run> = running.iter().map(|run| (run.id, run)).collect();
     let mut agents: BTreeMap<String, AgentRow> = BTreeMap::new();
-    for (name, last) in state.store.recent_agents(now - RECENT_MS).await? {
+    for (record, agent_state) in state.agents.list(at) {
+        let mut building = Vec::new();
+        for id in &record.current_runs {
+            match running_by_id.remove(id) {
+                Some(run) => building.push(run_row(run, None)),
+                // Claimed a moment ago, or ended a moment ago: read it on its own.
+                None => {
+                    if let Some(run) = state.store.run(*id).await? {
+                        building.push(run_row(&run, None));
+                    }
+                }
+            }
+        }
+        let silent_s = (at - record.last_heartbeat).num_milliseconds().max(0) as f64 / 1000.0;
         agents.insert(
-            name.clone(),
+            record.name.to_string(),
             AgentRow {
-                name,
-                building: Vec::new(),
-                last_started: when(last),
+                name: record.name.to_string(),
+                state: agent_state.as_str(),
+                version: record.status.as_ref().map(|status| status.version.clone()),
+                slots: record.status.as_ref().map(|status| status.slots),
+                busy_slots: record.busy_slots(),
+                building,
+                last_heartbeat: Some((
+                    when(record.last_heartbeat.timestamp_millis()),
+                    duration(silent_s),
+                )),
             },
         );
     }
-    for run in &running {
+    // Running runs of agents the registry does not know (yet).
+    for run in running_by_id.into_values() {
         let name = run.agent.clone().unwrap_or_else(|| "(claiming)".to_owned());
-        agents
-            .entry(name.clone())
-            .or_insert_with(|| AgentRow {
-                name,
-                building: Vec::new(),
-                last_started: run.started_ms.map(when).unwrap_or_default(),
-            })
-            .building
-            .push(run_row(run, None));
+        let row = agents.entry(name.clone()).or_insert_with(|| AgentRow {
+            name,
+            state: "unknown",
+            version: None,
+            slots: None,
+            busy_slots: 0,
+            building: Vec::new(),
+            last_heartbeat: None,
+        });
+        row.building.push(run_row(run, None));
+        if row.state == "unknown" {
+            row.busy_slots += 1;
+        }
     }
     let mut agents: Vec<AgentRow> = agents.into_values().collect();
-    agents.sort_by(|a, b| {
-        b.building
-            .len()
-            .cmp(&a.building.len())
-            .then(a.name.cmp(&b.name))
-    });
+    // Busy agents first, offline ones last.
+    let rank = |state: &str| match state {
+        "busy" => 0,
+        "draining" => 1,
+        "idle" => 2,
+        "unknown" => 3,
+        _ => 4,
+    };
+    agents.sort_by(|a, b| rank(a.state).cmp(&rank(b.state)).then(a.name.cmp(&b.name)));
+    for agent in &mut agents {
+        agent.building.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     let queued = state
         .store
         .runs_with_status(RunStatus::Queued, QUEUE_LISTED)
@@ -108,6 +164,7 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
         jobs_queue: Topology::new(&state.config.amqp.prefix).jobs_queue(),
         agents_consuming: state.fleet.agents_consuming(),
         agents,
+        totals: state.agents.totals(at),
         queue,
     })
 }
@@ -117,7 +174,6 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
 struct FleetPage {
     layout: Layout,
     fleet: FleetSnapshot,
-    building: usize,
 }
 
 pub(super) async fn show(
@@ -125,10 +181,8 @@ pub(super) async fn show(
     headers: HeaderMap,
 ) -> WebResult<Response> {
     let fleet = fleet_snapshot(&state).await?;
-    let building = fleet.agents.iter().map(|agent| agent.building.len()).sum();
     Ok(render(&FleetPage {
         layout: Layout::for_request(&state, &headers, "Fleet"),
         fleet,
-        building,
     }))
 }

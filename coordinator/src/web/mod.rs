@@ -7,12 +7,17 @@
 //! run's log and progress over the API's server-sent events. The pages read the store and the
 //! API's views; they change nothing except through `runs::cancel`.
 //!
-//! `auth`: login sessions and CSRF tokens. `runs`: the run list and a run's page.
-//! `timeline`: `run_results.json` → SVG. `repository`, `fleet`: those pages.
+//! `auth`: login sessions and CSRF tokens. `runs`: the run list. `run_page`: a run's page,
+//! with its head from `run_head`; `run_links`: what that page links to (the log as text, the
+//! event stream, the timeline alone, artifacts). `timeline`: `run_results.json` → SVG.
+//! `repository`, `fleet`: those pages.
 
 mod auth;
 pub mod fleet;
 mod repository;
+mod run_head;
+mod run_links;
+mod run_page;
 mod runs;
 pub mod timeline;
 
@@ -51,7 +56,12 @@ impl From<StoreError> for WebError {
 
 impl From<crate::api::ApiError> for WebError {
     fn from(error: crate::api::ApiError) -> Self {
-        WebError::Internal(error.to_string())
+        use crate::api::ApiError;
+        match error {
+            ApiError::BadRequest(message) => WebError::BadRequest(message),
+            ApiError::NotFound(message) => WebError::NotFound(message),
+            error => WebError::Internal(error.to_string()),
+        }
     }
 }
 
@@ -87,6 +97,9 @@ pub type WebResult<T> = Result<T, WebError>;
 pub struct Layout {
     pub title: String,
     pub logout_csrf: Option<String>,
+    /// The static files' version, in their URLs (`?v=`), so browsers keep them until they
+    /// change.
+    pub assets: &'static str,
 }
 
 impl Layout {
@@ -94,6 +107,7 @@ impl Layout {
         Layout {
             title: title.to_owned(),
             logout_csrf,
+            assets: assets_version(),
         }
     }
 
@@ -122,12 +136,12 @@ fn render(template: &impl Template) -> Response {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(runs::index))
-        .route("/runs/{id}", get(runs::show))
-        .route("/runs/{id}/cancel", post(runs::cancel))
-        .route("/runs/{id}/events", get(runs::events))
-        .route("/runs/{id}/log", get(runs::log_text))
-        .route("/runs/{id}/timeline.svg", get(runs::timeline_svg))
-        .route("/runs/{id}/artifacts/{name}", get(runs::artifact))
+        .route("/runs/{id}", get(run_page::show))
+        .route("/runs/{id}/cancel", post(run_page::cancel))
+        .route("/runs/{id}/events", get(run_links::events))
+        .route("/runs/{id}/log", get(run_links::log_text))
+        .route("/runs/{id}/timeline.svg", get(run_links::timeline_svg))
+        .route("/runs/{id}/artifacts/{name}", get(run_links::artifact))
         .route("/repositories/{name}", get(repository::show))
         .route("/fleet", get(fleet::show))
         .layer(middleware::from_fn_with_state(
@@ -183,13 +197,32 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+const STYLESHEET: &str = include_str!("../../static/slimci.css");
+const SCRIPT: &str = include_str!("../../static/slimci.js");
+/// Pages name the static files with their version, so a browser may keep them for good.
+const STATIC_CACHE: &str = "public, max-age=31536000, immutable";
+
+/// The first 12 hex digits of the static files' sha256: what changes their URLs when they
+/// change.
+fn assets_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(STYLESHEET)
+            .chain_update(SCRIPT)
+            .finalize();
+        hex::encode(digest)[..12].to_owned()
+    })
+}
+
 async fn stylesheet() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "max-age=300"),
+            (header::CACHE_CONTROL, STATIC_CACHE),
         ],
-        include_str!("../../static/slimci.css"),
+        STYLESHEET,
     )
 }
 
@@ -197,9 +230,9 @@ async fn script() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "max-age=300"),
+            (header::CACHE_CONTROL, STATIC_CACHE),
         ],
-        include_str!("../../static/slimci.js"),
+        SCRIPT,
     )
 }
 

@@ -1,0 +1,216 @@
+//! What a run's page links to: its log as text (`/runs/{id}/log`), the live log's event stream
+//! (`/runs/{id}/events`), the build's timeline alone (`/runs/{id}/timeline.svg`), and its
+//! artifacts (`/runs/{id}/artifacts/{name}`); all behind the page's session.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use slimci_proto::RunId;
+
+use super::timeline::Timeline;
+use super::{WebError, WebResult, duration};
+use crate::api::artifacts::{Disposition, download};
+use crate::api::logs::last_event_id;
+use crate::app::AppState;
+use crate::store::ArtifactRecord;
+
+/// A `run_results.json` larger than this gets no timeline.
+const MAX_RUN_RESULTS_BYTES: u64 = 64 * 1024 * 1024;
+/// Timelines kept drawn, the most recently drawn ones.
+const TIMELINES_KEPT: usize = 16;
+
+pub(super) fn parse_id(text: &str) -> WebResult<RunId> {
+    RunId::parse(text).map_err(|error| WebError::BadRequest(error.to_string()))
+}
+
+pub(super) async fn load_run(state: &AppState, id: RunId) -> WebResult<crate::store::Run> {
+    state
+        .store
+        .run(id)
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("no run {id}")))
+}
+
+pub(super) fn size(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+    }
+}
+
+/// A run's timeline as drawn: the SVG and the line that describes it.
+pub struct DrawnTimeline {
+    pub svg: Option<Arc<str>>,
+    pub note: String,
+}
+
+/// Timelines drawn lately, by run and the sha256 of the `run_results.json` they were drawn
+/// from: an uploaded artifact never changes under its hash, so a page shown again (a reload,
+/// the live page's reload at the end) does not parse and draw it again.
+static DRAWN: Mutex<VecDeque<Drawn>> = Mutex::new(VecDeque::new());
+
+/// One timeline kept drawn.
+struct Drawn {
+    run: RunId,
+    /// Of the `run_results.json` it was drawn from.
+    sha256: String,
+    svg: Arc<str>,
+    note: String,
+}
+
+/// The timeline of run `id` from its `run_results.json` (`results`, its artifact record), if
+/// dbt wrote one with timings.
+pub(super) async fn timeline_of(
+    state: &AppState,
+    id: RunId,
+    results: Option<&ArtifactRecord>,
+) -> DrawnTimeline {
+    let Some(results) = results else {
+        return DrawnTimeline {
+            svg: None,
+            note: "no run_results.json (yet): dbt writes it when the build ends".to_owned(),
+        };
+    };
+    let drawn_before = DRAWN
+        .lock()
+        .expect("timelines lock")
+        .iter()
+        .find(|drawn| drawn.run == id && drawn.sha256 == results.sha256)
+        .map(|drawn| (drawn.svg.clone(), drawn.note.clone()));
+    if let Some((svg, note)) = drawn_before {
+        return DrawnTimeline {
+            svg: Some(svg),
+            note,
+        };
+    }
+    let Ok(path) = state.artifacts.path(id, "run_results.json") else {
+        return DrawnTimeline {
+            svg: None,
+            note: String::new(),
+        };
+    };
+    let read = tokio::task::spawn_blocking(move || -> Result<Timeline, String> {
+        let length = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+        if length > MAX_RUN_RESULTS_BYTES {
+            return Err(format!(
+                "run_results.json is {}, too large to draw",
+                size(length)
+            ));
+        }
+        let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+        Timeline::from_run_results(&bytes).map_err(|e| e.to_string())
+    })
+    .await;
+    let timeline = match read {
+        Ok(Ok(timeline)) if !timeline.bars.is_empty() => timeline,
+        Ok(Ok(_)) => {
+            return DrawnTimeline {
+                svg: None,
+                note: "run_results.json has no node timings".to_owned(),
+            };
+        }
+        Ok(Err(note)) => return DrawnTimeline { svg: None, note },
+        Err(error) => {
+            return DrawnTimeline {
+                svg: None,
+                note: error.to_string(),
+            };
+        }
+    };
+    let note = format!(
+        "{} nodes over {} (from the first node's start to the last one's end)",
+        timeline.bars.len(),
+        duration(timeline.span_s())
+    );
+    let svg: Arc<str> = timeline.svg().into();
+    let mut drawn = DRAWN.lock().expect("timelines lock");
+    if drawn.len() == TIMELINES_KEPT {
+        drawn.pop_front();
+    }
+    drawn.push_back(Drawn {
+        run: id,
+        sha256: results.sha256.clone(),
+        svg: svg.clone(),
+        note: note.clone(),
+    });
+    DrawnTimeline {
+        svg: Some(svg),
+        note,
+    }
+}
+
+/// The record of run `id`'s `run_results.json`, once uploaded.
+pub(super) fn run_results_of(artifacts: &[ArtifactRecord]) -> Option<&ArtifactRecord> {
+    artifacts
+        .iter()
+        .find(|artifact| artifact.name == "run_results.json")
+}
+
+#[derive(Deserialize)]
+pub(super) struct EventsQuery {
+    after: Option<u64>,
+}
+
+/// `GET /runs/{id}/events`: the API's log stream for the page's script, behind the page's
+/// session. It resumes after `Last-Event-ID` (the browser's reconnect) or `?after=` (the
+/// last line the page was rendered with).
+pub(super) async fn events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> WebResult<Response> {
+    let run = load_run(&state, parse_id(&id)?).await?;
+    let resume_after = last_event_id(&headers).or(query.after).unwrap_or(0);
+    Ok(crate::api::logs::follow_logs(state, run, resume_after).into_response())
+}
+
+/// `GET /runs/{id}/timeline.svg`: the build's timeline on its own (404 before dbt wrote
+/// `run_results.json`).
+pub(super) async fn timeline_svg(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> WebResult<Response> {
+    let id = parse_id(&id)?;
+    let artifacts = state.store.artifacts(id).await?;
+    match timeline_of(&state, id, run_results_of(&artifacts)).await {
+        DrawnTimeline { svg: Some(svg), .. } => Ok((
+            [
+                (header::CONTENT_TYPE, "image/svg+xml"),
+                (header::CACHE_CONTROL, "private, max-age=300"),
+            ],
+            svg.to_string(),
+        )
+            .into_response()),
+        DrawnTimeline { svg: None, note } => Err(WebError::NotFound(format!(
+            "run {id} has no timeline: {note}"
+        ))),
+    }
+}
+
+/// `GET /runs/{id}/log`: the whole log as text.
+pub(super) async fn log_text(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> WebResult<Response> {
+    let run = load_run(&state, parse_id(&id)?).await?;
+    let text = state
+        .logs
+        .whole_text(run.id, run.attempt)
+        .map_err(|error| WebError::Internal(error.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// `GET /runs/{id}/artifacts/{name}`: a download, behind the page's session.
+pub(super) async fn artifact(
+    State(state): State<Arc<AppState>>,
+    Path((id, name)): Path<(String, String)>,
+) -> WebResult<Response> {
+    let id = parse_id(&id)?;
+    Ok(download(&state, id, &name, Disposition::Attachment).await?)
+}

@@ -1,0 +1,265 @@
+//! `/runs/{id}`: one run, with its head (`run_head`), log (following live while it runs),
+//! phases, nodes (failures first, filtered), the build's timeline, artifacts and a cancel
+//! button; and `/runs/{id}/cancel`, that button's CSRF-checked form.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use slimci_client::{Summary, is_failure, summarize};
+use slimci_proto::{NodeResult, RunId};
+
+use super::run_head::{Head, head};
+use super::run_links::{load_run, parse_id, run_results_of, size, timeline_of};
+use super::runs::{Choice, choices};
+use super::timeline::status_class;
+use super::{CsrfForm, Layout, WebError, WebResult, auth, duration, render, short_sha, when};
+use crate::app::AppState;
+use crate::rules::CANCELLED_BY_USER;
+use crate::runs::CancelError;
+use crate::store::Run;
+
+/// Log lines a run's page shows; the whole log is a link away.
+const LOG_TAIL: usize = 300;
+/// A log line longer than this is cut on the page (not in the log).
+const LOG_LINE_CHARS: usize = 2000;
+/// Node rows shown unless the reader asks for all.
+const NODE_ROWS: usize = 100;
+/// Deferred parents listed by name.
+const DEFERRED_LISTED: usize = 200;
+
+pub struct PhaseRow {
+    pub attempt: u32,
+    pub phase: String,
+    pub started: String,
+    pub duration: String,
+    pub outcome: &'static str,
+}
+
+pub struct NodeRow {
+    pub unique_id: String,
+    pub status: String,
+    pub class: &'static str,
+    pub time: String,
+    pub rows: String,
+    pub message: String,
+}
+
+pub struct ArtifactRow {
+    pub name: String,
+    pub size: String,
+    pub sha256: String,
+}
+
+/// A run's page, ready to render.
+#[derive(Template)]
+#[template(path = "run.html")]
+pub struct RunPage {
+    layout: Layout,
+    head: Head,
+    summary: Summary,
+    deferred_count: usize,
+    deferred: Vec<String>,
+    phases: Vec<PhaseRow>,
+    node_total: usize,
+    nodes: Vec<NodeRow>,
+    nodes_matching: usize,
+    filter_q: String,
+    filter_status: String,
+    node_statuses: Vec<Choice>,
+    timeline: Option<Arc<str>>,
+    timeline_note: String,
+    log_lines: Vec<String>,
+    log_total: u64,
+    log_cut: bool,
+    artifacts: Vec<ArtifactRow>,
+    cancel_csrf: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct NodeQuery {
+    q: Option<String>,
+    status: Option<String>,
+    all: Option<String>,
+}
+
+fn first_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() > max {
+        let cut: String = line.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        line.to_owned()
+    }
+}
+
+/// The last `LOG_TAIL` lines of the run's log, numbered as the event stream numbers them, and
+/// how many there are.
+fn log_tail(state: &AppState, run: &Run) -> WebResult<(Vec<String>, u64)> {
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(LOG_TAIL);
+    let mut total = 0u64;
+    state
+        .logs
+        .each_line(run.id, run.attempt, |line| {
+            total = line.number;
+            if tail.len() == LOG_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(first_line(&line.text, LOG_LINE_CHARS));
+        })
+        .map_err(|error| WebError::Internal(error.to_string()))?;
+    Ok((tail.into(), total))
+}
+
+/// Builds run `id`'s page for this request.
+pub async fn run_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: RunId,
+    query: &NodeQuery,
+) -> WebResult<RunPage> {
+    let run = load_run(state, id).await?;
+    let mut phases = state.store.phases(id).await?;
+    phases.sort_by_key(|phase| (phase.attempt, crate::store::phase_order(&phase.phase)));
+    let nodes = state.store.nodes(id).await?;
+    let artifacts = state.store.artifacts(id).await?;
+    let queue_position = state.store.queue_position(&run).await?;
+    let summary = summarize(&nodes);
+    let head = head(state, &run, queue_position);
+
+    // Failures first, then the slowest.
+    let mut sorted: Vec<&NodeResult> = nodes.iter().collect();
+    sorted.sort_by(|a, b| {
+        is_failure(b)
+            .cmp(&is_failure(a))
+            .then(b.execution_time_s.total_cmp(&a.execution_time_s))
+    });
+    let filter_q = query.q.clone().unwrap_or_default().trim().to_owned();
+    let filter_status = query.status.clone().unwrap_or_default();
+    let needle = filter_q.to_lowercase();
+    let matching: Vec<&NodeResult> = sorted
+        .into_iter()
+        .filter(|node| needle.is_empty() || node.unique_id.to_lowercase().contains(&needle))
+        .filter(|node| match filter_status.as_str() {
+            "" => true,
+            "failures" => is_failure(node),
+            status => node.status == status,
+        })
+        .collect();
+    let show_all = query.all.is_some();
+    let mut statuses: Vec<&str> = nodes.iter().map(|node| node.status.as_str()).collect();
+    statuses.sort_unstable();
+    statuses.dedup();
+    let node_statuses = choices(
+        std::iter::once("failures").chain(statuses),
+        Some(filter_status.as_str()),
+    );
+    let node_rows = matching
+        .iter()
+        .take(if show_all { usize::MAX } else { NODE_ROWS })
+        .map(|node| NodeRow {
+            unique_id: node.unique_id.clone(),
+            status: node.status.clone(),
+            class: status_class(&node.status),
+            time: format!("{:.2} s", node.execution_time_s),
+            rows: node
+                .adapter_response
+                .as_ref()
+                .and_then(|response| response.get("rows_affected"))
+                .and_then(serde_json::Value::as_i64)
+                .map(|rows| rows.to_string())
+                .unwrap_or_default(),
+            message: node
+                .message
+                .as_deref()
+                .map(|message| first_line(message, 500))
+                .unwrap_or_default(),
+        })
+        .collect();
+
+    let timeline = timeline_of(state, id, run_results_of(&artifacts)).await;
+    let (log_lines, log_total) = log_tail(state, &run)?;
+    let cancellable = !run.status.is_terminal() && !run.cancel_requested;
+    Ok(RunPage {
+        layout: Layout::for_request(state, headers, &format!("Run {}", short_sha(&head.id))),
+        summary,
+        deferred_count: run.deferred.len(),
+        deferred: run.deferred.iter().take(DEFERRED_LISTED).cloned().collect(),
+        phases: phases
+            .iter()
+            .map(|phase| PhaseRow {
+                attempt: phase.attempt.0,
+                phase: phase.phase.clone(),
+                started: when(phase.started_ms),
+                duration: phase
+                    .finished_ms
+                    .map(|end| duration((end - phase.started_ms).max(0) as f64 / 1000.0))
+                    .unwrap_or_else(|| "running".to_owned()),
+                outcome: match phase.ok {
+                    Some(true) => "ok",
+                    Some(false) => "failed",
+                    None => "",
+                },
+            })
+            .collect(),
+        node_total: nodes.len(),
+        nodes_matching: matching.len(),
+        nodes: node_rows,
+        filter_q,
+        filter_status,
+        node_statuses,
+        timeline: timeline.svg,
+        timeline_note: timeline.note,
+        log_cut: log_total > log_lines.len() as u64,
+        log_lines,
+        log_total,
+        artifacts: artifacts
+            .iter()
+            .map(|artifact| ArtifactRow {
+                name: artifact.name.clone(),
+                size: size(artifact.size),
+                sha256: artifact.sha256.clone(),
+            })
+            .collect(),
+        cancel_csrf: cancellable.then(|| auth::csrf_token(state, headers)),
+        head,
+    })
+}
+
+pub(super) async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<NodeQuery>,
+) -> WebResult<Response> {
+    let page = run_page(&state, &headers, parse_id(&id)?, &query).await?;
+    Ok(render(&page))
+}
+
+/// `POST /runs/{id}/cancel`: the page's cancel button. Refused with 403, changing nothing,
+/// unless the form carries this session's CSRF token.
+pub(super) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> WebResult<Response> {
+    let id = parse_id(&id)?;
+    if !auth::csrf_valid(&state, &headers, form.csrf.as_deref()) {
+        tracing::warn!(run = %id, "web cancel refused: missing or wrong CSRF token");
+        return Err(WebError::Forbidden(
+            "this cancel did not come from the run's page (its form token is missing or out of date); reload the page and press cancel again".to_owned(),
+        ));
+    }
+    match crate::runs::cancel(&state, id, CANCELLED_BY_USER).await {
+        Ok(_) | Err(CancelError::AlreadyFinished { .. }) => {
+            Ok(Redirect::to(&format!("/runs/{id}")).into_response())
+        }
+        Err(CancelError::Unknown(_)) => Err(WebError::NotFound(format!("no run {id}"))),
+        Err(CancelError::Store(error)) => Err(error.into()),
+    }
+}
