@@ -9,6 +9,7 @@ use crate::app::AppState;
 use crate::config::{Config, RepositoryConfig};
 use crate::rules::{self, Admission, CancelDecision, RunStatus, SubmitDecision, ValidRequest};
 use crate::store::{NewRun, Run, StoreError};
+use crate::telemetry::Origin;
 
 /// The run that answers a request, and whether it was made for it.
 pub struct Submitted {
@@ -20,6 +21,15 @@ pub struct Submitted {
 /// `error`), answers with the existing run when the same commit is already queued or building,
 /// and supersedes the PR's runs of older commits.
 pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted, StoreError> {
+    submit_from(state, request, &Origin::Request).await
+}
+
+/// `submit`, for a run made by `origin` (which its trace shows).
+async fn submit_from(
+    state: &AppState,
+    request: ValidRequest,
+    origin: &Origin,
+) -> Result<Submitted, StoreError> {
     let requested_at = std::time::SystemTime::now();
     // One submission at a time, so two requests for one PR cannot both miss each other.
     let _serial = state.submit_lock.lock().await;
@@ -80,7 +90,7 @@ pub async fn submit(state: &AppState, request: ValidRequest) -> Result<Submitted
     state.outbox.notify_one();
     let _ = state.changes.send(new_run.id);
     let run = state.store.run(new_run.id).await?.expect("just inserted");
-    crate::telemetry::request(state, &run, requested_at);
+    crate::telemetry::origin(state, &run, requested_at, origin);
     Ok(Submitted { run, created: true })
 }
 
@@ -144,14 +154,16 @@ pub async fn cancel_pull_request(
     Ok(cancelled)
 }
 
-/// Queues a teardown run that drops PR `pr`'s isolation (and nothing else).
+/// Queues a teardown run that drops PR `pr`'s isolation (and nothing else), at a request or
+/// because the sweeper found it left behind (`origin`).
 pub async fn teardown(
     state: &AppState,
     repository: &RepositoryConfig,
     pr: PrNumber,
+    origin: &Origin,
 ) -> Result<Submitted, StoreError> {
     let timeout = run_timeout_secs(&state.config, repository);
-    submit(state, rules::teardown_request(repository, pr, timeout)).await
+    submit_from(state, rules::teardown_request(repository, pr, timeout), origin).await
 }
 
 /// How long a run of `repository` may take: its own limit, or the coordinator's.

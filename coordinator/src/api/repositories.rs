@@ -4,15 +4,18 @@
 
 use std::io::BufReader;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use opentelemetry::KeyValue;
 use serde::Deserialize;
 use slimci_client::{ProductionStateView, RepositoryView};
 use slimci_proto::{RunId, Sha};
+use slimci_telemetry::semconv;
 
 use super::views::{production_state_view, production_view};
 use super::{ApiError, ApiResult, require_user};
@@ -21,6 +24,7 @@ use crate::artifacts::ArtifactError;
 use crate::config::RepositoryConfig;
 use crate::rules::{self, ManifestFacts};
 use crate::store::{ArtifactRecord, Publish, now_ms};
+use crate::telemetry::publish::PublishTrace;
 
 /// The artifact name a production state's manifest has, whichever run made it.
 const MANIFEST: &str = "manifest.json";
@@ -88,8 +92,16 @@ pub(super) async fn publish_production_state(
     };
     let sha = Sha::parse(&sha).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let id = RunId::new();
+    let fetch_ref = format!("refs/heads/{}", repository.production_branch);
+    let trace = PublishTrace::start(&state, id, &repository.name, &sha, &fetch_ref);
+    let step = |name: &str, start: SystemTime, facts: Vec<KeyValue>, error: Option<String>| {
+        if let Some(trace) = &trace {
+            trace.step(name, start, facts, error);
+        }
+    };
     let limit = state.config.limits.max_artifact_bytes;
     let recorded = async {
+        let receiving = SystemTime::now();
         let stored = state
             .artifacts
             .put(id, MANIFEST, body.into_data_stream(), limit)
@@ -102,13 +114,32 @@ pub(super) async fn publish_production_state(
                 ArtifactError::BadName(_) | ArtifactError::Io(_) => {
                     ApiError::Internal(error.to_string())
                 }
-            })?;
-        let facts = check_stored_manifest(&state, id).await?;
+            });
+        let facts = match &stored {
+            Ok(stored) => vec![
+                KeyValue::new(semconv::SLIMCI_MANIFEST_BYTES, stored.size as i64),
+                KeyValue::new(semconv::SLIMCI_MANIFEST_SHA256, stored.sha256.clone()),
+            ],
+            Err(_) => Vec::new(),
+        };
+        step("receive manifest", receiving, facts, error_of(&stored));
+        let stored = stored?;
+        let checking = SystemTime::now();
+        let facts = check_stored_manifest(&state, id).await;
+        let found = match &facts {
+            Ok(facts) => vec![KeyValue::new(
+                semconv::SLIMCI_MANIFEST_NODES,
+                facts.nodes as i64,
+            )],
+            Err(_) => Vec::new(),
+        };
+        step("check manifest", checking, found, error_of(&facts));
+        let facts = facts?;
         let publish = Publish {
             id,
             repository: repository.name.clone(),
             sha,
-            fetch_ref: format!("refs/heads/{}", repository.production_branch),
+            fetch_ref,
             message: rules::published_message(&facts, stored.size),
             manifest: ArtifactRecord {
                 name: MANIFEST.to_owned(),
@@ -116,10 +147,17 @@ pub(super) async fn publish_production_state(
                 sha256: stored.sha256,
                 created_ms: now_ms(),
             },
+            traceparent: trace.as_ref().map(PublishTrace::traceparent),
         };
-        Ok(state.store.record_publish(&publish).await?)
+        let recording = SystemTime::now();
+        let production = state.store.record_publish(&publish).await.map_err(ApiError::from);
+        step("record production state", recording, Vec::new(), error_of(&production));
+        production
     }
     .await;
+    if let Some(trace) = trace {
+        trace.end(error_of(&recorded));
+    }
     let production = match recorded {
         Ok(production) => production,
         Err(error) => {
@@ -136,6 +174,11 @@ pub(super) async fn publish_production_state(
         Json(production_view(&state, production)),
     )
         .into_response())
+}
+
+/// What a step's span says of its failure: the message the publisher gets.
+fn error_of<T>(result: &ApiResult<T>) -> Option<String> {
+    result.as_ref().err().map(ToString::to_string)
 }
 
 /// Reads the stored body back (off the async threads; a manifest can be large) and checks

@@ -23,6 +23,9 @@ pub struct Publish {
     /// The stored `manifest.json`.
     pub manifest: ArtifactRecord,
     pub message: String,
+    /// The root of the publish's trace, when traces are exported; the request exports the
+    /// whole trace itself (`telemetry::publish`), so the run is recorded with it ended.
+    pub traceparent: Option<String>,
 }
 
 async fn read_production_state<'e>(
@@ -62,10 +65,14 @@ impl Store {
             production_state: None,
             status: RunStatus::Success,
             message: Some(publish.message.clone()),
-            traceparent: None,
+            traceparent: publish.traceparent.clone(),
         };
         let mut transaction = self.begin_immediate().await?;
         insert_run(&mut *transaction, &run, at).await?;
+        sqlx::query("UPDATE runs SET trace_ended = 1 WHERE id = ?")
+            .bind(publish.id.to_string())
+            .execute(&mut *transaction)
+            .await?;
         record_artifact(&mut *transaction, publish.id, &publish.manifest).await?;
         promote(
             &mut transaction,
@@ -194,6 +201,7 @@ mod tests {
                 created_ms: super::super::now_ms(),
             },
             message: "published".into(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let first = publish('a', "f1");
         let production = store.record_publish(&first).await.unwrap();
@@ -205,6 +213,9 @@ mod tests {
         assert_eq!(run.status, RunStatus::Success);
         assert!(run.finished_ms.is_some());
         assert_eq!(store.artifacts(first.id).await.unwrap()[0].sha256, "f1");
+        // Its trace id is the run's; the request exported the whole trace, root included.
+        assert_eq!(run.traceparent, first.traceparent);
+        assert!(store.runs_to_end_trace(10).await.unwrap().is_empty());
 
         // A CI run stamped with the first keeps it when the second moves production state.
         let ci = new_run(RunKind::Ci);
