@@ -78,7 +78,10 @@ impl AttemptTrace {
         {
             attributes.extend([
                 KeyValue::new(semconv::VCS_CHANGE_ID, pr.0.to_string()),
-                KeyValue::new(semconv::SLIMCI_ISOLATION_NAME, isolation.as_str().to_owned()),
+                KeyValue::new(
+                    semconv::SLIMCI_ISOLATION_NAME,
+                    isolation.as_str().to_owned(),
+                ),
             ]);
         }
         let mut span_attributes = attributes.clone();

@@ -163,7 +163,12 @@ pub async fn teardown(
     origin: &Origin,
 ) -> Result<Submitted, StoreError> {
     let timeout = run_timeout_secs(&state.config, repository);
-    submit_from(state, rules::teardown_request(repository, pr, timeout), origin).await
+    submit_from(
+        state,
+        rules::teardown_request(repository, pr, timeout),
+        origin,
+    )
+    .await
 }
 
 /// How long a run of `repository` may take: its own limit, or the coordinator's.

@@ -13,9 +13,7 @@ use slimci_client::{RunRequest, RunStatus, RunView};
 use slimci_tests::browser::{Browser, dump_dom, screenshot, screenshot_dir};
 use slimci_tests::cluster::http_client;
 use slimci_tests::origin::git;
-use slimci_tests::{
-    Cluster, ClusterOptions, binary, ci_request, deploy_request, workspace_root,
-};
+use slimci_tests::{Cluster, ClusterOptions, binary, ci_request, deploy_request, workspace_root};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const FAILED_TEST_MESSAGE: &str = "Got 3 results, configured to fail if != 0";

@@ -226,8 +226,8 @@ async fn pull_request(state: &AppState, body: &[u8]) -> Result<Response, ApiErro
             let cancelled =
                 runs::cancel_pull_request(state, &repository, pr, "the pull request was closed")
                     .await?;
-            let teardown = runs::teardown(state, &repository, pr, &crate::telemetry::Origin::Request)
-                    .await?;
+            let teardown =
+                runs::teardown(state, &repository, pr, &crate::telemetry::Origin::Request).await?;
             Ok(answer(
                 StatusCode::CREATED,
                 format!(

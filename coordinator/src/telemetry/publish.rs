@@ -58,15 +58,12 @@ impl PublishTrace {
     }
 
     /// One step of the publish, from `start` to now, with what it learnt (`facts`).
-    pub fn step(
-        &self,
-        name: &str,
-        start: SystemTime,
-        facts: Vec<KeyValue>,
-        error: Option<String>,
-    ) {
+    pub fn step(&self, name: &str, start: SystemTime, facts: Vec<KeyValue>, error: Option<String>) {
         let mut attributes = self.attributes.clone();
-        attributes.push(KeyValue::new(semconv::CICD_PIPELINE_TASK_NAME, name.to_owned()));
+        attributes.push(KeyValue::new(
+            semconv::CICD_PIPELINE_TASK_NAME,
+            name.to_owned(),
+        ));
         attributes.push(KeyValue::new(
             semconv::CICD_PIPELINE_TASK_RUN_RESULT,
             if error.is_none() { "success" } else { "error" },
@@ -90,7 +87,11 @@ impl PublishTrace {
     /// was recorded. Exports the root.
     pub fn end(self, error: Option<String>) {
         let mut attributes = self.attributes;
-        let status = if error.is_none() { "success" } else { "refused" };
+        let status = if error.is_none() {
+            "success"
+        } else {
+            "refused"
+        };
         attributes.extend([
             KeyValue::new(
                 semconv::CICD_PIPELINE_RESULT,

@@ -37,4 +37,3 @@ pub(crate) fn stub_pull_request(cluster: &Cluster, pr: u64, from: &str, to: &str
         .unwrap();
     ci_request(pr, &sha)
 }
-

@@ -59,7 +59,10 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     assert_eq!(root.kind, SPAN_KIND_SERVER);
     assert_eq!(root.service, "slimci-coordinator");
     assert_eq!(root.attributes["cicd.pipeline.name"], "shop publish");
-    assert_eq!(root.attributes["cicd.pipeline.run.id"], publish.id.to_string());
+    assert_eq!(
+        root.attributes["cicd.pipeline.run.id"],
+        publish.id.to_string()
+    );
     assert_eq!(root.attributes["cicd.pipeline.result"], "success");
     assert_eq!(root.attributes["vcs.ref.head.revision"], sha);
     assert_eq!(root.attributes["slimci.run.kind"], "publish");
@@ -96,7 +99,9 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     assert!(refused.is_err(), "{refused:?}");
     let refused_root = wait_for("the refused publish's trace", TIMEOUT, || async {
         Ok(receiver.spans().into_iter().find(|span| {
-            span.name == "publish run" && span.parent_span_id.is_empty() && span.status == STATUS_ERROR
+            span.name == "publish run"
+                && span.parent_span_id.is_empty()
+                && span.status == STATUS_ERROR
         }))
     })
     .await
@@ -109,7 +114,9 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     });
     assert_eq!(check.status, STATUS_ERROR);
     assert!(
-        !spans.iter().any(|span| span.name == "record production state"),
+        !spans
+            .iter()
+            .any(|span| span.name == "record production state"),
         "{spans:#?}"
     );
     let publishes = cluster
@@ -122,7 +129,12 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     assert_eq!(publishes, 1, "the refused publish recorded no run");
 
     // PR 5 is built, and never heard of again: the sweeper drops its isolation.
-    let build = stub_pull_request(&cluster, 5, r#""duration_ms": 300"#, r#""duration_ms": 200"#);
+    let build = stub_pull_request(
+        &cluster,
+        5,
+        r#""duration_ms": 300"#,
+        r#""duration_ms": 200"#,
+    );
     let build = cluster.create_run(&build).await.unwrap();
     cluster.wait_for_success(build.id, TIMEOUT).await.unwrap();
     let teardown = wait_for("the sweeper's teardown of PR 5", TIMEOUT, || async {
@@ -136,7 +148,10 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     .unwrap();
     let teardown: RunView = cluster.wait_for_run(teardown.id, TIMEOUT).await.unwrap();
     assert_eq!(teardown.status, RunStatus::Success, "{teardown:?}");
-    let trace_id = teardown.trace_id.clone().expect("a teardown has a trace id");
+    let trace_id = teardown
+        .trace_id
+        .clone()
+        .expect("a teardown has a trace id");
     let log = cluster.log(teardown.id).await.unwrap();
     assert!(log.contains(&format!("trace {trace_id}")), "{log}");
 
@@ -152,7 +167,10 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     });
     assert_eq!(root.name, "teardown run");
     assert_eq!(root.attributes["cicd.pipeline.name"], "shop teardown");
-    assert_eq!(root.attributes["cicd.pipeline.run.id"], teardown.id.to_string());
+    assert_eq!(
+        root.attributes["cicd.pipeline.run.id"],
+        teardown.id.to_string()
+    );
     assert_eq!(root.attributes["cicd.pipeline.result"], "success");
     assert_eq!(root.attributes["vcs.change.id"], "5");
     assert_eq!(root.attributes["slimci.isolation.name"], "pr_shop_5");
@@ -181,7 +199,10 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
     assert_eq!(consumer.parent_span_id, producer.span_id);
     assert_eq!(consumer.attributes["slimci.run.kind"], "teardown");
     assert_eq!(consumer.attributes["slimci.isolation.name"], "pr_shop_5");
-    assert_eq!(consumer.attributes["cicd.pipeline.task.run.result"], "success");
+    assert_eq!(
+        consumer.attributes["cicd.pipeline.task.run.result"],
+        "success"
+    );
     for step in ["claim", "checkout"] {
         let span = one(&spans, step, |span| span.name == step);
         assert_eq!(span.parent_span_id, consumer.span_id, "{span:#?}");
@@ -199,7 +220,11 @@ async fn a_sweeper_teardown_and_a_published_manifest_each_are_a_trace() {
 }
 
 /// Every span of trace `trace_id`, once at least `count` arrived.
-async fn wait_for_spans(receiver: &OtlpReceiver, trace_id: &str, count: usize) -> Vec<ReceivedSpan> {
+async fn wait_for_spans(
+    receiver: &OtlpReceiver,
+    trace_id: &str,
+    count: usize,
+) -> Vec<ReceivedSpan> {
     wait_for("the trace's spans", TIMEOUT, || async {
         let spans: Vec<ReceivedSpan> = receiver
             .spans()

@@ -10,7 +10,9 @@ use slimci_proto::Attempt;
 use slimci_tests::otlp::{
     OtlpReceiver, ReceivedSpan, SPAN_KIND_CONSUMER, SPAN_KIND_PRODUCER, SPAN_KIND_SERVER,
 };
-use slimci_tests::{Cluster, ClusterOptions, ci_request, deploy_request, edits, nodes_of, wait_for};
+use slimci_tests::{
+    Cluster, ClusterOptions, ci_request, deploy_request, edits, nodes_of, wait_for,
+};
 
 use crate::{TIMEOUT, stub_options};
 
@@ -27,7 +29,11 @@ pub(crate) fn exporting_to(receiver: &OtlpReceiver) -> (String, Vec<(String, Str
 /// Waits until the root span of the trace arrived (exported when the run ended) and
 /// `consumers` CONSUMER spans (each exported when its agent ended its attempt), then returns
 /// every span of that trace.
-pub(crate) async fn trace_of(receiver: &OtlpReceiver, trace_id: &str, consumers: usize) -> Vec<ReceivedSpan> {
+pub(crate) async fn trace_of(
+    receiver: &OtlpReceiver,
+    trace_id: &str,
+    consumers: usize,
+) -> Vec<ReceivedSpan> {
     wait_for(
         "the run's root span and its attempts' spans",
         TIMEOUT,
