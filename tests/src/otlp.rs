@@ -216,36 +216,27 @@ impl Received {
     }
 }
 
-/// An HTTP body decoded as `T`; one that is not is noted as refused, answered 400.
-fn decode_body<T: Message + Default>(
-    received: &Shared,
-    signal: &str,
-    body: Bytes,
-) -> Result<T, Response> {
-    T::decode(body).map_err(|error| {
-        lock(received).refused.push(format!("{signal}: {error}"));
-        StatusCode::BAD_REQUEST.into_response()
-    })
+/// An HTTP body decoded as `T`; one that is not is noted as refused (the caller answers 400).
+fn decode_body<T: Message + Default>(received: &Shared, signal: &str, body: Bytes) -> Option<T> {
+    T::decode(body)
+        .map_err(|error| lock(received).refused.push(format!("{signal}: {error}")))
+        .ok()
 }
 
 async fn http_traces(State(received): State<Shared>, body: Bytes) -> Response {
-    match decode_body(&received, "traces", body) {
-        Ok(request) => {
-            lock(&received).record_traces(request);
-            protobuf(ExportTraceServiceResponse::default().encode_to_vec())
-        }
-        Err(refused) => refused,
-    }
+    let Some(request) = decode_body(&received, "traces", body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    lock(&received).record_traces(request);
+    protobuf(ExportTraceServiceResponse::default().encode_to_vec())
 }
 
 async fn http_metrics(State(received): State<Shared>, body: Bytes) -> Response {
-    match decode_body(&received, "metrics", body) {
-        Ok(request) => {
-            lock(&received).record_metrics(request);
-            protobuf(ExportMetricsServiceResponse::default().encode_to_vec())
-        }
-        Err(refused) => refused,
-    }
+    let Some(request) = decode_body(&received, "metrics", body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    lock(&received).record_metrics(request);
+    protobuf(ExportMetricsServiceResponse::default().encode_to_vec())
 }
 
 fn lock(received: &Shared) -> std::sync::MutexGuard<'_, Received> {
