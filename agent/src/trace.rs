@@ -73,10 +73,16 @@ impl AttemptTrace {
                 sha.as_str().to_owned(),
             ));
         }
-        if let slimci_proto::JobKind::Ci { pr, .. } | slimci_proto::JobKind::Teardown { pr, .. } =
-            &job.kind
+        if let slimci_proto::JobKind::Ci { pr, isolation, .. }
+        | slimci_proto::JobKind::Teardown { pr, isolation } = &job.kind
         {
-            attributes.push(KeyValue::new(semconv::VCS_CHANGE_ID, pr.0.to_string()));
+            attributes.extend([
+                KeyValue::new(semconv::VCS_CHANGE_ID, pr.0.to_string()),
+                KeyValue::new(
+                    semconv::SLIMCI_ISOLATION_NAME,
+                    isolation.as_str().to_owned(),
+                ),
+            ]);
         }
         let mut span_attributes = attributes.clone();
         span_attributes.extend([

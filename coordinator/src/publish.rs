@@ -4,15 +4,19 @@
 //! both come through here; a refused manifest leaves nothing behind.
 
 use std::io::BufReader;
+use std::time::SystemTime;
 
 use futures::Stream;
+use opentelemetry::KeyValue;
 use slimci_proto::{RunId, Sha};
+use slimci_telemetry::semconv;
 
 use crate::app::AppState;
 use crate::artifacts::ArtifactError;
 use crate::config::RepositoryConfig;
 use crate::rules::{self, ManifestFacts};
 use crate::store::{ArtifactRecord, ProductionState, Publish, StoreError, now_ms};
+use crate::telemetry::publish::PublishTrace;
 
 /// The artifact name a production state's manifest has, whichever run made it.
 pub const MANIFEST: &str = "manifest.json";
@@ -70,7 +74,8 @@ impl Origin {
 }
 
 /// Stores `body` as the manifest of a new publish run of `repository` at `sha`, checks it, and
-/// makes it the production state.
+/// makes it the production state. Each step is a span of the publish's trace when traces are
+/// exported (`telemetry::publish`).
 pub async fn publish_manifest<S, E>(
     state: &AppState,
     repository: &RepositoryConfig,
@@ -83,8 +88,16 @@ where
     E: std::fmt::Display,
 {
     let id = RunId::new();
+    let fetch_ref = format!("refs/heads/{}", repository.production_branch);
+    let trace = PublishTrace::start(state, id, &repository.name, &sha, &fetch_ref);
+    let step = |name: &str, start: SystemTime, facts: Vec<KeyValue>, error: Option<String>| {
+        if let Some(trace) = &trace {
+            trace.step(name, start, facts, error);
+        }
+    };
     let limit = state.config.limits.max_artifact_bytes;
     let recorded = async {
+        let receiving = SystemTime::now();
         let stored = state
             .artifacts
             .put(id, MANIFEST, body, limit)
@@ -95,13 +108,32 @@ where
                 ArtifactError::BadName(_) | ArtifactError::Io(_) => {
                     PublishError::Internal(error.to_string())
                 }
-            })?;
-        let facts = check_stored_manifest(state, id).await?;
+            });
+        let facts = match &stored {
+            Ok(stored) => vec![
+                KeyValue::new(semconv::SLIMCI_MANIFEST_BYTES, stored.size as i64),
+                KeyValue::new(semconv::SLIMCI_MANIFEST_SHA256, stored.sha256.clone()),
+            ],
+            Err(_) => Vec::new(),
+        };
+        step("receive manifest", receiving, facts, error_of(&stored));
+        let stored = stored?;
+        let checking = SystemTime::now();
+        let facts = check_stored_manifest(state, id).await;
+        let found = match &facts {
+            Ok(facts) => vec![KeyValue::new(
+                semconv::SLIMCI_MANIFEST_NODES,
+                facts.nodes as i64,
+            )],
+            Err(_) => Vec::new(),
+        };
+        step("check manifest", checking, found, error_of(&facts));
+        let facts = facts?;
         let publish = Publish {
             id,
             repository: repository.name.clone(),
             sha,
-            fetch_ref: format!("refs/heads/{}", repository.production_branch),
+            fetch_ref,
             message: rules::published_message(&facts, stored.size, &origin.describe()),
             manifest: ArtifactRecord {
                 name: MANIFEST.to_owned(),
@@ -111,10 +143,26 @@ where
             },
             trigger: origin.trigger(),
             dbt_cloud_run_id: origin.dbt_cloud_run(),
+            traceparent: trace.as_ref().map(PublishTrace::traceparent),
         };
-        Ok(state.store.record_publish(&publish).await?)
+        let recording = SystemTime::now();
+        let production = state
+            .store
+            .record_publish(&publish)
+            .await
+            .map_err(PublishError::from);
+        step(
+            "record production state",
+            recording,
+            Vec::new(),
+            error_of(&production),
+        );
+        production
     }
     .await;
+    if let Some(trace) = trace {
+        trace.end(error_of(&recorded));
+    }
     match recorded {
         Ok(production) => {
             tracing::info!(run = %id, repository = %production.repository, sha = %production.sha, manifest_sha256 = %production.manifest_sha256, ?origin, "manifest published; it is the production state now");
@@ -128,6 +176,11 @@ where
             Err(error)
         }
     }
+}
+
+/// What a step's span says of its failure: the message the publisher gets.
+fn error_of<T>(result: &Result<T, PublishError>) -> Option<String> {
+    result.as_ref().err().map(ToString::to_string)
 }
 
 async fn check_stored_manifest(state: &AppState, id: RunId) -> Result<ManifestFacts, PublishError> {

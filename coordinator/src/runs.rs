@@ -10,6 +10,7 @@ use crate::app::AppState;
 use crate::config::{Config, RepositoryConfig};
 use crate::rules::{self, Admission, CancelDecision, RunStatus, SubmitDecision, ValidRequest};
 use crate::store::{NewRun, Run, StoreError};
+use crate::telemetry::Origin;
 
 /// The run that answers a request, and whether it was made for it.
 pub struct Submitted {
@@ -20,11 +21,21 @@ pub struct Submitted {
 /// Records a run for a valid request: refuses a CI run without production state (recorded as
 /// `error`), answers with the existing run when the same commit is already queued or building,
 /// and supersedes the PR's runs of older commits.
-/// `trigger` is who or what asked, recorded with the run.
 pub async fn submit(
     state: &AppState,
     request: ValidRequest,
     trigger: Trigger,
+) -> Result<Submitted, StoreError> {
+    submit_from(state, request, trigger, &Origin::Request).await
+}
+
+/// `submit`, for a run made by `origin` (which its trace shows); `trigger` is who or what
+/// asked, recorded with the run.
+async fn submit_from(
+    state: &AppState,
+    request: ValidRequest,
+    trigger: Trigger,
+    origin: &Origin,
 ) -> Result<Submitted, StoreError> {
     let requested_at = std::time::SystemTime::now();
     if request.kind == RunKind::Ci
@@ -92,7 +103,7 @@ pub async fn submit(
     state.outbox.notify_one();
     let _ = state.changes.send(new_run.id);
     let run = state.store.run(new_run.id).await?.expect("just inserted");
-    crate::telemetry::request(state, &run, requested_at);
+    crate::telemetry::origin(state, &run, requested_at, origin);
     Ok(Submitted { run, created: true })
 }
 
@@ -157,18 +168,20 @@ pub async fn cancel_pull_request(
 }
 
 /// Queues a teardown run that drops PR `pr`'s isolation (and nothing else), asked for by
-/// `trigger`.
+/// `trigger`, at a request or because the sweeper found it left behind (`origin`).
 pub async fn teardown(
     state: &AppState,
     repository: &RepositoryConfig,
     pr: PrNumber,
     trigger: Trigger,
+    origin: &Origin,
 ) -> Result<Submitted, StoreError> {
     let timeout = run_timeout_secs(&state.config, repository);
-    submit(
+    submit_from(
         state,
         rules::teardown_request(repository, pr, timeout),
         trigger,
+        origin,
     )
     .await
 }

@@ -2,10 +2,11 @@
 //! CI builds all ended longer than `max_age_secs` ago and that has no teardown since is looked
 //! at; if its PR is closed (as GitHub says now, or as the last webhook said), or unknown to
 //! GitHub and to us (built from another CI system), a teardown run is queued. Each decision is
-//! logged.
+//! logged, and a teardown's trace starts with the sweeper's finding (`telemetry::Origin::Sweep`:
+//! why, and its question to GitHub).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use slimci_client::Trigger;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::github::GitHub;
 use crate::runs;
+use crate::telemetry::{Origin, SweepFinding};
 
 pub async fn sweeper_loop(
     state: Arc<AppState>,
@@ -45,20 +47,26 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
     let cutoff = crate::store::now_ms() - (state.config.sweeper.max_age_secs as i64) * 1000;
     let mut queued = 0;
     for candidate in state.store.sweep_candidates(cutoff).await? {
+        let started = SystemTime::now();
         let (repository_name, pr) = (candidate.repository, candidate.pr);
         let Some(repository) = state.config.repository(repository_name.as_str()).cloned() else {
             continue;
         };
         let recorded = state.store.pull_request(&repository_name, pr).await?;
+        let mut asked_github = None;
         let on_github = match (github, &repository.github) {
-            (Some(github), Some(full_name)) => match github.pull_request_state(full_name, pr).await
-            {
-                Ok(open_or_closed) => Some(open_or_closed),
-                Err(error) => {
-                    tracing::warn!(%error, repository = %repository_name, %pr, "sweeper cannot ask GitHub about the PR; skipping it this time");
-                    continue;
+            (Some(github), Some(full_name)) => {
+                let asked = SystemTime::now();
+                let answer = github.pull_request_state(full_name, pr).await;
+                asked_github = Some((asked, SystemTime::now()));
+                match answer {
+                    Ok(open_or_closed) => Some(open_or_closed),
+                    Err(error) => {
+                        tracing::warn!(%error, repository = %repository_name, %pr, "sweeper cannot ask GitHub about the PR; skipping it this time");
+                        continue;
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let reason = match (on_github, &recorded) {
@@ -70,7 +78,20 @@ pub async fn sweep(state: &AppState, github: Option<&GitHub>) -> Result<usize, S
             (None, None) => "unknown (never seen in a webhook)",
         };
         let age_hours = (crate::store::now_ms() - candidate.last_finished_ms) as f64 / 3_600_000.0;
-        let teardown = runs::teardown(state, &repository, pr, Trigger::Sweeper).await?;
+        let finding = SweepFinding {
+            started,
+            reason,
+            asked_github,
+            last_build_hours: age_hours,
+        };
+        let teardown = runs::teardown(
+            state,
+            &repository,
+            pr,
+            Trigger::Sweeper,
+            &Origin::Sweep(finding),
+        )
+        .await?;
         queued += 1;
         tracing::info!(
             repository = %repository_name,

@@ -98,6 +98,28 @@ impl TelemetryConfig {
     }
 }
 
+/// Builds one signal's OTLP exporter (`builder`: `SpanExporter::builder()` or
+/// `MetricExporter::builder()`) for `protocol`, at `url` when one is configured, else where the
+/// `OTEL_*` variables or the default say. A macro because the two builders share the methods
+/// but no trait that has them.
+macro_rules! otlp_exporter {
+    ($builder:expr, $protocol:expr, $url:expr) => {
+        match ($protocol, $url) {
+            (Protocol::HttpProtobuf, url) => {
+                let http = $builder
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                match url {
+                    Some(url) => http.with_endpoint(url).build(),
+                    None => http.build(),
+                }
+            }
+            (Protocol::Grpc, Some(url)) => $builder.with_tonic().with_endpoint(url).build(),
+            (Protocol::Grpc, None) => $builder.with_tonic().build(),
+        }
+    };
+}
+
 /// What is exported, for the rest of the process: a tracer and a meter when on, nothing when
 /// off.
 #[derive(Default)]
@@ -148,20 +170,11 @@ impl Telemetry {
         let (tracer, tracer_provider) = if env_off("OTEL_TRACES_EXPORTER") {
             (None, None)
         } else {
-            let builder = opentelemetry_otlp::SpanExporter::builder();
-            let exporter = match (protocol, endpoint("/v1/traces")) {
-                (Protocol::HttpProtobuf, Some(url)) => builder
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(url)
-                    .build(),
-                (Protocol::HttpProtobuf, None) => builder
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .build(),
-                (Protocol::Grpc, Some(url)) => builder.with_tonic().with_endpoint(url).build(),
-                (Protocol::Grpc, None) => builder.with_tonic().build(),
-            }
+            let exporter = otlp_exporter!(
+                opentelemetry_otlp::SpanExporter::builder(),
+                protocol,
+                endpoint("/v1/traces")
+            )
             .map_err(|source| TelemetryError::Exporter {
                 signal: "traces",
                 source,
@@ -177,20 +190,11 @@ impl Telemetry {
         let meter_provider = if env_off("OTEL_METRICS_EXPORTER") {
             None
         } else {
-            let builder = opentelemetry_otlp::MetricExporter::builder();
-            let exporter = match (protocol, endpoint("/v1/metrics")) {
-                (Protocol::HttpProtobuf, Some(url)) => builder
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(url)
-                    .build(),
-                (Protocol::HttpProtobuf, None) => builder
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .build(),
-                (Protocol::Grpc, Some(url)) => builder.with_tonic().with_endpoint(url).build(),
-                (Protocol::Grpc, None) => builder.with_tonic().build(),
-            }
+            let exporter = otlp_exporter!(
+                opentelemetry_otlp::MetricExporter::builder(),
+                protocol,
+                endpoint("/v1/metrics")
+            )
             .map_err(|source| TelemetryError::Exporter {
                 signal: "metrics",
                 source,

@@ -34,11 +34,21 @@ pub const MESSAGING_SYSTEM: &str = "messaging.system";
 pub const MESSAGING_DESTINATION_NAME: &str = "messaging.destination.name";
 pub const MESSAGING_OPERATION_TYPE: &str = "messaging.operation.type";
 
-/// slimci's own: the run's kind (`ci`, `deploy`, `teardown`), the attempt, the status the
-/// coordinator gave it.
+/// slimci's own: the run's kind (`ci`, `deploy`, `teardown`, `publish`), the attempt, the
+/// status the coordinator gave it.
 pub const SLIMCI_RUN_KIND: &str = "slimci.run.kind";
 pub const SLIMCI_RUN_ATTEMPT: &str = "slimci.run.attempt";
 pub const SLIMCI_RUN_STATUS: &str = "slimci.run.status";
+/// The PR's isolation a CI run builds in or a teardown drops (`pr_<slug>_<n>`).
+pub const SLIMCI_ISOLATION_NAME: &str = "slimci.isolation.name";
+/// Why the sweeper queued a teardown (`closed on GitHub`, `unknown to GitHub`, ...), and how
+/// long ago the PR's last build ended.
+pub const SLIMCI_SWEEP_REASON: &str = "slimci.sweep.reason";
+pub const SLIMCI_SWEEP_LAST_BUILD_HOURS: &str = "slimci.sweep.last_build_hours";
+/// A published production manifest: its size, sha256, and how many nodes it has.
+pub const SLIMCI_MANIFEST_BYTES: &str = "slimci.manifest.bytes";
+pub const SLIMCI_MANIFEST_SHA256: &str = "slimci.manifest.sha256";
+pub const SLIMCI_MANIFEST_NODES: &str = "slimci.manifest.nodes";
 /// One dbt node of the build: its unique id, kind, dbt status, relation, rows, and
 /// Snowflake's query id where there is one.
 pub const DBT_NODE_UNIQUE_ID: &str = "dbt.node.unique_id";

@@ -1,5 +1,5 @@
 //! The cluster's user API, typed: [`Cluster`] methods over slimci-client's [`Client`] (runs,
-//! logs, the production state, waiting for a run to end, deploying) and the run requests the
+//! logs, the production state, waiting for a run to build or to end, deploying) and the run requests the
 //! tests send. Raw JSON only in [`Cluster::post_run_json`], for requests that are wrong on
 //! purpose.
 //!
@@ -152,6 +152,20 @@ impl Cluster {
             }
         }
         result
+    }
+
+    /// Waits until the run is building (running, its `build` phase started) and returns it.
+    pub async fn wait_building(&self, id: RunId, timeout: Duration) -> anyhow::Result<RunView> {
+        wait_for("the run to be building", timeout, || async {
+            let run = self.run(id).await?;
+            let building = run.status == RunStatus::Running
+                && run
+                    .phases
+                    .as_ref()
+                    .is_some_and(|phases| phases.iter().any(|phase| phase.phase == "build"));
+            Ok(building.then_some(run))
+        })
+        .await
     }
 
     /// Waits until the run is terminal; fails, with the run and its log, unless it succeeded.

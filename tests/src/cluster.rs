@@ -44,6 +44,9 @@ pub struct ClusterOptions {
     pub dbt: Option<PathBuf>,
     /// TOML tables appended to the agents' configuration (`[telemetry]`, ...).
     pub agent_toml: String,
+    /// The coordinator's `auth.api_token` (none: the user API is open); the cluster's `client`
+    /// presents it, its plain `http` does not.
+    pub api_token: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -64,6 +67,7 @@ impl Default for ClusterOptions {
             agent_amqp_url: None,
             dbt: None,
             agent_toml: String::new(),
+            api_token: None,
         }
     }
 }
@@ -85,6 +89,7 @@ pub struct Cluster {
     agent_warehouse_extra: String,
     agent_env: Vec<(String, String)>,
     agent_toml: String,
+    api_token: Option<String>,
     pub prefix: String,
     pub origin: Origin,
     pub url: String,
@@ -143,12 +148,13 @@ impl Cluster {
             agent_warehouse_extra: options.warehouse_extra,
             agent_env: options.agent_env,
             agent_toml: options.agent_toml,
+            api_token: options.api_token.clone(),
             prefix,
             origin,
             url: url.clone(),
             coordinator,
             agents: Vec::new(),
-            client: user_api(&url),
+            client: user_api(&url, options.api_token.as_deref()),
             http: http_client(),
         };
         // Ready means the coordinator has declared its queues, so tests may count messages.
@@ -291,7 +297,7 @@ token = "{AGENT_TOKEN}"
         std::fs::write(&config, text)?;
         self.coordinator = start_coordinator(self.dir.path(), "coordinator-restarted")?;
         self.url = wait_for_address(self.dir.path(), &self.coordinator).await?;
-        self.client = user_api(&self.url);
+        self.client = user_api(&self.url, self.api_token.as_deref());
         Ok(())
     }
 
@@ -473,8 +479,8 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// The typed user API of the coordinator at `url`, on the harness's deadlines.
-fn user_api(url: &str) -> slimci_client::Client {
-    slimci_client::Client::with_http(url, None, http_client())
+fn user_api(url: &str, api_token: Option<&str>) -> slimci_client::Client {
+    slimci_client::Client::with_http(url, api_token.map(str::to_owned), http_client())
 }
 
 fn listening(address: &str) -> bool {
@@ -505,6 +511,7 @@ prefix = "{prefix}"
 
 [auth]
 agent_token = "{AGENT_TOKEN}"
+{api_token}
 
 [[repository]]
 name = "shop"
@@ -527,6 +534,11 @@ production_branch = "main"
                 .unwrap_or_default(),
             repository_toml = options.repository_toml,
             coordinator_toml = options.coordinator_toml,
+            api_token = options
+                .api_token
+                .as_ref()
+                .map(|token| format!("api_token = \"{token}\""))
+                .unwrap_or_default(),
         ),
     )?;
     Ok(())

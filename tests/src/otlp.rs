@@ -1,7 +1,9 @@
-//! An OTLP/HTTP receiver inside the test: `POST /v1/traces` and `POST /v1/metrics` with
-//! protobuf bodies (the exporters' default), decoded with `opentelemetry-proto` and kept for
-//! the test to read. It answers as a collector does (200 with an empty export response), so
-//! the processes under test export exactly as they would to a real one.
+//! An OTLP receiver inside the test, over HTTP (`OtlpReceiver::start`: `POST /v1/traces` and
+//! `POST /v1/metrics` with protobuf bodies, the exporters' default) or gRPC
+//! (`OtlpReceiver::start_grpc`: the collector's `TraceService` and `MetricsService` served by
+//! tonic). Both fronts decode with `opentelemetry-proto` into the same record, kept for the test
+//! to read, and answer as a collector does (an empty export response), so the processes under
+//! test export exactly as they would to a real one.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +14,14 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -57,7 +65,7 @@ struct Received {
 pub struct OtlpReceiver {
     /// `http://127.0.0.1:<port>`, the base URL exporters are given.
     pub url: String,
-    received: Arc<Mutex<Received>>,
+    received: Shared,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,17 +75,41 @@ impl Drop for OtlpReceiver {
     }
 }
 
+type Shared = Arc<Mutex<Received>>;
+
 impl OtlpReceiver {
+    /// The OTLP/HTTP receiver (exporters' `http/protobuf`).
     pub async fn start() -> anyhow::Result<OtlpReceiver> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let received = Arc::new(Mutex::new(Received::default()));
+        let received = Shared::default();
         let router = Router::new()
-            .route("/v1/traces", post(traces))
-            .route("/v1/metrics", post(metrics))
+            .route("/v1/traces", post(http_traces))
+            .route("/v1/metrics", post(http_metrics))
             .with_state(received.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
+        });
+        Ok(OtlpReceiver {
+            url,
+            received,
+            task,
+        })
+    }
+
+    /// The OTLP/gRPC receiver (exporters' `grpc`), on HTTP/2 without TLS like a collector's
+    /// default port 4317.
+    pub async fn start_grpc() -> anyhow::Result<OtlpReceiver> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let received = Shared::default();
+        let collector = Collector(received.clone());
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(collector));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let task = tokio::spawn(async move {
+            let _ = server.serve_with_incoming(incoming).await;
         });
         Ok(OtlpReceiver {
             url,
@@ -107,7 +139,7 @@ impl OtlpReceiver {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Received> {
-        self.received.lock().expect("receiver lock")
+        lock(&self.received)
     }
 }
 
@@ -143,65 +175,97 @@ fn service_of(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resour
         .unwrap_or_default()
 }
 
-async fn traces(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> Response {
-    let request = match ExportTraceServiceRequest::decode(body) {
-        Ok(request) => request,
-        Err(error) => {
-            received
-                .lock()
-                .expect("receiver lock")
-                .refused
-                .push(format!("traces: {error}"));
-            return StatusCode::BAD_REQUEST.into_response();
-        }
-    };
-    let mut received = received.lock().expect("receiver lock");
-    for resource_spans in request.resource_spans {
-        let service = service_of(resource_spans.resource.as_ref());
-        for scope in resource_spans.scope_spans {
-            for span in scope.spans {
-                received.spans.push(ReceivedSpan {
-                    service: service.clone(),
-                    trace_id: hex::encode(&span.trace_id),
-                    span_id: hex::encode(&span.span_id),
-                    parent_span_id: hex::encode(&span.parent_span_id),
-                    name: span.name,
-                    kind: span.kind,
-                    start_ns: span.start_time_unix_nano,
-                    end_ns: span.end_time_unix_nano,
-                    attributes: span
-                        .attributes
-                        .iter()
-                        .map(|attribute| (attribute.key.clone(), text(attribute.value.as_ref())))
-                        .collect(),
-                    status: span.status.map_or(0, |status| status.code),
-                });
+impl Received {
+    fn record_traces(&mut self, request: ExportTraceServiceRequest) {
+        for resource_spans in request.resource_spans {
+            let service = service_of(resource_spans.resource.as_ref());
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    self.spans.push(ReceivedSpan {
+                        service: service.clone(),
+                        trace_id: hex::encode(&span.trace_id),
+                        span_id: hex::encode(&span.span_id),
+                        parent_span_id: hex::encode(&span.parent_span_id),
+                        name: span.name,
+                        kind: span.kind,
+                        start_ns: span.start_time_unix_nano,
+                        end_ns: span.end_time_unix_nano,
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|attribute| {
+                                (attribute.key.clone(), text(attribute.value.as_ref()))
+                            })
+                            .collect(),
+                        status: span.status.map_or(0, |status| status.code),
+                    });
+                }
             }
         }
     }
+
+    fn record_metrics(&mut self, request: ExportMetricsServiceRequest) {
+        for resource_metrics in request.resource_metrics {
+            let service = service_of(resource_metrics.resource.as_ref());
+            for scope in resource_metrics.scope_metrics {
+                for metric in scope.metrics {
+                    self.metrics.push((service.clone(), metric.name));
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP body decoded as `T`; one that is not is noted as refused (the caller answers 400).
+fn decode_body<T: Message + Default>(received: &Shared, signal: &str, body: Bytes) -> Option<T> {
+    T::decode(body)
+        .map_err(|error| lock(received).refused.push(format!("{signal}: {error}")))
+        .ok()
+}
+
+async fn http_traces(State(received): State<Shared>, body: Bytes) -> Response {
+    let Some(request) = decode_body(&received, "traces", body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    lock(&received).record_traces(request);
     protobuf(ExportTraceServiceResponse::default().encode_to_vec())
 }
 
-async fn metrics(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> Response {
-    let request = match ExportMetricsServiceRequest::decode(body) {
-        Ok(request) => request,
-        Err(error) => {
-            received
-                .lock()
-                .expect("receiver lock")
-                .refused
-                .push(format!("metrics: {error}"));
-            return StatusCode::BAD_REQUEST.into_response();
-        }
+async fn http_metrics(State(received): State<Shared>, body: Bytes) -> Response {
+    let Some(request) = decode_body(&received, "metrics", body) else {
+        return StatusCode::BAD_REQUEST.into_response();
     };
-    let mut received = received.lock().expect("receiver lock");
-    for resource_metrics in request.resource_metrics {
-        let service = service_of(resource_metrics.resource.as_ref());
-        for scope in resource_metrics.scope_metrics {
-            for metric in scope.metrics {
-                received.metrics.push((service.clone(), metric.name));
-            }
-        }
-    }
+    lock(&received).record_metrics(request);
     protobuf(ExportMetricsServiceResponse::default().encode_to_vec())
+}
+
+fn lock(received: &Shared) -> std::sync::MutexGuard<'_, Received> {
+    received.lock().expect("receiver lock")
+}
+
+/// The gRPC services; tonic has decoded the request already (one it cannot decode never
+/// reaches them, and the exporter sees the error).
+#[derive(Clone)]
+struct Collector(Shared);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        lock(&self.0).record_traces(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        lock(&self.0).record_metrics(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
 }

@@ -41,20 +41,6 @@ async fn deploy_with(cluster: &Cluster, stub: Value) -> RunId {
     cluster.create_run(&request).await.unwrap().id
 }
 
-async fn wait_running(cluster: &Cluster, id: RunId) -> RunView {
-    wait_for("the run to be building", TIMEOUT, || async {
-        let run = cluster.run(id).await?;
-        let building = run.status == RunStatus::Running
-            && run
-                .phases
-                .as_ref()
-                .is_some_and(|p| p.iter().any(|p| p.phase == "build"));
-        Ok(building.then_some(run))
-    })
-    .await
-    .unwrap()
-}
-
 /// The name of the agent that took the run.
 fn agent_of(run: &RunView) -> &str {
     run.agent
@@ -77,7 +63,7 @@ async fn an_agent_killed_mid_build_is_retried_elsewhere_without_overlap() {
         .unwrap();
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 4000, "record": record })).await;
-    let running = wait_running(&cluster, id).await;
+    let running = cluster.wait_building(id, TIMEOUT).await.unwrap();
     // The build phase has begun, but the stub dbt may not have started yet: kill the agent only
     // once attempt 1 has left a sign of life, so there is a build to overlap with.
     wait_for("attempt 1's stub dbt to start", TIMEOUT, || async {
@@ -187,7 +173,7 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
         .unwrap();
     // Graceful: one SIGTERM, the running build finishes, the agent exits by itself.
     let id = deploy_with(&cluster, json!({ "duration_ms": 3000 })).await;
-    wait_running(&cluster, id).await;
+    cluster.wait_building(id, TIMEOUT).await.unwrap();
     cluster.agents[0].signal(Signal::SIGTERM);
     let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
     assert_eq!(
@@ -207,7 +193,7 @@ async fn graceful_shutdown_finishes_and_forced_shutdown_hands_over() {
     // Forced: two SIGTERMs, the build is released and another agent finishes it.
     cluster.start_agent("leaving", 1).unwrap();
     let id = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 7 })).await;
-    wait_running(&cluster, id).await;
+    cluster.wait_building(id, TIMEOUT).await.unwrap();
     cluster.start_agent("staying", 1).unwrap();
     cluster.agents[0].signal(Signal::SIGTERM);
     let leaving_log = cluster.agents[0].log.clone();
@@ -241,7 +227,7 @@ async fn runs_survive_a_broker_restart_mid_queue_and_a_coordinator_restart_mid_b
     .unwrap();
     let first = deploy_with(&cluster, json!({ "duration_ms": 3000, "log_lines": 50 })).await;
     let second = deploy_with(&cluster, json!({ "duration_ms": 500, "log_lines": 50 })).await;
-    wait_running(&cluster, first).await;
+    cluster.wait_building(first, TIMEOUT).await.unwrap();
     broker.restart().await.unwrap();
     cluster.restart_coordinator().await.unwrap();
     for id in [first, second] {
@@ -392,7 +378,7 @@ async fn a_cancelled_build_gets_sigterm_and_ends_well_within_the_grace_period() 
     let mut cluster = Cluster::start(stub_options(1, "")).await.unwrap();
     let record = slimci_tests::record_file();
     let id = deploy_with(&cluster, json!({ "duration_ms": 60000, "record": record })).await;
-    wait_running(&cluster, id).await;
+    cluster.wait_building(id, TIMEOUT).await.unwrap();
     // The stub records `start` once its SIGTERM handler is in place.
     wait_for("the stub dbt to start", TIMEOUT, || async {
         let records = std::fs::read_to_string(&record).unwrap_or_default();
@@ -485,7 +471,7 @@ async fn with_least_privilege_broker_users_an_agent_checks_the_topology_and_serv
     assert_eq!(run.status, RunStatus::Success, "{run:?}");
     // A cancel reaches it through the control exchange.
     let id = deploy_with(&cluster, json!({ "duration_ms": 60000 })).await;
-    wait_running(&cluster, id).await;
+    cluster.wait_building(id, TIMEOUT).await.unwrap();
     cluster.client.cancel(id).await.unwrap();
     let run = cluster.wait_for_run(id, TIMEOUT).await.unwrap();
     assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");

@@ -18,8 +18,7 @@ use slimci_tests::github::{FakeGitHub, push_payload};
 use slimci_tests::origin::git;
 use slimci_tests::otlp::OtlpReceiver;
 use slimci_tests::{
-    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, deploy_request, wait_for,
-    workspace_root,
+    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, deploy_request, workspace_root,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,20 +43,6 @@ fn pull_request(cluster: &Cluster, pr: u64, stub: &Value) -> String {
         .origin
         .pull_request(pr, &[("slimci_stub.json", &current, &stub.to_string())])
         .unwrap()
-}
-
-async fn wait_building(cluster: &Cluster, id: RunId) -> RunView {
-    wait_for("the run to be building", TIMEOUT, || async {
-        let run = cluster.run(id).await?;
-        let building = run.status == RunStatus::Running
-            && run
-                .phases
-                .as_ref()
-                .is_some_and(|phases| phases.iter().any(|phase| phase.phase == "build"));
-        Ok(building.then_some(run))
-    })
-    .await
-    .unwrap()
 }
 
 async fn deploy_with(cluster: &mut Cluster, stub: &Value) -> RunView {
@@ -204,7 +189,7 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
     // superseded: a newer commit of PR 3 replaces a building one.
     let old_sha = pull_request(&cluster, 3, &json!({ "duration_ms": 600_000 }));
     let old = cluster.create_run(&ci_request(3, &old_sha)).await.unwrap();
-    wait_building(&cluster, old.id).await;
+    cluster.wait_building(old.id, TIMEOUT).await.unwrap();
     let new_sha = pull_request(&cluster, 3, &json!({ "duration_ms": 100 }));
     let newer = cluster.create_run(&ci_request(3, &new_sha)).await.unwrap();
     let superseded = cluster.wait_for_run(old.id, TIMEOUT).await.unwrap();
@@ -220,7 +205,7 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
         &json!({ "duration_ms": 600_000, "log_lines": 3 }),
     );
     let running = cluster.create_run(&ci_request(5, &sha)).await.unwrap();
-    wait_building(&cluster, running.id).await;
+    cluster.wait_building(running.id, TIMEOUT).await.unwrap();
     let sha = pull_request(&cluster, 6, &json!({ "duration_ms": 600_000 }));
     let queued = cluster.create_run(&ci_request(6, &sha)).await.unwrap();
     let sha = pull_request(&cluster, 7, &json!({ "duration_ms": 100 }));
@@ -489,7 +474,7 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
         &json!({ "log_lines": 450, "line_interval_ms": 200, "duration_ms": 0 }),
     )
     .await;
-    wait_building(&cluster, run.id).await;
+    cluster.wait_building(run.id, TIMEOUT).await.unwrap();
     let run_page = format!("{url}/runs/{}", run.id);
 
     // Without a session: pages send the browser to the login form, the event stream and the

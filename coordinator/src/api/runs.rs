@@ -122,8 +122,14 @@ pub(super) async fn teardown_pull_request(
     let pr = slimci_proto::PrNumber(pr);
     crate::runs::cancel_pull_request(&state, &repository, pr, "the pull request was closed")
         .await?;
-    let submitted =
-        crate::runs::teardown(&state, &repository, pr, super::trigger_of(&headers)).await?;
+    let submitted = crate::runs::teardown(
+        &state,
+        &repository,
+        pr,
+        super::trigger_of(&headers),
+        &crate::telemetry::Origin::Request,
+    )
+    .await?;
     let status = submission_status(&submitted);
     Ok((status, Json(full_run_view(&state, submitted.run).await?)).into_response())
 }

@@ -253,7 +253,14 @@ async fn pull_request(state: &AppState, body: &[u8], delivery: &str) -> Result<R
             let cancelled =
                 runs::cancel_pull_request(state, &repository, pr, "the pull request was closed")
                     .await?;
-            let teardown = runs::teardown(state, &repository, pr, trigger).await?;
+            let teardown = runs::teardown(
+                state,
+                &repository,
+                pr,
+                trigger,
+                &crate::telemetry::Origin::Request,
+            )
+            .await?;
             Ok(answer(
                 StatusCode::CREATED,
                 format!(

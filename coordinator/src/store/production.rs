@@ -27,6 +27,9 @@ pub struct Publish {
     pub trigger: slimci_client::Trigger,
     /// The dbt Cloud run it came from, if it did.
     pub dbt_cloud_run_id: Option<u64>,
+    /// The root of the publish's trace, when traces are exported; the request exports the
+    /// whole trace itself (`telemetry::publish`), so the run is recorded with it ended.
+    pub traceparent: Option<String>,
 }
 
 async fn read_production_state<'e>(
@@ -66,18 +69,17 @@ impl Store {
             production_state: None,
             status: RunStatus::Success,
             message: Some(publish.message.clone()),
-            traceparent: None,
+            traceparent: publish.traceparent.clone(),
             trigger: publish.trigger.clone(),
         };
         let mut transaction = self.begin_immediate().await?;
         insert_run(&mut *transaction, &run, at).await?;
-        if let Some(cloud_run) = publish.dbt_cloud_run_id {
-            sqlx::query("UPDATE runs SET dbt_cloud_run_id = ? WHERE id = ?")
-                .bind(cloud_run as i64)
-                .bind(publish.id.to_string())
-                .execute(&mut *transaction)
-                .await?;
-        }
+        // The request exported the publish's whole trace itself (`telemetry::publish`).
+        sqlx::query("UPDATE runs SET trace_ended = 1, dbt_cloud_run_id = ? WHERE id = ?")
+            .bind(publish.dbt_cloud_run_id.map(|run| run as i64))
+            .bind(publish.id.to_string())
+            .execute(&mut *transaction)
+            .await?;
         record_artifact(&mut *transaction, publish.id, &publish.manifest).await?;
         promote(
             &mut transaction,
@@ -223,6 +225,7 @@ mod tests {
                 version: Some("0.1.0".into()),
             },
             dbt_cloud_run_id: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let first = publish('a', "f1");
         let production = store.record_publish(&first).await.unwrap();
@@ -235,6 +238,9 @@ mod tests {
         assert!(run.finished_ms.is_some());
         assert_eq!(run.trigger, Some(first.trigger.clone()), "who published it");
         assert_eq!(store.artifacts(first.id).await.unwrap()[0].sha256, "f1");
+        // Its trace id is the run's; the request exported the whole trace, root included.
+        assert_eq!(run.traceparent, first.traceparent);
+        assert!(store.runs_to_end_trace(10).await.unwrap().is_empty());
 
         // A CI run stamped with the first keeps it when the second moves production state.
         let ci = new_run(RunKind::Ci);

@@ -1,10 +1,14 @@
 //! The coordinator's part of a run's trace. A run's trace starts when the run is made
 //! (`new_trace`: its root span's ids are chosen and stored with the run as its
-//! `traceparent`; `request`: the request's span); every later span joins it as a child of that root: the wait in
+//! `traceparent`; `origin`: the span of what made it, a request or the sweeper's finding);
+//! every later span joins it as a child of that root: the wait in
 //! the outbox and the PRODUCER span of each dispatch (`start_dispatch`, whose `traceparent`
 //! travels in the job message's AMQP headers, so the agent's spans are its children), each
 //! lost attempt, each GitHub report. The root span itself is exported once the run ended
 //! (`trace_end_loop`), from the run's request to its end, whatever ended it.
+//!
+//! A publish (a manifest published from outside, never built) is one request: its trace is
+//! `publish::PublishTrace`, root included.
 //!
 //! With traces off (`AppState::telemetry` has no tracer) every function here returns at
 //! once and no run gets a `traceparent`.
@@ -20,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::store::Run;
 
+pub mod publish;
+
 /// What every span of a run says about it.
 pub fn run_attributes(run: &Run) -> Vec<KeyValue> {
     let mut attributes = vec![
@@ -34,6 +40,12 @@ pub fn run_attributes(run: &Run) -> Vec<KeyValue> {
     ];
     if let Some(pr) = run.pr {
         attributes.push(KeyValue::new(semconv::VCS_CHANGE_ID, pr.0.to_string()));
+    }
+    if let Some(isolation) = &run.isolation {
+        attributes.push(KeyValue::new(
+            semconv::SLIMCI_ISOLATION_NAME,
+            isolation.as_str().to_owned(),
+        ));
     }
     if let Some(sha) = &run.sha {
         attributes.push(KeyValue::new(
@@ -69,25 +81,85 @@ pub fn new_trace(state: &AppState) -> Option<String> {
         .map(|_| TraceParent::new_root().to_header())
 }
 
-/// Exports the span of the request, arrived at `requested_at`, that made `run`.
-pub fn request(state: &AppState, run: &Run, requested_at: SystemTime) {
+/// What made a run, as its trace shows it.
+pub enum Origin {
+    /// A request: the API, the CLI or a webhook.
+    Request,
+    /// The sweeper found a PR's isolation left behind (`sweeper.rs`).
+    Sweep(SweepFinding),
+}
+
+/// Why the sweeper queued a teardown, and how it found out.
+pub struct SweepFinding {
+    /// When it started looking at the PR.
+    pub started: SystemTime,
+    /// Why the isolation is left behind: `closed on GitHub`, `unknown to GitHub`, ...
+    pub reason: &'static str,
+    /// When it asked GitHub for the PR's state, and when the answer came; none when it had
+    /// only the webhooks' word.
+    pub asked_github: Option<(SystemTime, SystemTime)>,
+    /// Hours since the PR's last build ended.
+    pub last_build_hours: f64,
+}
+
+/// Exports the span of what made `run`: the request, arrived at `requested_at` (a SERVER span),
+/// or the sweeper's finding with its question to GitHub.
+pub fn origin(state: &AppState, run: &Run, requested_at: SystemTime, origin: &Origin) {
     let (Some(tracer), Some(root)) = (state.telemetry.tracer(), root_of(run)) else {
         return;
     };
-    Finished {
-        name: format!("request {} run", run.kind.as_str()),
-        kind: SpanKind::Server,
+    let finding = match origin {
+        Origin::Request => {
+            Finished {
+                name: format!("request {} run", run.kind.as_str()),
+                kind: SpanKind::Server,
+                parent: &root,
+                start: requested_at,
+                end: SystemTime::now(),
+                attributes: run_attributes(run),
+                error: run
+                    .status
+                    .is_terminal()
+                    .then(|| run.message.clone().unwrap_or_default()),
+                ids: None,
+            }
+            .emit(tracer);
+            return;
+        }
+        Origin::Sweep(finding) => finding,
+    };
+    let mut attributes = run_attributes(run);
+    attributes.extend([
+        KeyValue::new(semconv::SLIMCI_SWEEP_REASON, finding.reason),
+        KeyValue::new(
+            semconv::SLIMCI_SWEEP_LAST_BUILD_HOURS,
+            (finding.last_build_hours * 10.0).round() / 10.0,
+        ),
+    ]);
+    let sweep = Finished {
+        name: "sweep left-behind isolation".to_owned(),
+        kind: SpanKind::Internal,
         parent: &root,
-        start: requested_at,
+        start: finding.started,
         end: SystemTime::now(),
-        attributes: run_attributes(run),
-        error: run
-            .status
-            .is_terminal()
-            .then(|| run.message.clone().unwrap_or_default()),
+        attributes: attributes.clone(),
+        error: None,
         ids: None,
     }
     .emit(tracer);
+    if let Some((asked, answered)) = finding.asked_github {
+        Finished {
+            name: "GitHub pull request state".to_owned(),
+            kind: SpanKind::Client,
+            parent: &sweep.context(),
+            start: asked,
+            end: answered,
+            attributes,
+            error: None,
+            ids: None,
+        }
+        .emit(tracer);
+    }
 }
 
 /// A dispatch of one attempt: the PRODUCER span, open while its job is published.
