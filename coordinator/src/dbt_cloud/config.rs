@@ -134,3 +134,60 @@ impl DbtCloudConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(extra: &str) -> DbtCloudConfig {
+        toml::from_str(&format!("account_id = 1\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn a_wrong_dbt_cloud_setup_is_refused_saying_what_to_set() {
+        let cloud = ProductionSource::DbtCloud;
+        let complete = section("token = \"t\"\nproduction_job_id = 4");
+        assert_eq!(
+            DbtCloudConfig::check(Some(&complete), "shop", cloud, false),
+            Ok(())
+        );
+        let refusals = [
+            (None, false, "needs a [repository.dbt_cloud] section"),
+            (
+                Some(section("token = \"t\"")),
+                false,
+                "needs dbt_cloud.production_job_id",
+            ),
+            (Some(complete.clone()), true, "set deploys = false"),
+            (
+                Some(section("production_job_id = 4")),
+                false,
+                "exactly one of token and token_file",
+            ),
+            (
+                Some(section(
+                    "token = \"t\"\nproduction_job_id = 4\napi_url = \"https://cloud.getdbt.com/api/v2\"",
+                )),
+                false,
+                "without /api/v2",
+            ),
+        ];
+        for (given, deploys, expected) in refusals {
+            let refused =
+                DbtCloudConfig::check(given.as_ref(), "shop", cloud, deploys).expect_err(expected);
+            assert!(refused.contains(expected), "{refused}");
+            assert!(refused.starts_with("repository `shop`"), "{refused}");
+        }
+        // Without dbt Cloud as the source, no section is needed.
+        assert_eq!(
+            DbtCloudConfig::check(None, "shop", ProductionSource::Slimci, true),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug_output() {
+        let shown = format!("{:?}", section("token = \"secret-token\""));
+        assert!(!shown.contains("secret-token"), "{shown}");
+    }
+}
