@@ -85,6 +85,22 @@ async fn parse_manifest(cluster: &Cluster, sha: &str, dir: &Path) -> PathBuf {
     checkout.join("target/manifest.json")
 }
 
+/// A new commit of main (the PR edit, merged) and its manifest from `dbt parse`, made under
+/// `dir`: production moving on.
+async fn production_moves_on(cluster: &Cluster, dir: &Path) -> (String, Vec<u8>) {
+    let sha = cluster
+        .origin
+        .commit_file_on_main(
+            edits::FILE,
+            &std::fs::read_to_string(cluster.origin.path.join(edits::FILE))
+                .unwrap()
+                .replacen(edits::ADD_COLUMN.1, edits::ADD_COLUMN.2, 1),
+        )
+        .unwrap();
+    let manifest = parse_manifest(cluster, &sha, &dir.join("second")).await;
+    (sha, std::fs::read(manifest).unwrap())
+}
+
 /// A raw publish, for bodies that are wrong on purpose: the status and the error message.
 async fn publish_raw(
     cluster: &Cluster,
@@ -318,17 +334,7 @@ async fn a_published_manifest_is_the_production_state_ci_runs_compare_against() 
 
     // Production moves on: a new commit of main, parsed and published through the API, is the
     // new production state; the CI run keeps the one it was stamped with.
-    let second_sha = cluster
-        .origin
-        .commit_file_on_main(
-            edits::FILE,
-            &std::fs::read_to_string(cluster.origin.path.join(edits::FILE))
-                .unwrap()
-                .replacen(edits::ADD_COLUMN.1, edits::ADD_COLUMN.2, 1),
-        )
-        .unwrap();
-    let second_manifest = parse_manifest(&cluster, &second_sha, &work.path().join("second")).await;
-    let bytes = std::fs::read(&second_manifest).unwrap();
+    let (second_sha, bytes) = production_moves_on(&cluster, work.path()).await;
     let second_sha256 = sha256(&bytes);
     assert_ne!(second_sha256, manifest_sha256);
     let answer = cluster
@@ -473,18 +479,7 @@ production_poll_secs = 1
 
     // Production moves on in dbt Cloud: the next success is imported once, and the import of
     // the older one is not repeated.
-    let second_sha = cluster
-        .origin
-        .commit_file_on_main(
-            edits::FILE,
-            &std::fs::read_to_string(cluster.origin.path.join(edits::FILE))
-                .unwrap()
-                .replacen(edits::ADD_COLUMN.1, edits::ADD_COLUMN.2, 1),
-        )
-        .unwrap();
-    let second =
-        std::fs::read(parse_manifest(&cluster, &second_sha, &work.path().join("second")).await)
-            .unwrap();
+    let (second_sha, second) = production_moves_on(&cluster, work.path()).await;
     cloud.add_run(
         FakeRun::new(1_004, PRODUCTION_JOB, SUCCESS)
             .with_sha(&second_sha)
