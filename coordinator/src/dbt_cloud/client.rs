@@ -180,8 +180,6 @@ pub struct CloudClient {
     http: reqwest::Client,
     /// First wait before a retry (doubled each time).
     retry_base: Duration,
-    /// Requests sent again (for the metrics).
-    retries: std::sync::atomic::AtomicU64,
 }
 
 impl CloudClient {
@@ -200,13 +198,7 @@ impl CloudClient {
                 .build()
                 .expect("HTTP client"),
             retry_base: Duration::from_millis(500),
-            retries: std::sync::atomic::AtomicU64::new(0),
         }
-    }
-
-    /// How many requests were sent again since the last call.
-    pub fn take_retries(&self) -> u64 {
-        self.retries.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `GET accounts/{id}/`: the account, with its run slots where the plan has them.
@@ -384,8 +376,6 @@ impl CloudClient {
                     retry_after
                 }
             };
-            self.retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(retry_after.unwrap_or(wait).max(wait)).await;
             wait = (wait * 2).min(Duration::from_secs(30));
             attempt += 1;

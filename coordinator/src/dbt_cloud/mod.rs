@@ -27,7 +27,6 @@ pub struct DbtCloud {
 }
 
 pub struct CloudRepository {
-    pub name: RepoName,
     pub config: config::DbtCloudConfig,
     pub client: CloudClient,
     /// One production import at a time per repository, so none is imported twice.
@@ -52,7 +51,6 @@ impl DbtCloud {
             repositories.insert(
                 repository.name.clone(),
                 Arc::new(CloudRepository {
-                    name: repository.name.clone(),
                     config: section.clone(),
                     client: CloudClient::new(section, token),
                     refreshing: tokio::sync::Mutex::new(()),
@@ -66,9 +64,5 @@ impl DbtCloud {
 
     pub fn repository(&self, name: &RepoName) -> Option<&Arc<CloudRepository>> {
         self.repositories.get(name)
-    }
-
-    pub fn repositories(&self) -> impl Iterator<Item = &Arc<CloudRepository>> {
-        self.repositories.values()
     }
 }
