@@ -21,12 +21,12 @@ fn short(sha: &str) -> &str {
 
 pub fn print_runs(runs: &[RunView]) {
     println!(
-        "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  CREATED",
-        "ID", "KIND", "REPOSITORY", "PR", "SHA", "STATUS", "SECONDS"
+        "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  {:<16}  CREATED",
+        "ID", "KIND", "REPOSITORY", "PR", "SHA", "STATUS", "SECONDS", "BACKEND"
     );
     for run in runs {
         println!(
-            "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  {}",
+            "{:<36}  {:<6}  {:<16}  {:>5}  {:<12}  {:<10}  {:>8}  {:<16}  {}",
             run.id.to_string(),
             run.kind.as_str(),
             run.repository,
@@ -38,8 +38,20 @@ pub fn print_runs(runs: &[RunView]) {
             run.duration_s
                 .map(|s| format!("{s:.1}"))
                 .unwrap_or_else(|| "-".into()),
+            backend(run),
             run.created_at,
         );
+    }
+}
+
+/// Where a run builds: `fleet`, or `dbt_cloud` with its Cloud run; `-` while undecided.
+fn backend(run: &RunView) -> String {
+    match (run.backend, run.dbt_cloud_run_id) {
+        (Some(backend @ slimci_client::Backend::DbtCloud), Some(cloud_run)) => {
+            format!("{backend}:{cloud_run}")
+        }
+        (Some(backend), _) => backend.to_string(),
+        (None, _) => "-".to_owned(),
     }
 }
 
@@ -96,6 +108,9 @@ pub fn print_summary(run: &RunView) {
         .unwrap_or_default();
     println!();
     println!("run {} — {what}{sha}: {}{duration}", run.id, run.status);
+    if let Some(reason) = &run.backend_reason {
+        println!("built on {}: {reason}", backend(run));
+    }
     if let Some(state) = &run.production_state {
         println!(
             "compared against production state of deploy {} (commit {})",

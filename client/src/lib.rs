@@ -4,6 +4,7 @@
 //!
 //! Used by the `slimci` CLI and the end-to-end tests; the coordinator uses the types only.
 
+mod backend;
 mod client;
 mod nodes;
 mod request;
@@ -14,6 +15,7 @@ mod urls;
 mod views;
 mod waiting;
 
+pub use backend::Backend;
 pub use client::{Client, ClientError, Submitted};
 pub use nodes::{is_failure, summarize};
 pub use request::RunRequest;

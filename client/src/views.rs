@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use slimci_proto::{Attempt, CacheReport, NodeResult, RunId, RunKind, SandboxReport};
 
+use crate::backend::Backend;
 use crate::status::RunStatus;
 use crate::trigger::Trigger;
 use crate::waiting::Waiting;
@@ -118,6 +119,17 @@ pub struct RunView {
     /// Who or what asked for the run; `null` for runs recorded before coordinators kept it.
     #[serde(default)]
     pub trigger: Option<Trigger>,
+    /// Where it builds, once decided: the fleet, or a run of the dbt Cloud CI job (`null` while
+    /// a routed run waits for the decision, and for runs of coordinators before routing).
+    #[serde(default)]
+    pub backend: Option<Backend>,
+    /// Why it builds there (routed runs).
+    #[serde(default)]
+    pub backend_reason: Option<String>,
+    /// The dbt Cloud run that builds it (`backend: dbt_cloud`), or whose manifest a publish
+    /// imported.
+    #[serde(default)]
+    pub dbt_cloud_run_id: Option<u64>,
 }
 
 /// `GET /api/v1/repositories/{name}/production-state`: the manifest CI runs compare against

@@ -144,6 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
     ));
     tasks.spawn(leases::reaper_loop(state.clone(), shutdown.clone()));
     tasks.spawn(dbt_cloud::production_loop(state.clone(), shutdown.clone()));
+    tasks.spawn(dbt_cloud::overflow_loop(state.clone(), shutdown.clone()));
     tasks.spawn(telemetry::trace_end_loop(state.clone(), shutdown.clone()));
     if let Some(listener) = metrics_listener {
         tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics without a token");

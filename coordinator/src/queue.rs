@@ -73,8 +73,9 @@ pub fn job_for(state: &AppState, run: &Run) -> Result<Job, JobRefused> {
     Ok(job)
 }
 
-/// The waiting runs the scheduling rules let go now, oldest first.
-async fn runs_to_dispatch(state: &AppState) -> Vec<ActiveRun> {
+/// The waiting runs the scheduling rules let go now, oldest first (the publisher's, and the
+/// router's for routed CI runs).
+pub(crate) async fn runs_to_dispatch(state: &AppState) -> Vec<ActiveRun> {
     let active = match state.store.active_for_rules().await {
         Ok(active) => active,
         Err(error) => {
@@ -151,6 +152,14 @@ async fn publish_session(
     loop {
         let notified = state.outbox.notified();
         for run in runs_to_dispatch(state).await {
+            // A routed CI run goes to the agents only once the router chose the fleet.
+            if run.kind == RunKind::Ci
+                && state.dbt_cloud.repository(&run.repository).is_some()
+                && let Ok(Some(stored)) = state.store.run(run.id).await
+                && crate::dbt_cloud::awaits_routing(state, &stored)
+            {
+                continue;
+            }
             let run = match prepare_dispatch(state, run).await {
                 Some(run) => run,
                 None => continue,

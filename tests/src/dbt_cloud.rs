@@ -6,7 +6,8 @@
 //! and `status__in` and ordered by `order_by`, `POST jobs/{id}/run/`, `GET runs/{id}/` with
 //! `run_steps`, `POST runs/{id}/cancel/` that takes effect after a delay, and
 //! `GET runs/{id}/artifacts/{path}`. It records every request and can answer 429 or 5xx for a
-//! while.
+//! while, or carry out a trigger and lose its answer. A test plays dbt Cloud's part in a
+//! triggered run with `update` (status, steps with their logs, artifacts).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,8 @@ pub struct FakeRun {
     pub trigger: Value,
     pub steps: Vec<(String, i64, String)>,
     pub artifacts: HashMap<String, Vec<u8>>,
+    /// When it was made (triggered, or added by the test).
+    pub created_at: chrono::DateTime<chrono::Utc>,
     /// When a cancel was asked; it takes effect `cancel_delay` later.
     cancel_asked: Option<Instant>,
 }
@@ -65,8 +68,25 @@ impl FakeRun {
             trigger: Value::Null,
             steps: Vec::new(),
             artifacts: HashMap::new(),
+            created_at: chrono::Utc::now(),
             cancel_asked: None,
         }
+    }
+
+    /// Made `secs` seconds ago.
+    pub fn created_secs_ago(mut self, secs: i64) -> FakeRun {
+        self.created_at = chrono::Utc::now() - chrono::Duration::seconds(secs);
+        self
+    }
+
+    /// The `cause` it was triggered with.
+    pub fn cause(&self) -> Option<&str> {
+        self.trigger.get("cause").and_then(Value::as_str)
+    }
+
+    /// Whether a cancel was asked of it.
+    pub fn cancel_asked(&self) -> bool {
+        self.cancel_asked.is_some()
     }
 
     pub fn with_sha(mut self, sha: &str) -> FakeRun {
@@ -89,6 +109,8 @@ struct Fake {
     requests: Vec<Recorded>,
     /// The next answers, whatever is asked: these statuses (429 carries `Retry-After: 1`).
     failures: VecDeque<u16>,
+    /// The next triggers make their run, then answer these statuses (an answer lost on its way).
+    lost_trigger_answers: VecDeque<u16>,
     cancel_delay: Duration,
 }
 
@@ -134,6 +156,7 @@ impl FakeDbtCloud {
             next_id: 70_000,
             requests: Vec::new(),
             failures: VecDeque::new(),
+            lost_trigger_answers: VecDeque::new(),
             cancel_delay: Duration::from_secs(2),
         }));
         let app = Router::new()
@@ -189,6 +212,43 @@ impl FakeDbtCloud {
 
     pub fn set_run_slots(&self, slots: Option<u64>) {
         self.state.lock().unwrap().run_slots = slots;
+    }
+
+    /// How long a cancel takes to take effect.
+    pub fn set_cancel_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().cancel_delay = delay;
+    }
+
+    /// The next `statuses.len()` triggers make their run but answer these statuses, as when
+    /// dbt Cloud acted and its answer was lost.
+    pub fn lose_next_trigger_answers(&self, statuses: &[u16]) {
+        self.state
+            .lock()
+            .unwrap()
+            .lost_trigger_answers
+            .extend(statuses);
+    }
+
+    /// The runs made by `POST jobs/{id}/run/`, oldest first.
+    pub fn triggered(&self) -> Vec<FakeRun> {
+        let mut fake = self.state.lock().unwrap();
+        fake.settle();
+        fake.runs
+            .iter()
+            .filter(|run| !run.trigger.is_null())
+            .cloned()
+            .collect()
+    }
+
+    /// Changes run `id` as dbt Cloud would while it builds (status, steps, artifacts).
+    pub fn update(&self, id: u64, change: impl FnOnce(&mut FakeRun)) {
+        let mut fake = self.state.lock().unwrap();
+        let run = fake
+            .runs
+            .iter_mut()
+            .find(|run| run.id == id)
+            .expect("a run the fake holds");
+        change(run);
     }
 }
 
@@ -329,10 +389,15 @@ fn run_json(run: &FakeRun, account: u64, steps: bool) -> Value {
         "is_success": run.status == SUCCESS,
         "is_error": run.status == ERROR,
         "is_cancelled": run.status == CANCELLED,
-        "created_at": "2026-11-30 10:00:00.000000+00:00",
+        "created_at": run.created_at.format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string(),
         "finished_at": if finished { Value::from("2026-11-30 10:05:00.000000+00:00") } else { Value::Null },
         "href": format!("https://cloud.getdbt.com/deploy/{account}/projects/1/runs/{}/", run.id),
-        "trigger": { "cause": run.trigger.get("cause").cloned().unwrap_or(Value::Null) },
+        "trigger": {
+            "cause": run.trigger.get("cause").cloned().unwrap_or(Value::Null),
+            "git_sha": run.trigger.get("git_sha").cloned().unwrap_or(Value::Null),
+            "schema_override": run.trigger.get("schema_override").cloned().unwrap_or(Value::Null),
+            "github_pull_request_id": run.trigger.get("github_pull_request_id").cloned().unwrap_or(Value::Null),
+        },
     });
     if steps {
         value["run_steps"] = run
@@ -539,6 +604,10 @@ async fn trigger(
     let account_id = fake.account_id;
     let answer = run_json(&run, account_id, false);
     fake.runs.push(run);
+    if let Some(status) = fake.lost_trigger_answers.pop_front() {
+        let status = StatusCode::from_u16(status).expect("a status");
+        return envelope(status, Value::Null, None);
+    }
     envelope(StatusCode::OK, answer, None)
 }
 

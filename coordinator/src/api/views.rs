@@ -91,6 +91,12 @@ pub fn run_view(state: &AppState, run: Run) -> RunView {
         waiting: None,
         trace_id,
         trigger: run.trigger,
+        // Runs of repositories without routing build on the fleet once dispatched.
+        backend: run
+            .backend
+            .or(run.dispatched.then_some(slimci_client::Backend::Fleet)),
+        backend_reason: run.backend_reason,
+        dbt_cloud_run_id: run.dbt_cloud_run_id,
         summary: None,
         phases: None,
         nodes: None,

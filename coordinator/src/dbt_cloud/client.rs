@@ -113,11 +113,34 @@ pub struct CloudRun {
     pub href: Option<String>,
     #[serde(default)]
     pub run_steps: Vec<CloudRunStep>,
+    /// What the trigger asked for; slimci finds its own runs again by `cause`.
+    #[serde(default)]
+    pub trigger: Option<CloudRunTrigger>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CloudRunTrigger {
+    #[serde(default)]
+    pub cause: Option<String>,
 }
 
 impl CloudRun {
     pub fn status(&self) -> Option<CloudStatus> {
         CloudStatus::from_code(self.status)
+    }
+
+    pub fn cause(&self) -> Option<&str> {
+        self.trigger.as_ref()?.cause.as_deref()
+    }
+
+    /// When it was created: the API writes `2026-11-30 10:00:00.123456+00:00` (and, in places,
+    /// RFC 3339).
+    pub fn created(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = self.created_at.as_deref()?;
+        chrono::DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%:z")
+            .or_else(|_| chrono::DateTime::parse_from_rfc3339(text))
+            .ok()
+            .map(|time| time.with_timezone(&chrono::Utc))
     }
 }
 
@@ -137,6 +160,16 @@ pub struct CloudAccount {
     pub id: u64,
     #[serde(default)]
     pub run_slots: Option<u64>,
+}
+
+/// Which answers a request is sent again after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Rate limits, 5xx and lost connections: requests that change nothing.
+    Always,
+    /// Only rate limits: a 5xx or a lost answer may mean dbt Cloud acted, so the caller looks
+    /// before asking again (a trigger).
+    RateLimitedOnly,
 }
 
 /// The body of `POST jobs/{id}/run/`.
@@ -237,11 +270,47 @@ impl CloudClient {
         Ok(runs.into_iter().next())
     }
 
-    /// `POST jobs/{job}/run/`.
+    /// Every run of the account queued, starting or running, all pages.
+    pub async fn in_flight(&self) -> Result<Vec<CloudRun>, CloudError> {
+        let statuses = [
+            CloudStatus::Queued,
+            CloudStatus::Starting,
+            CloudStatus::Running,
+        ]
+        .map(|status| status.code().to_string())
+        .join(",");
+        self.runs(&[("status__in", format!("[{statuses}]"))]).await
+    }
+
+    /// The newest page (up to 100) of `job`'s runs, newest first: where a run slimci triggered
+    /// a moment ago is.
+    pub async fn recent_runs(&self, job: u64) -> Result<Vec<CloudRun>, CloudError> {
+        let query = [
+            ("job_definition_id", job.to_string()),
+            ("order_by", "-id".to_owned()),
+            ("limit", PAGE.to_string()),
+        ];
+        let (data, _) = self.send(Method::GET, "/runs/", &query, None).await?;
+        self.decode(Method::GET, "/runs/", data)
+    }
+
+    /// `POST jobs/{job}/run/`, sent again only after a rate limit: after a 5xx or a lost answer
+    /// the run may exist, and the caller looks for it (`recent_runs`, by `cause`) before
+    /// triggering again.
     pub async fn trigger(&self, job: u64, trigger: &Trigger) -> Result<CloudRun, CloudError> {
         let body = serde_json::to_value(trigger).expect("a trigger serialises");
-        self.data(Method::POST, &format!("/jobs/{job}/run/"), &[], Some(&body))
-            .await
+        let path = format!("/jobs/{job}/run/");
+        let response = self
+            .request_with(
+                Method::POST,
+                &path,
+                &[],
+                Some(&body),
+                Resend::RateLimitedOnly,
+            )
+            .await?;
+        let (data, _) = self.open(Method::POST, &path, response).await?;
+        self.decode(Method::POST, &path, data)
     }
 
     /// `GET runs/{id}/`, with its steps and their logs.
@@ -303,6 +372,16 @@ impl CloudClient {
         body: Option<&Value>,
     ) -> Result<(Value, Option<u64>), CloudError> {
         let response = self.request(method.clone(), path, query, body).await?;
+        self.open(method, path, response).await
+    }
+
+    /// An answer's envelope: its `data`, and the pagination's total count.
+    async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        response: reqwest::Response,
+    ) -> Result<(Value, Option<u64>), CloudError> {
         let text = response.text().await.map_err(|source| CloudError::Http {
             method: method.clone(),
             path: path.to_owned(),
@@ -329,6 +408,18 @@ impl CloudClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<reqwest::Response, CloudError> {
+        self.request_with(method, path, query, body, Resend::Always)
+            .await
+    }
+
+    async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        resend: Resend,
+    ) -> Result<reqwest::Response, CloudError> {
         let mut wait = self.retry_base;
         let mut attempt = 1;
         loop {
@@ -343,7 +434,7 @@ impl CloudClient {
             }
             let retry_after = match request.send().await {
                 Err(source) => {
-                    if attempt >= ATTEMPTS {
+                    if attempt >= ATTEMPTS || resend == Resend::RateLimitedOnly {
                         return Err(CloudError::Http {
                             method,
                             path: path.to_owned(),
@@ -362,8 +453,8 @@ impl CloudClient {
                         .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
                         .map(|secs| Duration::from_secs(secs.min(60)));
                     let text = response.text().await.unwrap_or_default();
-                    let retryable =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+                        || (status.is_server_error() && resend == Resend::Always);
                     if !retryable || attempt >= ATTEMPTS {
                         return Err(CloudError::Status {
                             method,

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use crate::rules::Routing;
+
 /// Where a repository's production state comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,6 +42,24 @@ pub struct DbtCloudConfig {
     /// (at most that once per dispatch).
     #[serde(default = "default_max_age_secs")]
     pub production_max_age_secs: u64,
+    /// The CI job slimci triggers for a pull request's run routed to dbt Cloud (with `routing`).
+    pub ci_job_id: Option<u64>,
+    /// Which backend CI runs try first; none: the fleet builds every run.
+    pub routing: Option<Routing>,
+    /// dbt Cloud is full when the account has this many runs queued, starting or running
+    /// (counted across every page); together with the account's `run_slots` when it reports
+    /// them, the smaller wins. On plans where CI runs take no run slot, this is the limit.
+    pub max_in_flight: Option<u32>,
+    /// dbt Cloud is also full when a run of the account has been queued there longer than this.
+    #[serde(default = "default_cloud_queue_secs")]
+    pub max_cloud_queue_secs: u64,
+    /// `fleet_first`: a run goes to dbt Cloud once it has waited this long while every fleet
+    /// slot was busy.
+    #[serde(default = "default_fleet_wait_secs")]
+    pub fleet_wait_secs: u64,
+    /// How often each run slimci has in dbt Cloud is looked at (status, step logs).
+    #[serde(default = "default_cloud_poll_secs")]
+    pub run_poll_secs: u64,
 }
 
 impl std::fmt::Debug for DbtCloudConfig {
@@ -52,6 +72,12 @@ impl std::fmt::Debug for DbtCloudConfig {
             .field("production_job_id", &self.production_job_id)
             .field("production_poll_secs", &self.production_poll_secs)
             .field("production_max_age_secs", &self.production_max_age_secs)
+            .field("ci_job_id", &self.ci_job_id)
+            .field("routing", &self.routing)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_cloud_queue_secs", &self.max_cloud_queue_secs)
+            .field("fleet_wait_secs", &self.fleet_wait_secs)
+            .field("run_poll_secs", &self.run_poll_secs)
             .finish()
     }
 }
@@ -66,6 +92,18 @@ fn default_poll_secs() -> u64 {
 
 fn default_max_age_secs() -> u64 {
     600
+}
+
+fn default_cloud_queue_secs() -> u64 {
+    120
+}
+
+fn default_fleet_wait_secs() -> u64 {
+    120
+}
+
+fn default_cloud_poll_secs() -> u64 {
+    5
 }
 
 impl DbtCloudConfig {
@@ -108,6 +146,16 @@ impl DbtCloudConfig {
             return Err(format!(
                 "repository `{repository}`: dbt_cloud.api_url `{}` must be the account's access URL, such as {DEFAULT_API_URL}, without /api/v2",
                 section.api_url
+            ));
+        }
+        if section.routing.is_some() && section.ci_job_id.is_none() {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud.routing needs dbt_cloud.ci_job_id, the CI job slimci triggers"
+            ));
+        }
+        if section.run_poll_secs == 0 {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud.run_poll_secs must be at least 1"
             ));
         }
         if section.production_poll_secs == 0 {
@@ -163,6 +211,13 @@ mod tests {
                 Some(section("production_job_id = 4")),
                 false,
                 "exactly one of token and token_file",
+            ),
+            (
+                Some(section(
+                    "token = \"t\"\nproduction_job_id = 4\nrouting = \"cloud_first\"",
+                )),
+                false,
+                "routing needs dbt_cloud.ci_job_id",
             ),
             (
                 Some(section(

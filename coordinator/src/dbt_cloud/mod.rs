@@ -1,13 +1,18 @@
-//! slimci beside dbt Cloud (README "Hybrid with dbt Cloud"). Today: the production state of a
+//! slimci beside dbt Cloud (README "Hybrid with dbt Cloud"): the production state of a
 //! repository with `production_source = "dbt_cloud"` is the `manifest.json` of its production
-//! job's latest successful run, imported as a publish run that names the Cloud run.
+//! job's latest successful run, imported as a publish run that names the Cloud run; and with
+//! `routing`, dbt Cloud's CI job and slimci's fleet are each other's overflow capacity.
 //!
 //! - `config`: `[repository.dbt_cloud]` and `production_source`.
 //! - `client`: the Administrative API v2 (envelopes, paging, retries).
 //! - `production`: the import, polled and on demand.
+//! - `overflow`: the router (fleet or dbt Cloud, `rules::route`) and the loop driving Cloud runs.
+//! - `mirror`: one Cloud run followed as if the coordinator were its agent.
 
 pub mod client;
 pub mod config;
+mod mirror;
+mod overflow;
 pub mod production;
 
 use std::collections::HashMap;
@@ -16,6 +21,8 @@ use std::sync::Arc;
 use slimci_proto::RepoName;
 
 pub use client::{CloudClient, CloudError, CloudRun, CloudStatus};
+pub use config::Routing;
+pub use overflow::{awaits_routing, overflow_loop};
 pub use production::{Refreshed, production_loop, refresh_if_stale, refresh_production};
 
 use crate::config::{Config, ConfigError};
@@ -64,5 +71,12 @@ impl DbtCloud {
 
     pub fn repository(&self, name: &RepoName) -> Option<&Arc<CloudRepository>> {
         self.repositories.get(name)
+    }
+
+    /// Whether any repository routes CI runs between the fleet and dbt Cloud.
+    pub fn routes_any(&self) -> bool {
+        self.repositories
+            .values()
+            .any(|repository| repository.config.routing.is_some())
     }
 }

@@ -282,6 +282,9 @@ mod tests {
             caches: None,
             traceparent: None,
             trigger: None,
+            backend: None,
+            backend_reason: None,
+            dbt_cloud_run_id: None,
         }
     }
 

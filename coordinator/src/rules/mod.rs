@@ -6,7 +6,8 @@
 //! `request`: validating and admitting requests. `dispatch`: superseding on submit, and which
 //! waiting runs go to the broker. `claim`: claims, cancels and agent events. `fate`: what a
 //! finished or lost attempt becomes, and the messages that say so. `webhook`: pull request
-//! actions. `publish`: whether a published body is a dbt manifest.
+//! actions. `publish`: whether a published body is a dbt manifest. `route`: whether a CI run
+//! builds on the fleet or in dbt Cloud.
 
 mod claim;
 mod dispatch;
@@ -15,6 +16,7 @@ mod fate;
 mod fixtures;
 mod publish;
 mod request;
+mod route;
 mod webhook;
 
 pub use claim::{
@@ -31,6 +33,7 @@ pub use request::{
     Admission, RequestError, RunRequest, ValidRequest, admit, check_deploys_allowed,
     no_production_state_message, teardown_request, validate_request,
 };
+pub use route::{Backend, CloudLoad, Route, RouteView, Routing, cloud_room, route};
 pub use webhook::{PullRequestAction, pull_request_action};
 
 /// Where a run stands: one definition, shared with the user API (`slimci_client`).

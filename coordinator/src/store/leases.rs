@@ -11,7 +11,7 @@ use super::{Result, Run, Store, now_ms};
 use crate::rules::{self, ClaimDecision, ClaimView, LostAttempt, LostAttemptView, LostReason};
 
 /// When a lease of length `lease` taken now runs out.
-fn expires_ms(lease: Duration) -> i64 {
+pub(super) fn expires_ms(lease: Duration) -> i64 {
     now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
 }
 

@@ -13,6 +13,7 @@
 //!
 //! Times are Unix milliseconds (`*_ms`).
 
+mod cloud;
 mod events;
 mod github;
 mod leases;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
+pub use cloud::DBT_CLOUD_AGENT;
 pub use events::Applied;
 pub use pages::{NodeCount, PageFilter, PullRequestRuns};
 pub use production::Publish;

@@ -1,7 +1,7 @@
 //! The store's row types, and one decoder per row type (`*_from_row`), built from shared
 //! column decoders so every column is read the same way wherever it appears.
 
-use slimci_client::Trigger;
+use slimci_client::{Backend, Trigger};
 use slimci_proto::{
     Attempt, IsolationName, NodeResult, Phase, PrNumber, RepoName, RunId, RunKind, Sha,
 };
@@ -113,6 +113,11 @@ pub struct Run {
     /// Who or what asked for it; none for runs recorded before triggers were (or written by a
     /// newer coordinator in a form this one does not know).
     pub trigger: Option<Trigger>,
+    /// Where it builds, once routed (none for runs of repositories without routing).
+    pub backend: Option<Backend>,
+    pub backend_reason: Option<String>,
+    /// The dbt Cloud run that builds it, or whose manifest a publish imported.
+    pub dbt_cloud_run_id: Option<u64>,
 }
 
 impl Run {
@@ -302,6 +307,13 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
         caches: text(row, "caches")?,
         traceparent: text(row, "traceparent")?,
         trigger: text(row, "triggered_by")?.and_then(|json| serde_json::from_str(&json).ok()),
+        backend: text(row, "backend")?
+            .map(|text| Backend::parse(&text).ok_or_else(|| corrupt(format!("backend `{text}`"))))
+            .transpose()?,
+        backend_reason: text(row, "backend_reason")?,
+        dbt_cloud_run_id: row
+            .try_get::<Option<i64>, _>("dbt_cloud_run_id")?
+            .map(|id| id as u64),
     })
 }
 

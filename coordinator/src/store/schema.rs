@@ -145,6 +145,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // The dbt Cloud run a publish run imported the manifest of (production from dbt Cloud).
         "ALTER TABLE runs ADD COLUMN dbt_cloud_run_id INTEGER;",
     ),
+    (
+        10,
+        // Where a CI run builds, once routed (`fleet` or `dbt_cloud`), and why; a run built by
+        // dbt Cloud keeps its Cloud run in `dbt_cloud_run_id`.
+        r#"
+    ALTER TABLE runs ADD COLUMN backend TEXT;
+    ALTER TABLE runs ADD COLUMN backend_reason TEXT;
+    CREATE INDEX runs_by_backend ON runs (backend, status);
+    "#,
+    ),
 ];
 
 impl Store {

@@ -97,7 +97,36 @@ async fn overhead_round(receiver: Option<&OtlpReceiver>, runs: usize) -> anyhow:
         };
         overheads.push((started - created) as f64);
     }
+    exported(
+        receiver,
+        runs_done.iter().map(|run| run.id.to_string()).collect(),
+    )
+    .await?;
     Ok(overheads)
+}
+
+/// With export on, waits until the receiver holds a span of each run in `ids`: the exporters send
+/// in batches every few seconds, and a cluster dropped before that would take its spans along.
+async fn exported(receiver: Option<&OtlpReceiver>, ids: Vec<String>) -> anyhow::Result<()> {
+    let Some(receiver) = receiver else {
+        return Ok(());
+    };
+    wait_for(
+        "every run's spans at the receiver",
+        Duration::from_secs(60),
+        || async {
+            let spans = receiver.spans();
+            Ok(ids
+                .iter()
+                .all(|id| {
+                    spans
+                        .iter()
+                        .any(|span| span.attributes.get("cicd.pipeline.run.id") == Some(id))
+                })
+                .then_some(()))
+        },
+    )
+    .await
 }
 
 /// `runs` instant builds queued at once on 2 agents × 2 slots; the wall time per run, in ms.
@@ -132,6 +161,7 @@ async fn throughput_round(receiver: Option<&OtlpReceiver>, runs: u64) -> anyhow:
         .into_iter()
         .max()
         .unwrap_or(first);
+    exported(receiver, ids.iter().map(ToString::to_string).collect()).await?;
     Ok((last - first) as f64 / runs as f64)
 }
 

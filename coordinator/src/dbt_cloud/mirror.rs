@@ -1,0 +1,512 @@
+//! One run that dbt Cloud builds for slimci, followed by the coordinator as if it were an agent
+//! (`DBT_CLOUD_AGENT`): what it sees becomes that agent's events, applied through
+//! `queue::handle_event` like any agent's, so a Cloud run's log, phases, nodes, artifacts,
+//! ending (superseded, cancelled, timed out) and GitHub report follow the fleet's rules.
+//!
+//! - Trigger: the CI job is started with `cause` naming the slimci run, the commit, the PR and
+//!   `schema_override` = the PR's isolation, so dbt Cloud builds where teardowns and the sweeper
+//!   look. Before every trigger the job's newest runs are searched for that `cause`: a trigger
+//!   whose answer was lost (a 5xx, a dropped connection, a coordinator restart) is found, not
+//!   sent twice. Only rate limits are resent at once.
+//! - Follow: every `run_poll_secs`, the Cloud run with its steps: status, step logs into the
+//!   run's log (the same lines each time, so resending after a restart is harmless).
+//! - Cancel: a user's cancel, a newer commit of the PR, or the run's timeout asks dbt Cloud to
+//!   cancel (again every [`CANCEL_RESEND`]); the run ends only once dbt Cloud reports the Cloud
+//!   run finished, so the isolation is not built twice at once.
+//! - Finish: `run_results.json` and `manifest.json` become the run's artifacts and node results.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use slimci_client::is_failure;
+use slimci_proto::run_results::RunResults;
+use slimci_proto::{AgentEvent, AgentName, EventBody, NodeResult, Outcome, Phase, RunResult};
+
+use super::CloudRepository;
+use super::client::{CloudError, CloudRun, CloudStatus, Trigger};
+use crate::app::AppState;
+use crate::queue::{EventError, handle_event};
+use crate::store::{ArtifactRecord, DBT_CLOUD_AGENT, Run, now_ms};
+
+/// How often a cancel is asked again while dbt Cloud has not confirmed it.
+const CANCEL_RESEND: Duration = Duration::from_secs(10);
+/// A trigger that fails (5xx, no answer) is tried again after 2, 4, ... up to this many seconds.
+const TRIGGER_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A run dbt Cloud could not be made to start for this long ends `error`.
+const TRIGGER_PATIENCE: Duration = Duration::from_secs(15 * 60);
+/// What slimci keeps of a Cloud run.
+const ARTIFACTS: [&str; 2] = ["run_results.json", "manifest.json"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What the coordinator keeps in memory of one Cloud run it follows; rebuilt from the store
+/// after a restart.
+pub struct Mirror {
+    /// The next event's sequence number (events the store applied are numbered up to
+    /// `last_seq`).
+    next_seq: u64,
+    /// Log lines of the attempt already handed to the log store.
+    lines_sent: usize,
+    build_started: bool,
+    next_poll: Instant,
+    cancel_sent: Option<Instant>,
+    retry_trigger_at: Instant,
+    trigger_failures: u32,
+    failing_since: Option<Instant>,
+}
+
+impl Mirror {
+    /// Starts following `run`, where the store says it stands.
+    pub async fn attach(state: &AppState, run: &Run) -> Result<Mirror, MirrorError> {
+        let phases = state.store.phases(run.id).await?;
+        let build_started = phases
+            .iter()
+            .any(|phase| phase.attempt == run.attempt && phase.phase == Phase::Build.as_str());
+        if run.last_seq > 0 {
+            tracing::info!(run = %run.id, dbt_cloud_run = run.dbt_cloud_run_id, "re-attached to a run in dbt Cloud");
+        }
+        Ok(Mirror {
+            next_seq: run.last_seq + 1,
+            lines_sent: 0,
+            build_started,
+            next_poll: Instant::now(),
+            cancel_sent: None,
+            retry_trigger_at: Instant::now(),
+            trigger_failures: 0,
+            failing_since: None,
+        })
+    }
+
+    /// Does what is due for `run` now.
+    pub async fn step(&mut self, state: &AppState, run: &Run) -> Result<(), MirrorError> {
+        let cloud = state.dbt_cloud.repository(&run.repository);
+        let Some((cloud, job)) = cloud.and_then(|cloud| Some((cloud, cloud.config.ci_job_id?)))
+        else {
+            let message = "the repository has no dbt Cloud CI job configured any more; a dbt Cloud run it started, if any, is left as it is";
+            return self
+                .finish(
+                    state,
+                    run,
+                    RunResult::Error,
+                    Some(message.to_owned()),
+                    Vec::new(),
+                )
+                .await;
+        };
+        match run.dbt_cloud_run_id {
+            None => self.trigger(state, run, cloud, job).await,
+            Some(cloud_run) => self.follow(state, run, cloud, job, cloud_run).await,
+        }
+    }
+
+    async fn trigger(
+        &mut self,
+        state: &AppState,
+        run: &Run,
+        cloud: &CloudRepository,
+        job: u64,
+    ) -> Result<(), MirrorError> {
+        if Instant::now() < self.retry_trigger_at {
+            return Ok(());
+        }
+        let cause = cause_of(run);
+        // A trigger of ours dbt Cloud carried out though its answer never came back.
+        match cloud.client.recent_runs(job).await {
+            Ok(recent) => {
+                if let Some(found) = recent.iter().find(|found| found.cause() == Some(&cause)) {
+                    tracing::info!(run = %run.id, dbt_cloud_run = found.id, "found the dbt Cloud run triggered for it");
+                    state.store.set_dbt_cloud_run(run.id, found.id).await?;
+                    let _ = state.changes.send(run.id);
+                    return Ok(());
+                }
+            }
+            Err(error) => return self.trigger_failed(state, run, job, error).await,
+        }
+        if run.cancel_requested {
+            let message = "cancelled before dbt Cloud was asked to build it".to_owned();
+            return self
+                .finish(state, run, RunResult::Cancelled, Some(message), Vec::new())
+                .await;
+        }
+        let trigger = Trigger {
+            cause,
+            git_sha: run.sha.as_ref().map(ToString::to_string),
+            git_branch: None,
+            github_pull_request_id: run.pr.map(|pr| pr.0),
+            gitlab_merge_request_id: None,
+            schema_override: run.isolation.as_ref().map(ToString::to_string),
+        };
+        match cloud.client.trigger(job, &trigger).await {
+            Ok(started) => {
+                tracing::info!(run = %run.id, dbt_cloud_run = started.id, job, "dbt Cloud is building it");
+                state.store.set_dbt_cloud_run(run.id, started.id).await?;
+                let _ = state.changes.send(run.id);
+                Ok(())
+            }
+            Err(error) if error.is_permanent() => {
+                let message = format!("dbt Cloud refused to start CI job {job}: {error}");
+                self.finish(state, run, RunResult::Error, Some(message), Vec::new())
+                    .await
+            }
+            Err(error) => self.trigger_failed(state, run, job, error).await,
+        }
+    }
+
+    async fn trigger_failed(
+        &mut self,
+        state: &AppState,
+        run: &Run,
+        job: u64,
+        error: CloudError,
+    ) -> Result<(), MirrorError> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= TRIGGER_PATIENCE {
+            let message = format!(
+                "dbt Cloud could not be made to start CI job {job} for {} minutes: {error}",
+                TRIGGER_PATIENCE.as_secs() / 60
+            );
+            return self
+                .finish(state, run, RunResult::Error, Some(message), Vec::new())
+                .await;
+        }
+        self.trigger_failures += 1;
+        let wait = Duration::from_secs(1 << self.trigger_failures.min(6)).min(TRIGGER_BACKOFF_MAX);
+        self.retry_trigger_at = Instant::now() + wait;
+        tracing::warn!(run = %run.id, %error, retry_in = ?wait, "cannot start the dbt Cloud CI job yet; will look for the run, then trigger again");
+        Ok(())
+    }
+
+    async fn follow(
+        &mut self,
+        state: &AppState,
+        run: &Run,
+        cloud: &CloudRepository,
+        job: u64,
+        cloud_run: u64,
+    ) -> Result<(), MirrorError> {
+        if Instant::now() < self.next_poll {
+            return Ok(());
+        }
+        self.next_poll = Instant::now() + Duration::from_secs(cloud.config.run_poll_secs);
+        let timed_out = run
+            .started_ms
+            .is_some_and(|started| now_ms() - started > (run.timeout_secs as i64) * 1000);
+        if (run.cancel_requested || timed_out)
+            && self
+                .cancel_sent
+                .is_none_or(|sent| sent.elapsed() >= CANCEL_RESEND)
+        {
+            match cloud.client.cancel(cloud_run).await {
+                Ok(_) => {
+                    tracing::info!(run = %run.id, dbt_cloud_run = cloud_run, timed_out, "asked dbt Cloud to cancel");
+                    self.cancel_sent = Some(Instant::now());
+                }
+                Err(error) => {
+                    tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, %error, "cannot ask dbt Cloud to cancel yet")
+                }
+            }
+        }
+        let seen = match cloud.client.run(cloud_run).await {
+            Ok(seen) => seen,
+            Err(error) if error.is_permanent() => {
+                let message = format!("dbt Cloud no longer shows run {cloud_run}: {error}");
+                return self
+                    .finish(state, run, RunResult::Error, Some(message), Vec::new())
+                    .await;
+            }
+            Err(error) => {
+                tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, %error, "cannot read the dbt Cloud run; looking again later");
+                return Ok(());
+            }
+        };
+        let Some(status) = seen.status() else {
+            tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, status = seen.status, "dbt Cloud reports a status its API does not document; looking again later");
+            return Ok(());
+        };
+        if !self.build_started && !matches!(status, CloudStatus::Queued | CloudStatus::Starting) {
+            self.emit(
+                state,
+                run,
+                EventBody::PhaseStarted {
+                    phase: Phase::Build,
+                },
+            )
+            .await?;
+            self.build_started = true;
+        }
+        let lines = log_lines(job, &seen);
+        if lines.len() > self.lines_sent {
+            let first_line = self.lines_sent as u64;
+            let lines = lines[self.lines_sent..].to_vec();
+            let count = lines.len();
+            self.emit(state, run, EventBody::Log { first_line, lines })
+                .await?;
+            self.lines_sent += count;
+        }
+        if !status.is_finished() {
+            return Ok(());
+        }
+        let nodes = self.keep_artifacts(state, run, cloud, cloud_run).await;
+        let (result, message) = conclusion(run, &seen, status, timed_out, &nodes);
+        if self.build_started {
+            self.emit(
+                state,
+                run,
+                EventBody::PhaseFinished {
+                    phase: Phase::Build,
+                    ok: result == RunResult::Success,
+                    duration_s: None,
+                },
+            )
+            .await?;
+        }
+        self.finish(state, run, result, message, nodes).await
+    }
+
+    /// The Cloud run's `run_results.json` and `manifest.json` as the run's artifacts (those it
+    /// has: a run cancelled before dbt ran has none); the node results read from the first.
+    async fn keep_artifacts(
+        &self,
+        state: &AppState,
+        run: &Run,
+        cloud: &CloudRepository,
+        cloud_run: u64,
+    ) -> Vec<NodeResult> {
+        let limit = state.config.limits.max_artifact_bytes;
+        for name in ARTIFACTS {
+            let stored = match cloud.client.artifact(cloud_run, name).await {
+                Ok(body) => state.artifacts.put(run.id, name, body, limit).await,
+                Err(error) => {
+                    tracing::info!(run = %run.id, dbt_cloud_run = cloud_run, artifact = name, %error, "no artifact from dbt Cloud");
+                    continue;
+                }
+            };
+            let stored = match stored {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::warn!(run = %run.id, artifact = name, %error, "cannot keep a dbt Cloud artifact");
+                    continue;
+                }
+            };
+            let record = ArtifactRecord {
+                name: name.to_owned(),
+                size: stored.size,
+                sha256: stored.sha256,
+                created_ms: now_ms(),
+            };
+            if let Err(error) = state.store.record_artifact(run.id, &record).await {
+                tracing::warn!(run = %run.id, artifact = name, %error, "cannot record a dbt Cloud artifact");
+            }
+        }
+        let Ok(path) = state.artifacts.path(run.id, ARTIFACTS[0]) else {
+            return Vec::new();
+        };
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            return Vec::new();
+        };
+        match RunResults::parse(&bytes) {
+            Ok(results) => results
+                .results
+                .into_iter()
+                .map(|entry| entry.into_node_result())
+                .collect(),
+            Err(error) => {
+                tracing::warn!(run = %run.id, %error, "dbt Cloud's run_results.json cannot be read");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        state: &AppState,
+        run: &Run,
+        result: RunResult,
+        message: Option<String>,
+        nodes: Vec<NodeResult>,
+    ) -> Result<(), MirrorError> {
+        let outcome = Outcome {
+            result,
+            message,
+            dbt_exit_code: None,
+            nodes,
+            deferred: Vec::new(),
+            usage: None,
+        };
+        self.emit(state, run, EventBody::Finished(outcome)).await
+    }
+
+    async fn emit(
+        &mut self,
+        state: &AppState,
+        run: &Run,
+        body: EventBody,
+    ) -> Result<(), MirrorError> {
+        let event = AgentEvent {
+            run_id: run.id,
+            attempt: run.attempt,
+            agent: cloud_agent(),
+            seq: self.next_seq,
+            at: Utc::now(),
+            body,
+        };
+        handle_event(state, &event).await?;
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+fn cloud_agent() -> AgentName {
+    AgentName::parse(DBT_CLOUD_AGENT).expect("a valid agent name")
+}
+
+/// The `cause` a run's trigger carries, and by which it is found again (dbt Cloud keeps up to
+/// 255 characters).
+fn cause_of(run: &Run) -> String {
+    let mut cause = format!("slimci run {}", run.id);
+    if let Some(pr) = run.pr {
+        cause.push_str(&format!(": {} PR #{pr}", run.repository));
+    }
+    if let Some(sha) = &run.sha {
+        cause.push_str(&format!(
+            " at {}",
+            &sha.as_str()[..12.min(sha.as_str().len())]
+        ));
+    }
+    cause
+}
+
+/// The run's log, from the Cloud run's steps: a first line naming the Cloud run, then each
+/// step's name and its log. The same lines each time it is read, with new ones at the end.
+fn log_lines(job: u64, seen: &CloudRun) -> Vec<String> {
+    let mut lines = vec![match &seen.href {
+        Some(href) => format!("dbt Cloud run {} of CI job {job}: {href}", seen.id),
+        None => format!("dbt Cloud run {} of CI job {job}", seen.id),
+    }];
+    let mut steps: Vec<_> = seen.run_steps.iter().collect();
+    steps.sort_by_key(|step| step.index);
+    for step in steps {
+        lines.push(format!("== dbt Cloud step {}: {}", step.index, step.name));
+        if let Some(logs) = &step.logs {
+            lines.extend(logs.lines().map(str::to_owned));
+        }
+    }
+    lines
+}
+
+/// What a finished Cloud run means for the slimci run.
+fn conclusion(
+    run: &Run,
+    seen: &CloudRun,
+    status: CloudStatus,
+    timed_out: bool,
+    nodes: &[NodeResult],
+) -> (RunResult, Option<String>) {
+    let id = seen.id;
+    match status {
+        CloudStatus::Success => (RunResult::Success, None),
+        CloudStatus::Cancelled if timed_out && !run.cancel_requested => (
+            RunResult::TimedOut,
+            Some(format!(
+                "timed out after {}s; dbt Cloud run {id} was cancelled",
+                run.timeout_secs
+            )),
+        ),
+        CloudStatus::Cancelled if run.cancel_requested => (
+            RunResult::Cancelled,
+            Some(format!("cancelled; dbt Cloud confirmed run {id} cancelled")),
+        ),
+        CloudStatus::Cancelled => (
+            RunResult::Cancelled,
+            Some(format!("dbt Cloud run {id} was cancelled in dbt Cloud")),
+        ),
+        _ => {
+            let failed = nodes.iter().filter(|node| is_failure(node)).count();
+            if failed > 0 {
+                (
+                    RunResult::Failed,
+                    Some(format!(
+                        "dbt Cloud run {id}: {failed} of {} nodes failed",
+                        nodes.len()
+                    )),
+                )
+            } else {
+                let step = seen
+                    .run_steps
+                    .iter()
+                    .find(|step| step.status == CloudStatus::Error.code())
+                    .map(|step| format!(" at step {} ({})", step.index, step.name))
+                    .unwrap_or_default();
+                (
+                    RunResult::Error,
+                    Some(format!("dbt Cloud run {id} ended in error{step}")),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dbt_cloud::client::CloudRunStep;
+
+    fn seen(status: i64, steps: &[(&str, i64, &str)]) -> CloudRun {
+        CloudRun {
+            id: 70_001,
+            job_definition_id: Some(12),
+            status,
+            git_sha: None,
+            git_branch: None,
+            status_humanized: None,
+            created_at: None,
+            finished_at: None,
+            href: Some("https://cloud.getdbt.com/deploy/1/projects/2/runs/70001/".to_owned()),
+            run_steps: steps
+                .iter()
+                .enumerate()
+                .map(|(index, (name, status, logs))| CloudRunStep {
+                    index: index as i64 + 1,
+                    name: (*name).to_owned(),
+                    status: *status,
+                    logs: Some((*logs).to_owned()),
+                })
+                .collect(),
+            trigger: None,
+        }
+    }
+
+    #[test]
+    fn the_log_is_the_same_lines_each_time_with_new_ones_at_the_end() {
+        let early = log_lines(12, &seen(3, &[("Clone git repository", 10, "Cloned\nok")]));
+        let later = log_lines(
+            12,
+            &seen(
+                10,
+                &[
+                    ("Clone git repository", 10, "Cloned\nok"),
+                    ("Invoke dbt with `dbt build`", 10, "1 of 2 OK\n2 of 2 OK"),
+                ],
+            ),
+        );
+        assert_eq!(later[..early.len()], early[..]);
+        assert_eq!(
+            later,
+            [
+                "dbt Cloud run 70001 of CI job 12: https://cloud.getdbt.com/deploy/1/projects/2/runs/70001/",
+                "== dbt Cloud step 1: Clone git repository",
+                "Cloned",
+                "ok",
+                "== dbt Cloud step 2: Invoke dbt with `dbt build`",
+                "1 of 2 OK",
+                "2 of 2 OK",
+            ]
+        );
+    }
+}

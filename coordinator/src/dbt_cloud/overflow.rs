@@ -1,0 +1,240 @@
+//! dbt Cloud as overflow capacity: the router, which decides where each routed CI run builds
+//! (`rules::route`, over the fleet's free slots and dbt Cloud's load), and the loop that drives
+//! the runs routed to dbt Cloud (`mirror`) and holds their leases.
+//!
+//! A CI run of a repository with `[repository.dbt_cloud] routing` waits in the outbox until the
+//! router decides: `fleet` hands it to the publisher, which sends its job to the agents as
+//! usual; `dbt_cloud` claims it for the coordinator itself (agent `dbt-cloud`), so the
+//! scheduling rules count it out and its isolation stays busy until the Cloud run ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use slimci_proto::{RepoName, RunId, RunKind};
+use tokio_util::sync::CancellationToken;
+
+use super::client::CloudStatus;
+use super::mirror::Mirror;
+use super::{CloudRepository, Routing};
+use crate::agents::AgentState;
+use crate::app::AppState;
+use crate::rules::{self, Backend, CloudLoad, Route, RouteView, RunStatus};
+use crate::store::{Run, now_ms};
+
+/// How often waiting runs are routed and Cloud runs are looked at (each at most every
+/// `run_poll_secs`).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Whether `run` waits for the router before the publisher may send it to the agents: a CI run
+/// of a routed repository not yet routed to the fleet.
+pub fn awaits_routing(state: &AppState, run: &Run) -> bool {
+    run.kind == RunKind::Ci
+        && routing_of(state, &run.repository).is_some()
+        && run.backend != Some(Backend::Fleet)
+}
+
+fn routing_of<'a>(
+    state: &'a AppState,
+    repository: &RepoName,
+) -> Option<(Routing, &'a Arc<CloudRepository>)> {
+    let cloud = state.dbt_cloud.repository(repository)?;
+    Some((cloud.config.routing?, cloud))
+}
+
+/// Routes waiting runs and drives Cloud runs until shutdown; renews the Cloud runs' leases
+/// on its own clock, so a slow dbt Cloud never costs a lease.
+pub async fn overflow_loop(state: Arc<AppState>, shutdown: CancellationToken) {
+    if !state.dbt_cloud.routes_any() {
+        return;
+    }
+    let lease = Duration::from_secs(state.config.reliability.lease_secs);
+    let leases = async {
+        loop {
+            if let Err(error) = state.store.renew_cloud_leases(lease).await {
+                tracing::error!(%error, "cannot renew the leases of runs in dbt Cloud");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(lease / 4) => {}
+            }
+        }
+    };
+    let work = async {
+        let mut mirrors: HashMap<RunId, Mirror> = HashMap::new();
+        loop {
+            route_waiting(&state, lease).await;
+            drive_cloud_runs(&state, &mut mirrors).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
+        }
+    };
+    tokio::join!(leases, work);
+}
+
+/// The fleet's slots of agents taking work, and how many are busy or promised to runs already
+/// on the jobs queue.
+async fn fleet_now(state: &AppState) -> (u32, u32) {
+    let mut slots = 0;
+    let mut taken = 0;
+    for (record, agent_state) in state.agents.list(Utc::now()) {
+        if matches!(agent_state, AgentState::Idle | AgentState::Busy) {
+            slots += record
+                .status
+                .as_ref()
+                .map_or(0, |status| u32::from(status.slots));
+            taken += u32::from(record.busy_slots());
+        }
+    }
+    let waiting_on_queue = state
+        .store
+        .active_for_rules()
+        .await
+        .map(|runs| {
+            runs.iter()
+                .filter(|run| run.status == RunStatus::Queued && run.dispatched)
+                .count() as u32
+        })
+        .unwrap_or(0);
+    (slots, taken + waiting_on_queue)
+}
+
+/// dbt Cloud's load now: the account's runs in flight (every page) and its run slots.
+async fn cloud_load(cloud: &CloudRepository) -> Result<CloudLoad, String> {
+    let in_flight = cloud
+        .client
+        .in_flight()
+        .await
+        .map_err(|error| error.to_string())?;
+    let account = cloud
+        .client
+        .account()
+        .await
+        .map_err(|error| error.to_string())?;
+    let now = Utc::now();
+    let queued: Vec<_> = in_flight
+        .iter()
+        .filter(|run| run.status() == Some(CloudStatus::Queued))
+        .collect();
+    let oldest_queued = queued
+        .iter()
+        .filter_map(|run| run.created())
+        .min()
+        .map(|created| (now - created).to_std().unwrap_or_default());
+    Ok(CloudLoad {
+        in_flight: in_flight.len() as u32,
+        queued: queued.len() as u32,
+        oldest_queued,
+        run_slots: account.run_slots.map(|slots| slots as u32),
+    })
+}
+
+/// Decides where each routed run the scheduling rules let go now builds.
+async fn route_waiting(state: &AppState, lease: Duration) {
+    let chosen = crate::queue::runs_to_dispatch(state).await;
+    let mut fleet: Option<(u32, u32)> = None;
+    // dbt Cloud's load, asked at most once per repository per tick, then counted on.
+    let mut loads: HashMap<RepoName, Result<CloudLoad, String>> = HashMap::new();
+    for active in chosen {
+        if active.kind != RunKind::Ci {
+            continue;
+        }
+        let Some((routing, cloud)) = routing_of(state, &active.repository) else {
+            continue;
+        };
+        let run = match state.store.run(active.id).await {
+            Ok(Some(run)) if run.backend.is_none() => run,
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::error!(%error, run = %active.id, "cannot read a run to route");
+                continue;
+            }
+        };
+        let (fleet_slots, fleet_taken) = match fleet {
+            Some(fleet) => fleet,
+            None => *fleet.insert(fleet_now(state).await),
+        };
+        let mut view = RouteView {
+            routing,
+            fleet_slots,
+            fleet_taken,
+            waited: Duration::from_millis((now_ms() - run.created_ms).max(0) as u64),
+            fleet_wait: Duration::from_secs(cloud.config.fleet_wait_secs),
+            cloud: loads.get(&run.repository).cloned(),
+            max_in_flight: cloud.config.max_in_flight,
+            max_cloud_queue: Duration::from_secs(cloud.config.max_cloud_queue_secs),
+        };
+        let mut decision = rules::route(&view);
+        if decision == Route::AskCloud {
+            let load = cloud_load(cloud).await;
+            loads.insert(run.repository.clone(), load.clone());
+            view.cloud = Some(load);
+            decision = rules::route(&view);
+        }
+        let Route::To(backend, reason) = decision else {
+            continue;
+        };
+        let routed = match backend {
+            Backend::Fleet => state.store.route_to_fleet(run.id, &reason).await,
+            Backend::DbtCloud => {
+                state
+                    .store
+                    .route_to_cloud(run.id, run.attempt, &reason, lease)
+                    .await
+            }
+        };
+        match routed {
+            Ok(true) => {
+                tracing::info!(run = %run.id, backend = backend.as_str(), %reason, "routed");
+                match backend {
+                    Backend::Fleet => {
+                        if let Some(fleet) = &mut fleet {
+                            fleet.1 += 1;
+                        }
+                        state.outbox.notify_one();
+                    }
+                    Backend::DbtCloud => {
+                        if let Some(Ok(load)) = loads.get_mut(&run.repository) {
+                            load.in_flight += 1;
+                        }
+                    }
+                }
+                let _ = state.changes.send(run.id);
+            }
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, run = %run.id, "cannot record a run's route"),
+        }
+    }
+}
+
+/// One step of every run dbt Cloud builds for us: trigger, follow, cancel, finish.
+async fn drive_cloud_runs(state: &AppState, mirrors: &mut HashMap<RunId, Mirror>) {
+    let runs = match state.store.cloud_runs_in_flight().await {
+        Ok(runs) => runs,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the runs in dbt Cloud");
+            return;
+        }
+    };
+    mirrors.retain(|id, _| runs.iter().any(|run| run.id == *id));
+    for run in runs {
+        let mirror = match mirrors.entry(run.id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                match Mirror::attach(state, &run).await {
+                    Ok(mirror) => entry.insert(mirror),
+                    Err(error) => {
+                        tracing::error!(%error, run = %run.id, "cannot attach to a run in dbt Cloud");
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Err(error) = mirror.step(state, &run).await {
+            tracing::error!(%error, run = %run.id, "cannot record what dbt Cloud said of a run; trying again");
+        }
+    }
+}
