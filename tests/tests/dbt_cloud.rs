@@ -270,6 +270,24 @@ async fn with_room_in_dbt_cloud_a_run_is_built_there_and_mirrored_to_success_wit
         "{phases:?}"
     );
 
+    // The run's page says where it was built and why.
+    let page = cluster
+        .http
+        .get(format!("{}/runs/{}", cluster.url, run.id))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!(
+            "<dd id=\"backend\">dbt Cloud, run {}",
+            triggered.id
+        )) && page.contains("cloud_first; dbt Cloud: 2 of 4 run slots busy"),
+        "{page}"
+    );
+
     // `slimci runs` says where it was built.
     let listed = cluster.run_cli(&["runs"]).await;
     let listed = String::from_utf8_lossy(&listed.stdout);

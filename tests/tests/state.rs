@@ -476,6 +476,17 @@ production_poll_secs = 1
         )),
         "{log}"
     );
+    // Its page says which dbt Cloud run the production state came from.
+    let page = cluster
+        .http
+        .get(format!("{}/runs/{}", cluster.url, ci.id))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("the manifest of dbt Cloud run 1001"), "{page}");
 
     // Production moves on in dbt Cloud: the next success is imported once, and the import of
     // the older one is not repeated.

@@ -1,7 +1,7 @@
 //! The facts at the top of a run's page: what the run is, where it stands, who or what
 //! triggered it, the production state it compared against, its trace.
 
-use slimci_client::Waiting;
+use slimci_client::{Backend, Waiting};
 use slimci_proto::{RunKind, Topology};
 
 use super::runs::seconds;
@@ -37,7 +37,15 @@ pub struct Head {
     pub finished: Option<String>,
     pub duration: Option<String>,
     pub timeout: String,
+    /// The production run compared against, its commit, and the dbt Cloud run its manifest
+    /// came from (production from dbt Cloud).
     pub compared_against: Option<(String, String)>,
+    pub compared_cloud_run: Option<u64>,
+    /// Where the run builds (`fleet`, or the dbt Cloud run), and why, for routed runs.
+    pub backend: Option<String>,
+    pub backend_reason: Option<String>,
+    /// A publish that imported dbt Cloud's production manifest: that Cloud run.
+    pub imported_cloud_run: Option<u64>,
     pub superseded_by: Option<String>,
     pub cancel_requested: bool,
     pub waiting: Option<String>,
@@ -50,8 +58,14 @@ pub struct Head {
 const TRIGGER_NOT_RECORDED: &str =
     "not recorded (the run is older than this coordinator's record of triggers)";
 
-/// The head of `run`'s page; `queue_position` while it is queued.
-pub fn head(state: &AppState, run: &Run, queue_position: Option<u32>) -> Head {
+/// The head of `run`'s page; `queue_position` while it is queued; `compared_cloud_run`, the
+/// dbt Cloud run whose manifest the production state it compares against is.
+pub fn head(
+    state: &AppState,
+    run: &Run,
+    queue_position: Option<u32>,
+    compared_cloud_run: Option<u64>,
+) -> Head {
     let github = state
         .config
         .repository(run.repository.as_str())
@@ -118,6 +132,17 @@ pub fn head(state: &AppState, run: &Run, queue_position: Option<u32>) -> Head {
                 short_sha(stamp.sha.as_str()),
             )
         }),
+        compared_cloud_run,
+        backend: match (run.backend, run.dbt_cloud_run_id) {
+            (Some(Backend::DbtCloud), Some(cloud_run)) => Some(format!("dbt Cloud, run {cloud_run}")),
+            (Some(Backend::DbtCloud), None) => Some("dbt Cloud (being triggered)".to_owned()),
+            (Some(Backend::Fleet), _) => Some("the fleet".to_owned()),
+            (None, _) => None,
+        },
+        backend_reason: run.backend_reason.clone(),
+        imported_cloud_run: (run.kind == RunKind::Publish)
+            .then_some(run.dbt_cloud_run_id)
+            .flatten(),
         superseded_by: run.superseded_by.map(|id| id.to_string()),
         cancel_requested: run.cancel_requested,
         waiting: queue_position.map(|position| {

@@ -129,7 +129,15 @@ pub async fn run_page(
     let artifacts = state.store.artifacts(id).await?;
     let queue_position = state.store.queue_position(&run).await?;
     let summary = summarize(&nodes);
-    let head = head(state, &run, queue_position);
+    let compared_cloud_run = match &run.compared_against {
+        Some(stamp) => state
+            .store
+            .run(stamp.deploy_run_id)
+            .await?
+            .and_then(|production| production.dbt_cloud_run_id),
+        None => None,
+    };
+    let head = head(state, &run, queue_position, compared_cloud_run);
 
     // Failures first, then the slowest.
     let mut sorted: Vec<&NodeResult> = nodes.iter().collect();
