@@ -219,6 +219,20 @@ async fn with_room_in_dbt_cloud_a_run_is_built_there_and_mirrored_to_success_wit
     let running = cluster.run(run.id).await.unwrap();
     assert_eq!(running.dbt_cloud_run_id, Some(triggered.id));
     assert_eq!(running.status, RunStatus::Running);
+    // The fleet page lists it as built by dbt Cloud, not by an agent it does not know.
+    let fleet = cluster
+        .http
+        .get(format!("{}/fleet", cluster.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        fleet.contains("<tr class=\"agent\" id=\"agent-dbt-cloud\"><td>dbt-cloud</td><td class=\"a-dbt_cloud\">dbt_cloud</td>"),
+        "{fleet}"
+    );
 
     built(&cloud, triggered.id, false);
     let done = cluster.wait_for_run(run.id, TIMEOUT).await.unwrap();

@@ -486,7 +486,10 @@ production_poll_secs = 1
         .text()
         .await
         .unwrap();
-    assert!(page.contains("the manifest of dbt Cloud run 1001"), "{page}");
+    assert!(
+        page.contains("the manifest of dbt Cloud run 1001"),
+        "{page}"
+    );
 
     // Production moves on in dbt Cloud: the next success is imported once, and the import of
     // the older one is not repeated.

@@ -21,7 +21,7 @@ use super::{Layout, WebResult, duration, render, when};
 use crate::agents::FleetTotals;
 use crate::app::AppState;
 use crate::rules::RunStatus;
-use crate::store::{Run, StoreError, now_ms};
+use crate::store::{DBT_CLOUD_AGENT, Run, StoreError, now_ms};
 
 /// Queued runs listed.
 const QUEUE_LISTED: u32 = 500;
@@ -31,8 +31,8 @@ const RUNNING_READ: u32 = 10_000;
 /// One agent as the coordinator knows it.
 pub struct AgentRow {
     pub name: String,
-    /// `idle`, `busy`, `draining`, `offline`, or `unknown` for an agent known only by a run it
-    /// holds.
+    /// `idle`, `busy`, `draining`, `offline`, `unknown` for an agent known only by a run it
+    /// holds, or `dbt_cloud` for the runs dbt Cloud builds.
     pub state: &'static str,
     pub version: Option<String>,
     /// Its slots, as its heartbeat said; none for an agent that has not said.
@@ -116,12 +116,14 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
             },
         );
     }
-    // Running runs of agents the registry does not know (yet).
+    // Running runs of agents the registry does not know (yet), and those dbt Cloud builds (the
+    // coordinator holds them as agent `dbt-cloud`).
     for run in running_by_id.into_values() {
         let name = run.agent.clone().unwrap_or_else(|| "(claiming)".to_owned());
+        let in_cloud = name == DBT_CLOUD_AGENT;
         let row = agents.entry(name.clone()).or_insert_with(|| AgentRow {
             name,
-            state: "unknown",
+            state: if in_cloud { "dbt_cloud" } else { "unknown" },
             version: None,
             slots: None,
             busy_slots: 0,
@@ -129,7 +131,7 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
             last_heartbeat: None,
         });
         row.building.push(run_row(run, None));
-        if row.state == "unknown" {
+        if matches!(row.state, "unknown" | "dbt_cloud") {
             row.busy_slots += 1;
         }
     }
@@ -139,6 +141,7 @@ pub async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, StoreErro
         "busy" => 0,
         "draining" => 1,
         "idle" => 2,
+        "dbt_cloud" => 3,
         "unknown" => 3,
         _ => 4,
     };
