@@ -40,8 +40,13 @@ pub enum Trigger {
     /// The coordinator's sweeper: a teardown of a pull request that is closed (or unknown to
     /// GitHub) and whose isolation was left behind.
     Sweeper,
-    /// The coordinator's dbt Cloud production import: a successful run of the production job.
-    DbtCloud { job: u64, run: u64 },
+    /// The coordinator's dbt Cloud production import: a successful run of the production job
+    /// (or of a job in the production environment).
+    DbtCloud {
+        #[serde(default)]
+        job: Option<u64>,
+        run: u64,
+    },
 }
 
 impl Trigger {
@@ -89,8 +94,14 @@ impl Trigger {
                 Some(agent) => format!("the HTTP API ({agent})"),
                 None => "the HTTP API".to_owned(),
             },
-            Trigger::DbtCloud { job, run } => {
+            Trigger::DbtCloud {
+                job: Some(job),
+                run,
+            } => {
                 format!("dbt Cloud's production job {job} (its successful run {run})")
+            }
+            Trigger::DbtCloud { job: None, run } => {
+                format!("dbt Cloud's production environment (its successful run {run})")
             }
             Trigger::Sweeper => {
                 "the sweeper (the pull request is closed and its isolation was left behind)"

@@ -42,16 +42,20 @@ pub enum Origin {
     /// `POST /api/v1/repositories/{name}/production-state` (`slimci state publish`), by whom.
     Api(slimci_client::Trigger),
     /// The run of a dbt Cloud job.
-    DbtCloud { run: u64, job: u64 },
+    DbtCloud { run: u64, job: Option<u64> },
 }
 
 impl Origin {
     fn describe(&self) -> String {
         match self {
             Origin::Api(_) => rules::FROM_OUTSIDE.to_owned(),
-            Origin::DbtCloud { run, job } => {
+            Origin::DbtCloud {
+                run,
+                job: Some(job),
+            } => {
                 format!("of dbt Cloud run {run} (production job {job})")
             }
+            Origin::DbtCloud { run, job: None } => format!("of dbt Cloud run {run} (production)"),
         }
     }
 

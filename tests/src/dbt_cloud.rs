@@ -2,7 +2,8 @@
 //! here), written from dbt Labs' published contract (the OpenAPI document of v2) for what
 //! slimci uses: every answer an envelope `{"status": {...}, "data": ..., "extra": {...}}`,
 //! `Authorization: Token <token>`, lists paged by `limit` (at most 100) and `offset`,
-//! `GET accounts/{id}/` with `run_slots`, `GET runs/` filtered by `job_definition_id`, `status`
+//! `GET accounts/{id}/` with `run_slots`, `GET runs/` filtered by `job_definition_id`,
+//! `environment_id`, `status`
 //! and `status__in` and ordered by `order_by`, `POST jobs/{id}/run/`, `GET runs/{id}/` with
 //! `run_steps`, `POST runs/{id}/cancel/` that takes effect after a delay, and
 //! `GET runs/{id}/artifacts/{path}`. It records every request and can answer 429 or 5xx for a
@@ -44,6 +45,7 @@ pub struct Recorded {
 pub struct FakeRun {
     pub id: u64,
     pub job_definition_id: u64,
+    pub environment_id: Option<u64>,
     pub status: i64,
     pub git_sha: Option<String>,
     pub git_branch: Option<String>,
@@ -62,6 +64,7 @@ impl FakeRun {
         FakeRun {
             id,
             job_definition_id: job,
+            environment_id: None,
             status,
             git_sha: None,
             git_branch: None,
@@ -87,6 +90,11 @@ impl FakeRun {
     /// Whether a cancel was asked of it.
     pub fn cancel_asked(&self) -> bool {
         self.cancel_asked.is_some()
+    }
+
+    pub fn in_environment(mut self, environment: u64) -> FakeRun {
+        self.environment_id = Some(environment);
+        self
     }
 
     pub fn with_sha(mut self, sha: &str) -> FakeRun {
@@ -380,6 +388,7 @@ fn run_json(run: &FakeRun, account: u64, steps: bool) -> Value {
         "account_id": account,
         "job_definition_id": run.job_definition_id,
         "job_id": run.job_definition_id,
+        "environment_id": run.environment_id,
         "status": run.status,
         "status_humanized": humanized,
         "git_sha": run.git_sha,
@@ -451,6 +460,7 @@ async fn list_runs(
     };
     let number = |text: &str| text.trim().parse::<i64>().ok();
     let job = get("job_definition_id").and_then(|job| number(&job));
+    let environment = get("environment_id").and_then(|environment| number(&environment));
     let status = get("status").and_then(|status| number(&status));
     // `status__in=[1,2,3]` (and, leniently, `1,2,3`).
     let statuses: Option<Vec<i64>> = get("status__in").map(|list| {
@@ -471,6 +481,9 @@ async fn list_runs(
         .runs
         .iter()
         .filter(|run| job.is_none_or(|job| run.job_definition_id as i64 == job))
+        .filter(|run| {
+            environment.is_none_or(|environment| run.environment_id == Some(environment as u64))
+        })
         .filter(|run| status.is_none_or(|status| run.status == status))
         .filter(|run| {
             statuses

@@ -527,3 +527,80 @@ production_poll_secs = 1
         .count();
     assert_eq!(publishes, 2, "each dbt Cloud run imported once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_from_a_dbt_cloud_environment_is_its_latest_success_of_any_job_there() {
+    use slimci_tests::dbt_cloud::{FakeDbtCloud, FakeRun, SUCCESS};
+    const ENVIRONMENT: u64 = 31;
+    let cloud = FakeDbtCloud::start(9_001, "cloud-service-token").await;
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("dbt-cloud-token");
+    std::fs::write(&token_file, "cloud-service-token").unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        repository_toml: format!(
+            r#"deploys = false
+production_source = "dbt_cloud"
+[repository.dbt_cloud]
+account_id = {account}
+api_url = "{url}"
+token_file = "{token_file}"
+production_environment_id = {ENVIRONMENT}
+production_poll_secs = 1
+"#,
+            account = cloud.account_id,
+            url = cloud.url,
+            token_file = token_file.display(),
+        ),
+        ..deploys_off()
+    })
+    .await
+    .unwrap();
+    let sha = cluster.origin.main_sha().unwrap();
+    let manifest = |name: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json", "project_name": name},
+            "nodes": {"model.shop.orders": {}},
+        }))
+        .unwrap()
+    };
+    // Production's nightly job and its hourly one run in the environment; a newer success of
+    // another environment (staging) is not production.
+    cloud.add_run(
+        FakeRun::new(2_001, 600, SUCCESS)
+            .in_environment(ENVIRONMENT)
+            .with_sha(&sha)
+            .with_artifact("manifest.json", manifest("nightly")),
+    );
+    cloud.add_run(
+        FakeRun::new(2_002, 601, SUCCESS)
+            .in_environment(ENVIRONMENT)
+            .with_sha(&sha)
+            .with_artifact("manifest.json", manifest("hourly")),
+    );
+    cloud.add_run(
+        FakeRun::new(2_003, 700, SUCCESS)
+            .in_environment(99)
+            .with_sha(&sha)
+            .with_artifact("manifest.json", manifest("staging")),
+    );
+    let production = slimci_tests::wait_for(
+        "the environment's latest success to be imported",
+        Duration::from_secs(60),
+        || async { Ok(cluster.production_state().await.ok()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(production.dbt_cloud_run_id, Some(2_002));
+    assert_eq!(production.manifest_sha256, sha256(&manifest("hourly")));
+    let run = cluster.run(production.deploy_run_id).await.unwrap();
+    assert!(
+        run.message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("manifest.json of dbt Cloud run 2002 (production job 601)"),
+        "{run:?}"
+    );
+    let asked = &cloud.requests()[0];
+    assert_eq!(asked.query["environment_id"], "31");
+    assert_eq!(asked.query["status"], "10");
+}

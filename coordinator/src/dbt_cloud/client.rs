@@ -98,6 +98,8 @@ impl CloudStatus {
 pub struct CloudRun {
     pub id: u64,
     pub job_definition_id: Option<u64>,
+    #[serde(default)]
+    pub environment_id: Option<u64>,
     pub status: i64,
     #[serde(default)]
     pub git_sha: Option<String>,
@@ -160,6 +162,13 @@ pub struct CloudAccount {
     pub id: u64,
     #[serde(default)]
     pub run_slots: Option<u64>,
+}
+
+/// Where production runs in dbt Cloud: one job, or any job of one environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Production {
+    Job(u64),
+    Environment(u64),
 }
 
 /// Which answers a request is sent again after.
@@ -257,17 +266,33 @@ impl CloudClient {
         }
     }
 
-    /// The latest (highest id) successful run of `job`, if any.
-    pub async fn latest_success(&self, job: u64) -> Result<Option<CloudRun>, CloudError> {
+    /// The latest (highest id) successful run of production, if any.
+    pub async fn latest_success(
+        &self,
+        production: Production,
+    ) -> Result<Option<CloudRun>, CloudError> {
+        let (filter, limit) = match production {
+            Production::Job(job) => (("job_definition_id", job.to_string()), 1),
+            // The newest page: each run's own environment is checked too.
+            Production::Environment(environment) => {
+                (("environment_id", environment.to_string()), PAGE)
+            }
+        };
         let query = [
-            ("job_definition_id", job.to_string()),
+            filter,
             ("status", CloudStatus::Success.code().to_string()),
             ("order_by", "-id".to_owned()),
-            ("limit", "1".to_owned()),
+            ("limit", limit.to_string()),
         ];
         let (data, _) = self.send(Method::GET, "/runs/", &query, None).await?;
         let runs: Vec<CloudRun> = self.decode(Method::GET, "/runs/", data)?;
-        Ok(runs.into_iter().next())
+        Ok(runs.into_iter().find(|run| {
+            run.status() == Some(CloudStatus::Success)
+                && match production {
+                    Production::Job(job) => run.job_definition_id.is_none_or(|of| of == job),
+                    Production::Environment(environment) => run.environment_id == Some(environment),
+                }
+        }))
     }
 
     /// Every run of the account queued, starting or running, all pages.

@@ -33,8 +33,10 @@ pub struct DbtCloudConfig {
     /// A service token with job admin (trigger, cancel) and read access; or `token_file`.
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
-    /// The job whose successful runs are production (with `production_source = "dbt_cloud"`).
+    /// The job whose successful runs are production (with `production_source = "dbt_cloud"`);
+    /// or `production_environment_id`: any job's successful run in that environment.
     pub production_job_id: Option<u64>,
+    pub production_environment_id: Option<u64>,
     /// How often the production job's latest successful run is looked for.
     #[serde(default = "default_poll_secs")]
     pub production_poll_secs: u64,
@@ -70,6 +72,7 @@ impl std::fmt::Debug for DbtCloudConfig {
             .field("token", &self.token.as_ref().map(|_| "<masked>"))
             .field("token_file", &self.token_file)
             .field("production_job_id", &self.production_job_id)
+            .field("production_environment_id", &self.production_environment_id)
             .field("production_poll_secs", &self.production_poll_secs)
             .field("production_max_age_secs", &self.production_max_age_secs)
             .field("ci_job_id", &self.ci_job_id)
@@ -121,9 +124,9 @@ impl DbtCloudConfig {
                     "repository `{repository}`: production_source = \"dbt_cloud\" needs a [repository.dbt_cloud] section with account_id, token_file and production_job_id"
                 ));
             };
-            if section.production_job_id.is_none() {
+            if section.production_job_id.is_some() == section.production_environment_id.is_some() {
                 return Err(format!(
-                    "repository `{repository}`: production_source = \"dbt_cloud\" needs dbt_cloud.production_job_id, the job whose successful runs are production"
+                    "repository `{repository}`: production_source = \"dbt_cloud\" needs exactly one of dbt_cloud.production_job_id (the job whose successful runs are production) and dbt_cloud.production_environment_id (any job's successful run in that environment)"
                 ));
             }
             if deploys {
@@ -204,7 +207,7 @@ mod tests {
             (
                 Some(section("token = \"t\"")),
                 false,
-                "needs dbt_cloud.production_job_id",
+                "needs exactly one of dbt_cloud.production_job_id",
             ),
             (Some(complete.clone()), true, "set deploys = false"),
             (

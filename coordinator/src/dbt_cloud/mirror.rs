@@ -461,6 +461,7 @@ mod tests {
         CloudRun {
             id: 70_001,
             job_definition_id: Some(12),
+            environment_id: None,
             status,
             git_sha: None,
             git_branch: None,

@@ -11,7 +11,7 @@ use slimci_proto::Sha;
 use tokio_util::sync::CancellationToken;
 
 use super::CloudRepository;
-use super::client::CloudError;
+use super::client::{CloudError, Production};
 use super::config::ProductionSource;
 use crate::app::AppState;
 use crate::config::RepositoryConfig;
@@ -53,12 +53,18 @@ pub async fn refresh_production(
     repository: &RepositoryConfig,
     cloud: &CloudRepository,
 ) -> Result<Refreshed, ImportError> {
-    let job = cloud
-        .config
-        .production_job_id
-        .expect("checked at start: production_source = dbt_cloud has a production job");
+    let production = match (
+        cloud.config.production_job_id,
+        cloud.config.production_environment_id,
+    ) {
+        (Some(job), _) => Production::Job(job),
+        (None, Some(environment)) => Production::Environment(environment),
+        (None, None) => {
+            unreachable!("checked at start: production_source = dbt_cloud names its production")
+        }
+    };
     let _one_at_a_time = cloud.refreshing.lock().await;
-    let latest = cloud.client.latest_success(job).await?;
+    let latest = cloud.client.latest_success(production).await?;
     *cloud.checked.lock().expect("not poisoned") = Some(Instant::now());
     let Some(latest) = latest else {
         return Ok(Refreshed::NoSuccessfulRun);
@@ -79,7 +85,7 @@ pub async fn refresh_production(
     let manifest = cloud.client.artifact(latest.id, MANIFEST).await?;
     let origin = Origin::DbtCloud {
         run: latest.id,
-        job,
+        job: latest.job_definition_id.or(cloud.config.production_job_id),
     };
     let production = publish_manifest(state, repository, sha, manifest, origin)
         .await
