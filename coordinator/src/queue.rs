@@ -152,13 +152,17 @@ async fn publish_session(
     loop {
         let notified = state.outbox.notified();
         for run in runs_to_dispatch(state).await {
-            // A routed CI run goes to the agents only once the router chose the fleet.
-            if run.kind == RunKind::Ci
-                && state.dbt_cloud.repository(&run.repository).is_some()
-                && let Ok(Some(stored)) = state.store.run(run.id).await
-                && crate::dbt_cloud::awaits_routing(state, &stored)
-            {
-                continue;
+            // A routed CI run goes to the agents only once the router chose the fleet; when
+            // that cannot be read, it waits.
+            if run.kind == RunKind::Ci && state.dbt_cloud.repository(&run.repository).is_some() {
+                match state.store.run(run.id).await {
+                    Ok(Some(stored)) if !crate::dbt_cloud::awaits_routing(state, &stored) => {}
+                    Ok(_) => continue,
+                    Err(error) => {
+                        tracing::error!(%error, run = %run.id, "cannot read whether a run was routed; it waits");
+                        continue;
+                    }
+                }
             }
             let run = match prepare_dispatch(state, run).await {
                 Some(run) => run,

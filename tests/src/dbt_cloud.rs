@@ -55,8 +55,9 @@ pub struct FakeRun {
     pub artifacts: HashMap<String, Vec<u8>>,
     /// When it was made (triggered, or added by the test).
     pub created_at: chrono::DateTime<chrono::Utc>,
-    /// When a cancel was asked; it takes effect `cancel_delay` later.
+    /// When a cancel was asked; it takes effect `cancel_delay` later, at `cancelled_at`.
     cancel_asked: Option<Instant>,
+    pub cancelled_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl FakeRun {
@@ -73,6 +74,7 @@ impl FakeRun {
             artifacts: HashMap::new(),
             created_at: chrono::Utc::now(),
             cancel_asked: None,
+            cancelled_at: None,
         }
     }
 
@@ -117,8 +119,8 @@ struct Fake {
     requests: Vec<Recorded>,
     /// The next answers, whatever is asked: these statuses (429 carries `Retry-After: 1`).
     failures: VecDeque<u16>,
-    /// The next triggers make their run, then answer these statuses (an answer lost on its way).
-    lost_trigger_answers: VecDeque<u16>,
+    /// How the next triggers are answered: whether the run is made, and the status answered.
+    trigger_answers: VecDeque<(bool, u16)>,
     cancel_delay: Duration,
 }
 
@@ -164,7 +166,7 @@ impl FakeDbtCloud {
             next_id: 70_000,
             requests: Vec::new(),
             failures: VecDeque::new(),
-            lost_trigger_answers: VecDeque::new(),
+            trigger_answers: VecDeque::new(),
             cancel_delay: Duration::from_secs(2),
         }));
         let app = Router::new()
@@ -227,14 +229,10 @@ impl FakeDbtCloud {
         self.state.lock().unwrap().cancel_delay = delay;
     }
 
-    /// The next `statuses.len()` triggers make their run but answer these statuses, as when
-    /// dbt Cloud acted and its answer was lost.
-    pub fn lose_next_trigger_answers(&self, statuses: &[u16]) {
-        self.state
-            .lock()
-            .unwrap()
-            .lost_trigger_answers
-            .extend(statuses);
+    /// How the next `answers.len()` triggers go: `(true, 502)` makes the run and answers 502
+    /// (dbt Cloud acted, its answer was lost); `(false, 429)` makes nothing.
+    pub fn answer_next_triggers(&self, answers: &[(bool, u16)]) {
+        self.state.lock().unwrap().trigger_answers.extend(answers);
     }
 
     /// The runs made by `POST jobs/{id}/run/`, oldest first.
@@ -371,8 +369,33 @@ fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A run as the API shows it; `steps` with its run steps (`include_related`).
-fn run_json(run: &FakeRun, account: u64, steps: bool) -> Value {
+/// What `include_related` asked for.
+#[derive(Default, Clone, Copy)]
+struct Related {
+    steps: bool,
+    trigger: bool,
+}
+
+impl Related {
+    fn of(uri: &Uri) -> Related {
+        let asked = uri
+            .query()
+            .map(url_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(key, _)| key == "include_related")
+            .map(|(_, value)| value)
+            .collect::<Vec<_>>()
+            .join(",");
+        Related {
+            steps: asked.contains("run_steps"),
+            trigger: asked.contains("trigger"),
+        }
+    }
+}
+
+/// A run as the API shows it, with the related objects asked for.
+fn run_json(run: &FakeRun, account: u64, related: Related) -> Value {
     let finished = matches!(run.status, SUCCESS | ERROR | CANCELLED);
     let humanized = match run.status {
         QUEUED => "Queued",
@@ -401,14 +424,17 @@ fn run_json(run: &FakeRun, account: u64, steps: bool) -> Value {
         "created_at": run.created_at.format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string(),
         "finished_at": if finished { Value::from("2026-11-30 10:05:00.000000+00:00") } else { Value::Null },
         "href": format!("https://cloud.getdbt.com/deploy/{account}/projects/1/runs/{}/", run.id),
-        "trigger": {
+    });
+    // The run's trigger is a related object: there only when asked for.
+    if related.trigger {
+        value["trigger"] = json!({
             "cause": run.trigger.get("cause").cloned().unwrap_or(Value::Null),
             "git_sha": run.trigger.get("git_sha").cloned().unwrap_or(Value::Null),
             "schema_override": run.trigger.get("schema_override").cloned().unwrap_or(Value::Null),
             "github_pull_request_id": run.trigger.get("github_pull_request_id").cloned().unwrap_or(Value::Null),
-        },
-    });
-    if steps {
+        });
+    }
+    if related.steps {
         value["run_steps"] = run
             .steps
             .iter()
@@ -500,7 +526,7 @@ async fn list_runs(
         .into_iter()
         .skip(offset)
         .take(limit as usize)
-        .map(|run| run_json(run, fake.account_id, false))
+        .map(|run| run_json(run, fake.account_id, Related::of(&uri)))
         .collect();
     let count = page.len();
     envelope(
@@ -525,9 +551,12 @@ async fn get_run(
         return response;
     }
     let fake = state.lock().unwrap();
-    let steps = uri.query().is_some_and(|query| query.contains("run_steps"));
     match fake.runs.iter().find(|run| run.id == id) {
-        Some(run) => envelope(StatusCode::OK, run_json(run, fake.account_id, steps), None),
+        Some(run) => envelope(
+            StatusCode::OK,
+            run_json(run, fake.account_id, Related::of(&uri)),
+            None,
+        ),
         None => not_found("run"),
     }
 }
@@ -544,12 +573,21 @@ async fn cancel_run(
     }
     let mut fake = state.lock().unwrap();
     let account_id = fake.account_id;
+    let cancel_delay = fake.cancel_delay;
     match fake.runs.iter_mut().find(|run| run.id == id) {
         Some(run) => {
             if run.cancel_asked.is_none() {
                 run.cancel_asked = Some(Instant::now());
+                run.cancelled_at = Some(
+                    chrono::Utc::now()
+                        + chrono::Duration::from_std(cancel_delay).expect("a short delay"),
+                );
             }
-            envelope(StatusCode::OK, run_json(run, account_id, false), None)
+            envelope(
+                StatusCode::OK,
+                run_json(run, account_id, Related::default()),
+                None,
+            )
         }
         None => not_found("run"),
     }
@@ -602,6 +640,17 @@ async fn trigger(
         return envelope(StatusCode::BAD_REQUEST, Value::Null, None);
     }
     let mut fake = state.lock().unwrap();
+    let answer = fake.trigger_answers.pop_front();
+    if let Some((false, status)) = answer {
+        let status = StatusCode::from_u16(status).expect("a status");
+        let mut response = envelope(status, Value::Null, None);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert("retry-after", "1".parse().expect("a header"));
+        }
+        return response;
+    }
     let id = fake.next_id;
     fake.next_id += 1;
     let mut run = FakeRun::new(id, job, QUEUED);
@@ -615,13 +664,13 @@ async fn trigger(
         .map(str::to_owned);
     run.trigger = body;
     let account_id = fake.account_id;
-    let answer = run_json(&run, account_id, false);
+    let body = run_json(&run, account_id, Related::default());
     fake.runs.push(run);
-    if let Some(status) = fake.lost_trigger_answers.pop_front() {
+    if let Some((true, status)) = answer {
         let status = StatusCode::from_u16(status).expect("a status");
         return envelope(status, Value::Null, None);
     }
-    envelope(StatusCode::OK, answer, None)
+    envelope(StatusCode::OK, body, None)
 }
 
 #[cfg(test)]

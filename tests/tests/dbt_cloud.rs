@@ -25,6 +25,15 @@ const TOKEN: &str = "cloud-service-token";
 /// A cluster whose `shop` repository routes CI runs with `routing` (plus `extra` keys of its
 /// `[repository.dbt_cloud]`), production deployed by the fleet with an instant stub build.
 async fn hybrid(cloud: &FakeDbtCloud, work: &std::path::Path, dbt_cloud: &str) -> Cluster {
+    hybrid_with(cloud, work, dbt_cloud, None).await
+}
+
+async fn hybrid_with(
+    cloud: &FakeDbtCloud,
+    work: &std::path::Path,
+    dbt_cloud: &str,
+    run_timeout_secs: Option<u64>,
+) -> Cluster {
     let token_file = work.join("dbt-cloud-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut cluster = Cluster::start(ClusterOptions {
@@ -45,6 +54,7 @@ run_poll_secs = 1
             url = cloud.url,
             token_file = token_file.display(),
         ),
+        run_timeout_secs,
         ..Default::default()
     })
     .await
@@ -201,7 +211,14 @@ async fn with_room_in_dbt_cloud_a_run_is_built_there_and_mirrored_to_success_wit
     assert_eq!(triggered.trigger["schema_override"], "pr_shop_1");
     assert_eq!(
         triggered.cause(),
-        Some(format!("slimci run {}: shop PR #1 at {}", run.id, &sha[..12]).as_str())
+        Some(
+            format!(
+                "slimci run {} attempt 1: shop PR #1 at {}",
+                run.id,
+                &sha[..12]
+            )
+            .as_str()
+        )
     );
     assert_eq!(run.isolation.as_deref(), Some("pr_shop_1"));
 
@@ -503,24 +520,13 @@ async fn a_newer_commit_stops_the_dbt_cloud_run_and_builds_only_once_dbt_cloud_c
     let new_cloud = triggered_for(&cloud, new.id).await;
     assert_eq!(new_cloud.trigger["git_sha"], new_sha.as_str());
     assert_eq!(new_cloud.trigger["schema_override"], "pr_shop_1");
-    // The trigger came after dbt Cloud reported the old run cancelled.
-    let requests = cloud.requests();
-    let cancel_asked = requests
-        .iter()
-        .position(|request| {
-            request
-                .path
-                .ends_with(&format!("/runs/{}/cancel/", old_cloud.id))
-        })
-        .expect("the old Cloud run's cancel");
-    let second_trigger = requests
-        .iter()
-        .enumerate()
-        .filter(|(_, request)| request.method == "POST" && request.path.ends_with("/run/"))
-        .nth(1)
-        .map(|(index, _)| index)
-        .expect("the second trigger");
-    assert!(cancel_asked < second_trigger);
+    // The new Cloud run was made only after the old one's cancel took effect in dbt Cloud.
+    let cancelled_at = old_in_cloud.cancelled_at.expect("the old run's cancel");
+    assert!(
+        new_cloud.created_at >= cancelled_at,
+        "triggered at {} before the cancel took effect at {cancelled_at}",
+        new_cloud.created_at
+    );
     building(&cloud, new_cloud.id);
     built(&cloud, new_cloud.id, false);
     let done = cluster.wait_for_run(new.id, TIMEOUT).await.unwrap();
@@ -533,10 +539,10 @@ async fn rate_limits_errors_and_lost_answers_from_dbt_cloud_lose_nothing_and_tri
     let work = tempfile::tempdir().unwrap();
     let mut cluster = hybrid(&cloud, work.path(), "routing = \"cloud_first\"").await;
 
-    // dbt Cloud rate limits and fails for a while; then it carries out a trigger but the
-    // answer is lost, twice.
-    cloud.fail_next(&[429, 500, 502, 429, 503]);
-    cloud.lose_next_trigger_answers(&[500, 504]);
+    // dbt Cloud rate limits and fails for a while (the reads that route the run meet these);
+    // then the trigger is rate limited, fails, and once carried out loses its answer.
+    cloud.fail_next(&[429, 500, 502]);
+    cloud.answer_next_triggers(&[(false, 429), (false, 503), (true, 502)]);
     let sha = commit(&cluster, 1, &stub(0));
     let run = cluster.create_run(&ci_request(1, &sha)).await.unwrap();
     let routed = routed(&cluster, run.id).await;
@@ -568,10 +574,85 @@ async fn rate_limits_errors_and_lost_answers_from_dbt_cloud_lose_nothing_and_tri
         .iter()
         .filter(|request| request.method == "POST" && request.path.ends_with("/run/"))
         .count();
-    assert_eq!(
-        posts, 1,
-        "the lost answer was looked for, not triggered again"
+    // The rate limit was sent again at once, the 503 after a look for the run, and the lost
+    // answer was looked for, not triggered again.
+    assert_eq!(posts, 3, "{requests:?}");
+    let searches = requests
+        .iter()
+        .filter(|request| {
+            request.query.get("include_related").map(String::as_str) == Some("[\"trigger\"]")
+        })
+        .count();
+    assert!(searches >= 2, "{requests:?}");
+
+    // A trigger dbt Cloud refuses (a 4xx other than 429) ends the run saying so.
+    cloud.answer_next_triggers(&[(false, 400)]);
+    let sha = commit(&cluster, 2, &stub(0));
+    let refused = cluster.create_run(&ci_request(2, &sha)).await.unwrap();
+    let refused = cluster.wait_for_run(refused.id, TIMEOUT).await.unwrap();
+    assert_eq!(refused.status, RunStatus::Error, "{refused:?}");
+    assert!(
+        refused
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!(
+                "dbt Cloud refused to start CI job {CI_JOB}: dbt Cloud answered 400"
+            )),
+        "{refused:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_cancel_and_the_timeout_stop_the_dbt_cloud_run_once_dbt_cloud_confirms() {
+    let cloud = FakeDbtCloud::start(9_001, TOKEN).await;
+    cloud.set_cancel_delay(Duration::from_secs(2));
+    let work = tempfile::tempdir().unwrap();
+    let mut cluster = hybrid_with(&cloud, work.path(), "routing = \"cloud_first\"", Some(6)).await;
+
+    // A user's cancel.
+    let sha = commit(&cluster, 1, &stub(0));
+    let run = cluster.create_run(&ci_request(1, &sha)).await.unwrap();
+    let in_cloud = triggered_for(&cloud, run.id).await;
+    building(&cloud, in_cloud.id);
+    cluster.client.cancel(run.id).await.unwrap();
+    let cancelled = cluster.wait_for_run(run.id, TIMEOUT).await.unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled, "{cancelled:?}");
+    assert_eq!(
+        cancelled.message.as_deref(),
+        Some(
+            format!(
+                "cancelled; dbt Cloud confirmed run {} cancelled",
+                in_cloud.id
+            )
+            .as_str()
+        )
+    );
+    let in_cloud = cloud.run(in_cloud.id).unwrap();
+    assert_eq!(in_cloud.status, CANCELLED);
+    assert!(
+        chrono::Utc::now() >= in_cloud.cancelled_at.unwrap(),
+        "the run ended before dbt Cloud's cancel took effect"
+    );
+
+    // A Cloud run that outlives the run's timeout (6 s) is cancelled, and the run times out.
+    let sha = commit(&cluster, 2, &stub(0));
+    let slow = cluster.create_run(&ci_request(2, &sha)).await.unwrap();
+    let in_cloud = triggered_for(&cloud, slow.id).await;
+    building(&cloud, in_cloud.id);
+    let timed_out = cluster.wait_for_run(slow.id, TIMEOUT).await.unwrap();
+    assert_eq!(timed_out.status, RunStatus::TimedOut, "{timed_out:?}");
+    assert_eq!(
+        timed_out.message.as_deref(),
+        Some(
+            format!(
+                "timed out after 6s; dbt Cloud run {} was cancelled",
+                in_cloud.id
+            )
+            .as_str()
+        )
+    );
+    assert!(cloud.run(in_cloud.id).unwrap().cancel_asked());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

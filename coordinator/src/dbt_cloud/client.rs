@@ -43,6 +43,11 @@ pub enum CloudError {
 }
 
 impl CloudError {
+    /// dbt Cloud answered 404: the thing asked for does not exist (or not for this token).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, CloudError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+
     /// dbt Cloud refused this request for good (a 4xx other than a rate limit).
     pub fn is_permanent(&self) -> bool {
         matches!(self, CloudError::Status { status, .. }
@@ -307,11 +312,12 @@ impl CloudClient {
         self.runs(&[("status__in", format!("[{statuses}]"))]).await
     }
 
-    /// The newest page (up to 100) of `job`'s runs, newest first: where a run slimci triggered
-    /// a moment ago is.
+    /// The newest page (up to 100) of `job`'s runs, newest first, each with its `trigger`
+    /// (which the list leaves out unless asked): where a run slimci triggered a moment ago is.
     pub async fn recent_runs(&self, job: u64) -> Result<Vec<CloudRun>, CloudError> {
         let query = [
             ("job_definition_id", job.to_string()),
+            ("include_related", "[\"trigger\"]".to_owned()),
             ("order_by", "-id".to_owned()),
             ("limit", PAGE.to_string()),
         ];

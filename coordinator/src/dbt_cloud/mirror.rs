@@ -32,8 +32,14 @@ use crate::store::{ArtifactRecord, DBT_CLOUD_AGENT, Run, now_ms};
 const CANCEL_RESEND: Duration = Duration::from_secs(10);
 /// A trigger that fails (5xx, no answer) is tried again after 2, 4, ... up to this many seconds.
 const TRIGGER_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A run dbt Cloud could not be made to start for this long ends `error`.
+/// A run dbt Cloud could not be made to start for this long ends `error` (once a search showed
+/// dbt Cloud has no run for it).
 const TRIGGER_PATIENCE: Duration = Duration::from_secs(15 * 60);
+/// A cancel dbt Cloud has not confirmed this long after it was first asked ends the run
+/// `error`, freeing its isolation.
+const CANCEL_PATIENCE: Duration = Duration::from_secs(15 * 60);
+/// Polls that try to fetch the artifacts of a finished Cloud run before it ends without them.
+const ARTIFACT_TRIES: u32 = 5;
 /// What slimci keeps of a Cloud run.
 const ARTIFACTS: [&str; 2] = ["run_results.json", "manifest.json"];
 
@@ -55,10 +61,15 @@ pub struct Mirror {
     lines_sent: usize,
     build_started: bool,
     next_poll: Instant,
+    /// When a cancel was first asked of dbt Cloud, and last.
+    cancel_first: Option<Instant>,
     cancel_sent: Option<Instant>,
     retry_trigger_at: Instant,
     trigger_failures: u32,
+    /// Since when searching or triggering has been failing.
     failing_since: Option<Instant>,
+    artifact_tries: u32,
+    artifacts_kept: Vec<&'static str>,
 }
 
 impl Mirror {
@@ -76,19 +87,20 @@ impl Mirror {
             lines_sent: 0,
             build_started,
             next_poll: Instant::now(),
+            cancel_first: None,
             cancel_sent: None,
             retry_trigger_at: Instant::now(),
             trigger_failures: 0,
             failing_since: None,
+            artifact_tries: 0,
+            artifacts_kept: Vec::new(),
         })
     }
 
     /// Does what is due for `run` now.
     pub async fn step(&mut self, state: &AppState, run: &Run) -> Result<(), MirrorError> {
-        let cloud = state.dbt_cloud.repository(&run.repository);
-        let Some((cloud, job)) = cloud.and_then(|cloud| Some((cloud, cloud.config.ci_job_id?)))
-        else {
-            let message = "the repository has no dbt Cloud CI job configured any more; a dbt Cloud run it started, if any, is left as it is";
+        let Some(cloud) = state.dbt_cloud.repository(&run.repository) else {
+            let message = "the repository has no [repository.dbt_cloud] section any more, so slimci cannot reach dbt Cloud to follow or cancel this run; a dbt Cloud run it started, if any, is left as it is";
             return self
                 .finish(
                     state,
@@ -99,9 +111,20 @@ impl Mirror {
                 )
                 .await;
         };
-        match run.dbt_cloud_run_id {
-            None => self.trigger(state, run, cloud, job).await,
-            Some(cloud_run) => self.follow(state, run, cloud, job, cloud_run).await,
+        match (run.dbt_cloud_run_id, cloud.config.ci_job_id) {
+            (Some(cloud_run), _) => self.follow(state, run, cloud, cloud_run).await,
+            (None, Some(job)) => self.trigger(state, run, cloud, job).await,
+            (None, None) => {
+                let message = "the repository has no dbt_cloud.ci_job_id any more, so slimci cannot start this run in dbt Cloud";
+                self.finish(
+                    state,
+                    run,
+                    RunResult::Error,
+                    Some(message.to_owned()),
+                    Vec::new(),
+                )
+                .await
+            }
         }
     }
 
@@ -116,7 +139,8 @@ impl Mirror {
             return Ok(());
         }
         let cause = cause_of(run);
-        // A trigger of ours dbt Cloud carried out though its answer never came back.
+        // A trigger of ours dbt Cloud carried out though its answer never came back. Until this
+        // search succeeds, whether such a run exists is unknown, and nothing else is decided.
         match cloud.client.recent_runs(job).await {
             Ok(recent) => {
                 if let Some(found) = recent.iter().find(|found| found.cause() == Some(&cause)) {
@@ -126,12 +150,27 @@ impl Mirror {
                     return Ok(());
                 }
             }
-            Err(error) => return self.trigger_failed(state, run, job, error).await,
+            Err(error) => {
+                self.back_off(run, &error);
+                return Ok(());
+            }
         }
+        // Known now: dbt Cloud has no run for it.
         if run.cancel_requested {
-            let message = "cancelled before dbt Cloud was asked to build it".to_owned();
+            let message = "cancelled before dbt Cloud started building it".to_owned();
             return self
                 .finish(state, run, RunResult::Cancelled, Some(message), Vec::new())
+                .await;
+        }
+        if let Some(since) = self.failing_since
+            && since.elapsed() >= TRIGGER_PATIENCE
+        {
+            let message = format!(
+                "dbt Cloud could not be made to start CI job {job} for {} minutes (the coordinator's log says why); it has no run for this one",
+                TRIGGER_PATIENCE.as_secs() / 60
+            );
+            return self
+                .finish(state, run, RunResult::Error, Some(message), Vec::new())
                 .await;
         }
         let trigger = Trigger {
@@ -149,37 +188,26 @@ impl Mirror {
                 let _ = state.changes.send(run.id);
                 Ok(())
             }
+            // A 4xx other than a rate limit: dbt Cloud refused, and made nothing.
             Err(error) if error.is_permanent() => {
                 let message = format!("dbt Cloud refused to start CI job {job}: {error}");
                 self.finish(state, run, RunResult::Error, Some(message), Vec::new())
                     .await
             }
-            Err(error) => self.trigger_failed(state, run, job, error).await,
+            Err(error) => {
+                self.back_off(run, &error);
+                Ok(())
+            }
         }
     }
 
-    async fn trigger_failed(
-        &mut self,
-        state: &AppState,
-        run: &Run,
-        job: u64,
-        error: CloudError,
-    ) -> Result<(), MirrorError> {
-        let since = *self.failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= TRIGGER_PATIENCE {
-            let message = format!(
-                "dbt Cloud could not be made to start CI job {job} for {} minutes: {error}",
-                TRIGGER_PATIENCE.as_secs() / 60
-            );
-            return self
-                .finish(state, run, RunResult::Error, Some(message), Vec::new())
-                .await;
-        }
+    /// After a failed search or trigger: look (and maybe trigger) again after 2, 4, ... 60 s.
+    fn back_off(&mut self, run: &Run, error: &CloudError) {
+        self.failing_since.get_or_insert_with(Instant::now);
         self.trigger_failures += 1;
         let wait = Duration::from_secs(1 << self.trigger_failures.min(6)).min(TRIGGER_BACKOFF_MAX);
         self.retry_trigger_at = Instant::now() + wait;
-        tracing::warn!(run = %run.id, %error, retry_in = ?wait, "cannot start the dbt Cloud CI job yet; will look for the run, then trigger again");
-        Ok(())
+        tracing::warn!(run = %run.id, %error, retry_in = ?wait, "cannot start the dbt Cloud CI job yet; will look for its run, then trigger again");
     }
 
     async fn follow(
@@ -187,7 +215,6 @@ impl Mirror {
         state: &AppState,
         run: &Run,
         cloud: &CloudRepository,
-        job: u64,
         cloud_run: u64,
     ) -> Result<(), MirrorError> {
         if Instant::now() < self.next_poll {
@@ -202,6 +229,7 @@ impl Mirror {
                 .cancel_sent
                 .is_none_or(|sent| sent.elapsed() >= CANCEL_RESEND)
         {
+            self.cancel_first.get_or_insert_with(Instant::now);
             match cloud.client.cancel(cloud_run).await {
                 Ok(_) => {
                     tracing::info!(run = %run.id, dbt_cloud_run = cloud_run, timed_out, "asked dbt Cloud to cancel");
@@ -212,14 +240,28 @@ impl Mirror {
                 }
             }
         }
+        // A cancel dbt Cloud never confirms must not hold the PR's isolation for ever.
+        if let Some(asked) = self.cancel_first
+            && asked.elapsed() >= CANCEL_PATIENCE
+        {
+            let message = format!(
+                "dbt Cloud did not confirm the cancel of run {cloud_run} within {} minutes; slimci stopped waiting, and the run may still be building in dbt Cloud",
+                CANCEL_PATIENCE.as_secs() / 60
+            );
+            return self
+                .finish(state, run, RunResult::Error, Some(message), Vec::new())
+                .await;
+        }
         let seen = match cloud.client.run(cloud_run).await {
             Ok(seen) => seen,
-            Err(error) if error.is_permanent() => {
+            Err(error) if error.is_not_found() => {
                 let message = format!("dbt Cloud no longer shows run {cloud_run}: {error}");
                 return self
                     .finish(state, run, RunResult::Error, Some(message), Vec::new())
                     .await;
             }
+            // Anything else (a rate limit, a 5xx, a token refused) may pass, and the Cloud run
+            // may be building all the while: the run stays, and is looked at again.
             Err(error) => {
                 tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, %error, "cannot read the dbt Cloud run; looking again later");
                 return Ok(());
@@ -240,7 +282,7 @@ impl Mirror {
             .await?;
             self.build_started = true;
         }
-        let lines = log_lines(job, &seen);
+        let lines = log_lines(&seen);
         if lines.len() > self.lines_sent {
             let first_line = self.lines_sent as u64;
             let lines = lines[self.lines_sent..].to_vec();
@@ -252,7 +294,9 @@ impl Mirror {
         if !status.is_finished() {
             return Ok(());
         }
-        let nodes = self.keep_artifacts(state, run, cloud, cloud_run).await;
+        let Some(nodes) = self.keep_artifacts(state, run, cloud, cloud_run).await else {
+            return Ok(());
+        };
         let (result, message) = conclusion(run, &seen, status, timed_out, &nodes);
         if self.build_started {
             self.emit(
@@ -271,20 +315,31 @@ impl Mirror {
 
     /// The Cloud run's `run_results.json` and `manifest.json` as the run's artifacts (those it
     /// has: a run cancelled before dbt ran has none); the node results read from the first.
+    /// None while an artifact could not be fetched for a passing reason: the next poll tries
+    /// again, [`ARTIFACT_TRIES`] times in all.
     async fn keep_artifacts(
-        &self,
+        &mut self,
         state: &AppState,
         run: &Run,
         cloud: &CloudRepository,
         cloud_run: u64,
-    ) -> Vec<NodeResult> {
+    ) -> Option<Vec<NodeResult>> {
         let limit = state.config.limits.max_artifact_bytes;
+        self.artifact_tries += 1;
+        let last_try = self.artifact_tries >= ARTIFACT_TRIES;
         for name in ARTIFACTS {
+            if self.artifacts_kept.contains(&name) {
+                continue;
+            }
             let stored = match cloud.client.artifact(cloud_run, name).await {
                 Ok(body) => state.artifacts.put(run.id, name, body, limit).await,
-                Err(error) => {
+                Err(error) if error.is_permanent() || last_try => {
                     tracing::info!(run = %run.id, dbt_cloud_run = cloud_run, artifact = name, %error, "no artifact from dbt Cloud");
                     continue;
+                }
+                Err(error) => {
+                    tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, artifact = name, %error, "cannot fetch an artifact from dbt Cloud yet; trying again");
+                    return None;
                 }
             };
             let stored = match stored {
@@ -303,14 +358,15 @@ impl Mirror {
             if let Err(error) = state.store.record_artifact(run.id, &record).await {
                 tracing::warn!(run = %run.id, artifact = name, %error, "cannot record a dbt Cloud artifact");
             }
+            self.artifacts_kept.push(name);
         }
         let Ok(path) = state.artifacts.path(run.id, ARTIFACTS[0]) else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         let Ok(bytes) = tokio::fs::read(&path).await else {
-            return Vec::new();
+            return Some(Vec::new());
         };
-        match RunResults::parse(&bytes) {
+        Some(match RunResults::parse(&bytes) {
             Ok(results) => results
                 .results
                 .into_iter()
@@ -320,7 +376,7 @@ impl Mirror {
                 tracing::warn!(run = %run.id, %error, "dbt Cloud's run_results.json cannot be read");
                 Vec::new()
             }
-        }
+        })
     }
 
     async fn finish(
@@ -369,7 +425,7 @@ fn cloud_agent() -> AgentName {
 /// The `cause` a run's trigger carries, and by which it is found again (dbt Cloud keeps up to
 /// 255 characters).
 fn cause_of(run: &Run) -> String {
-    let mut cause = format!("slimci run {}", run.id);
+    let mut cause = format!("slimci run {} attempt {}", run.id, run.attempt.0);
     if let Some(pr) = run.pr {
         cause.push_str(&format!(": {} PR #{pr}", run.repository));
     }
@@ -383,19 +439,31 @@ fn cause_of(run: &Run) -> String {
 }
 
 /// The run's log, from the Cloud run's steps: a first line naming the Cloud run, then each
-/// step's name and its log. The same lines each time it is read, with new ones at the end.
-fn log_lines(job: u64, seen: &CloudRun) -> Vec<String> {
+/// step's name and its log. The same lines each time it is read, with new ones at the end: a
+/// step still going gives only its complete lines, since its last one may still grow.
+fn log_lines(seen: &CloudRun) -> Vec<String> {
+    let job = seen
+        .job_definition_id
+        .map(|job| format!(" of CI job {job}"))
+        .unwrap_or_default();
     let mut lines = vec![match &seen.href {
-        Some(href) => format!("dbt Cloud run {} of CI job {job}: {href}", seen.id),
-        None => format!("dbt Cloud run {} of CI job {job}", seen.id),
+        Some(href) => format!("dbt Cloud run {}{job}: {href}", seen.id),
+        None => format!("dbt Cloud run {}{job}", seen.id),
     }];
     let mut steps: Vec<_> = seen.run_steps.iter().collect();
     steps.sort_by_key(|step| step.index);
     for step in steps {
         lines.push(format!("== dbt Cloud step {}: {}", step.index, step.name));
-        if let Some(logs) = &step.logs {
-            lines.extend(logs.lines().map(str::to_owned));
-        }
+        let Some(logs) = &step.logs else {
+            continue;
+        };
+        let finished = CloudStatus::from_code(step.status).is_some_and(CloudStatus::is_finished);
+        let complete = if finished || logs.ends_with('\n') {
+            logs.as_str()
+        } else {
+            logs.rsplit_once('\n').map_or("", |(complete, _)| complete)
+        };
+        lines.extend(complete.lines().map(str::to_owned));
     }
     lines
 }
@@ -485,17 +553,22 @@ mod tests {
 
     #[test]
     fn the_log_is_the_same_lines_each_time_with_new_ones_at_the_end() {
-        let early = log_lines(12, &seen(3, &[("Clone git repository", 10, "Cloned\nok")]));
-        let later = log_lines(
-            12,
-            &seen(
-                10,
-                &[
-                    ("Clone git repository", 10, "Cloned\nok"),
-                    ("Invoke dbt with `dbt build`", 10, "1 of 2 OK\n2 of 2 OK"),
-                ],
-            ),
-        );
+        let early = log_lines(&seen(
+            3,
+            &[
+                ("Clone git repository", 10, "Cloned\nok"),
+                ("Invoke dbt with `dbt build`", 3, "1 of 2 OK\n2 of 2 STA"),
+            ],
+        ));
+        let later = log_lines(&seen(
+            10,
+            &[
+                ("Clone git repository", 10, "Cloned\nok"),
+                ("Invoke dbt with `dbt build`", 10, "1 of 2 OK\n2 of 2 OK"),
+            ],
+        ));
+        // The running step's unfinished last line is held back.
+        assert_eq!(early.last().map(String::as_str), Some("1 of 2 OK"));
         assert_eq!(later[..early.len()], early[..]);
         assert_eq!(
             later,

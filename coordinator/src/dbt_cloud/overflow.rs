@@ -1,6 +1,6 @@
 //! dbt Cloud as overflow capacity: the router, which decides where each routed CI run builds
 //! (`rules::route`, over the fleet's free slots and dbt Cloud's load), and the loop that drives
-//! the runs routed to dbt Cloud (`mirror`) and holds their leases.
+//! the runs routed to dbt Cloud (`mirror`).
 //!
 //! A CI run of a repository with `[repository.dbt_cloud] routing` waits in the outbox until the
 //! router decides: `fleet` hands it to the publisher, which sends its job to the agents as
@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use slimci_proto::{RepoName, RunId, RunKind};
@@ -21,7 +21,7 @@ use super::{CloudRepository, Routing};
 use crate::agents::AgentState;
 use crate::app::AppState;
 use crate::rules::{self, Backend, CloudLoad, Route, RouteView, RunStatus};
-use crate::store::{Run, now_ms};
+use crate::store::Run;
 
 /// How often waiting runs are routed and Cloud runs are looked at (each at most every
 /// `run_poll_secs`).
@@ -43,36 +43,95 @@ fn routing_of<'a>(
     Some((cloud.config.routing?, cloud))
 }
 
-/// Routes waiting runs and drives Cloud runs until shutdown; renews the Cloud runs' leases
-/// on its own clock, so a slow dbt Cloud never costs a lease.
+/// Routes waiting runs, and follows each run dbt Cloud builds in a task of its own, until
+/// shutdown. Runs in dbt Cloud are followed whatever the configuration says now: one routed
+/// before a restart with another configuration still ends only on dbt Cloud's word.
 pub async fn overflow_loop(state: Arc<AppState>, shutdown: CancellationToken) {
-    if !state.dbt_cloud.routes_any() {
-        return;
-    }
-    let lease = Duration::from_secs(state.config.reliability.lease_secs);
-    let leases = async {
+    let routing = async {
+        if !state.dbt_cloud.routes_any() {
+            return;
+        }
+        // When each waiting `fleet_first` run was first seen with the fleet full.
+        let mut full_since: HashMap<RunId, Instant> = HashMap::new();
         loop {
-            if let Err(error) = state.store.renew_cloud_leases(lease).await {
-                tracing::error!(%error, "cannot renew the leases of runs in dbt Cloud");
-            }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(lease / 4) => {}
+                () = route_waiting(&state, &mut full_since) => {}
             }
-        }
-    };
-    let work = async {
-        let mut mirrors: HashMap<RunId, Mirror> = HashMap::new();
-        loop {
-            route_waiting(&state, lease).await;
-            drive_cloud_runs(&state, &mut mirrors).await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(TICK) => {}
             }
         }
     };
-    tokio::join!(leases, work);
+    let following = async {
+        let mut followed: HashMap<RunId, tokio::task::JoinHandle<()>> = HashMap::new();
+        loop {
+            followed.retain(|_, task| !task.is_finished());
+            match state.store.cloud_runs_in_flight().await {
+                Ok(runs) => {
+                    for run in runs {
+                        followed.entry(run.id).or_insert_with(|| {
+                            tokio::spawn(follow(state.clone(), run.id, shutdown.clone()))
+                        });
+                    }
+                }
+                Err(error) => tracing::error!(%error, "cannot read the runs in dbt Cloud"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(TICK) => {}
+            }
+        }
+        for (_, task) in followed {
+            let _ = task.await;
+        }
+    };
+    tokio::join!(routing, following);
+}
+
+/// Follows one run in dbt Cloud until it ends (or shutdown), a step every tick; a slow or
+/// failing dbt Cloud holds up only this run.
+async fn follow(state: Arc<AppState>, id: RunId, shutdown: CancellationToken) {
+    let mut mirror: Option<Mirror> = None;
+    loop {
+        let run = match state.store.run(id).await {
+            Ok(Some(run))
+                if run.status == RunStatus::Running && run.backend == Some(Backend::DbtCloud) =>
+            {
+                Some(run)
+            }
+            Ok(_) => return,
+            Err(error) => {
+                tracing::error!(%error, run = %id, "cannot read a run in dbt Cloud");
+                None
+            }
+        };
+        if let Some(run) = run {
+            let mirror = match &mut mirror {
+                Some(mirror) => Some(mirror),
+                None => match Mirror::attach(&state, &run).await {
+                    Ok(attached) => Some(mirror.insert(attached)),
+                    Err(error) => {
+                        tracing::error!(%error, run = %id, "cannot attach to a run in dbt Cloud");
+                        None
+                    }
+                },
+            };
+            if let Some(mirror) = mirror {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    stepped = mirror.step(&state, &run) => if let Err(error) = stepped {
+                        tracing::error!(%error, run = %id, "cannot record what dbt Cloud said of a run; trying again");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+        }
+    }
 }
 
 /// The fleet's slots of agents taking work, and how many are busy or promised to runs already
@@ -132,9 +191,11 @@ async fn cloud_load(cloud: &CloudRepository) -> Result<CloudLoad, String> {
     })
 }
 
-/// Decides where each routed run the scheduling rules let go now builds.
-async fn route_waiting(state: &AppState, lease: Duration) {
+/// Decides where each routed run the scheduling rules let go now builds. `full_since`: when
+/// each waiting `fleet_first` run was first seen with the fleet full.
+async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant>) {
     let chosen = crate::queue::runs_to_dispatch(state).await;
+    full_since.retain(|id, _| chosen.iter().any(|run| run.id == *id));
     let mut fleet: Option<(u32, u32)> = None;
     // dbt Cloud's load, asked at most once per repository per tick, then counted on.
     let mut loads: HashMap<RepoName, Result<CloudLoad, String>> = HashMap::new();
@@ -157,11 +218,21 @@ async fn route_waiting(state: &AppState, lease: Duration) {
             Some(fleet) => fleet,
             None => *fleet.insert(fleet_now(state).await),
         };
+        // `fleet_first` waits from the moment the run could go and the fleet was full.
+        let waited = if fleet_taken < fleet_slots {
+            full_since.remove(&run.id);
+            Duration::ZERO
+        } else {
+            full_since
+                .entry(run.id)
+                .or_insert_with(Instant::now)
+                .elapsed()
+        };
         let mut view = RouteView {
             routing,
             fleet_slots,
             fleet_taken,
-            waited: Duration::from_millis((now_ms() - run.created_ms).max(0) as u64),
+            waited,
             fleet_wait: Duration::from_secs(cloud.config.fleet_wait_secs),
             cloud: loads.get(&run.repository).cloned(),
             max_in_flight: cloud.config.max_in_flight,
@@ -182,12 +253,13 @@ async fn route_waiting(state: &AppState, lease: Duration) {
             Backend::DbtCloud => {
                 state
                     .store
-                    .route_to_cloud(run.id, run.attempt, &reason, lease)
+                    .route_to_cloud(run.id, run.attempt, &reason)
                     .await
             }
         };
         match routed {
             Ok(true) => {
+                full_since.remove(&run.id);
                 tracing::info!(run = %run.id, backend = backend.as_str(), %reason, "routed");
                 match backend {
                     Backend::Fleet => {
@@ -206,35 +278,6 @@ async fn route_waiting(state: &AppState, lease: Duration) {
             }
             Ok(false) => {}
             Err(error) => tracing::error!(%error, run = %run.id, "cannot record a run's route"),
-        }
-    }
-}
-
-/// One step of every run dbt Cloud builds for us: trigger, follow, cancel, finish.
-async fn drive_cloud_runs(state: &AppState, mirrors: &mut HashMap<RunId, Mirror>) {
-    let runs = match state.store.cloud_runs_in_flight().await {
-        Ok(runs) => runs,
-        Err(error) => {
-            tracing::error!(%error, "cannot read the runs in dbt Cloud");
-            return;
-        }
-    };
-    mirrors.retain(|id, _| runs.iter().any(|run| run.id == *id));
-    for run in runs {
-        let mirror = match mirrors.entry(run.id) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                match Mirror::attach(state, &run).await {
-                    Ok(mirror) => entry.insert(mirror),
-                    Err(error) => {
-                        tracing::error!(%error, run = %run.id, "cannot attach to a run in dbt Cloud");
-                        continue;
-                    }
-                }
-            }
-        };
-        if let Err(error) = mirror.step(state, &run).await {
-            tracing::error!(%error, run = %run.id, "cannot record what dbt Cloud said of a run; trying again");
         }
     }
 }

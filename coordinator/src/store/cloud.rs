@@ -1,13 +1,11 @@
 //! Runs routed between the fleet and dbt Cloud: the routing decision, recorded on the run; a
 //! run routed to dbt Cloud is claimed by the coordinator itself (agent [`DBT_CLOUD_AGENT`]),
-//! which holds its lease while it watches the Cloud run and applies what it sees as that
-//! agent's events.
-
-use std::time::Duration;
+//! which follows the Cloud run and applies what it sees as that agent's events. Such a run has
+//! no lease: the reaper leaves it alone (`leases_expired_at`), since only dbt Cloud's word may
+//! end it.
 
 use slimci_proto::{Attempt, RunId};
 
-use super::leases::expires_ms;
 use super::rows::run_from_row;
 use super::{Result, Store, now_ms};
 use crate::store::Run;
@@ -29,24 +27,17 @@ impl Store {
     }
 
     /// Routes attempt `attempt` of a queued run to dbt Cloud: it is running from now, held by
-    /// [`DBT_CLOUD_AGENT`] under a lease of `lease`, and out (dispatched), so its isolation stays
-    /// busy until it ends. False if it is no longer that queued attempt, or a cancel came first.
-    pub async fn route_to_cloud(
-        &self,
-        id: RunId,
-        attempt: Attempt,
-        reason: &str,
-        lease: Duration,
-    ) -> Result<bool> {
+    /// [`DBT_CLOUD_AGENT`], and out (dispatched), so its isolation stays busy until it ends.
+    /// False if it is no longer that queued attempt, or a cancel came first.
+    pub async fn route_to_cloud(&self, id: RunId, attempt: Attempt, reason: &str) -> Result<bool> {
         let updated = sqlx::query(
             "UPDATE runs SET backend = 'dbt_cloud', backend_reason = ?, status = 'running', agent = ?,
-                 started_ms = ?, lease_expires_ms = ?, published = 1
+                 started_ms = ?, lease_expires_ms = NULL, published = 1
              WHERE id = ? AND attempt = ? AND status = 'queued' AND published = 0 AND cancel_requested = 0",
         )
         .bind(reason)
         .bind(DBT_CLOUD_AGENT)
         .bind(now_ms())
-        .bind(expires_ms(lease))
         .bind(id.to_string())
         .bind(attempt.0 as i64)
         .execute(&self.pool)
@@ -72,17 +63,5 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(run_from_row).collect()
-    }
-
-    /// Renews the lease of every run dbt Cloud is building: the coordinator is their agent, and
-    /// it is alive.
-    pub async fn renew_cloud_leases(&self, lease: Duration) -> Result<()> {
-        sqlx::query(
-            "UPDATE runs SET lease_expires_ms = ? WHERE backend = 'dbt_cloud' AND status = 'running'",
-        )
-        .bind(expires_ms(lease))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 }

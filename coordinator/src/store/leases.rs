@@ -11,7 +11,7 @@ use super::{Result, Run, Store, now_ms};
 use crate::rules::{self, ClaimDecision, ClaimView, LostAttempt, LostAttemptView, LostReason};
 
 /// When a lease of length `lease` taken now runs out.
-pub(super) fn expires_ms(lease: Duration) -> i64 {
+fn expires_ms(lease: Duration) -> i64 {
     now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
 }
 
@@ -85,10 +85,12 @@ impl Store {
         self.leases_expired_at(now_ms()).await
     }
 
-    /// Running attempts whose lease ran out before `at_ms`.
+    /// Running attempts whose lease ran out before `at_ms`. Runs dbt Cloud builds have no
+    /// lease to lose: the coordinator itself follows them, and ends them only on dbt Cloud's
+    /// word (`dbt_cloud::mirror`).
     async fn leases_expired_at(&self, at_ms: i64) -> Result<Vec<Run>> {
         let rows =
-            sqlx::query("SELECT * FROM runs WHERE status = 'running' AND lease_expires_ms < ?")
+            sqlx::query("SELECT * FROM runs WHERE status = 'running' AND lease_expires_ms < ? AND backend IS NOT 'dbt_cloud'")
                 .bind(at_ms)
                 .fetch_all(&self.pool)
                 .await?;
@@ -158,6 +160,41 @@ mod tests {
             agent: AgentName::parse("a1").unwrap(),
             reason: "shutting down".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_run_dbt_cloud_builds_has_no_lease_to_lose() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        assert!(
+            store
+                .route_to_cloud(run.id, Attempt(1), "cloud_first")
+                .await
+                .unwrap()
+        );
+        // A coordinator's start gives every running run a full lease; a Cloud run's is never
+        // taken for lost, however long dbt Cloud builds.
+        store.extend_all_leases(LEASE).await.unwrap();
+        let far = store.leases_expired_at(now_ms() + 3_600_000).await.unwrap();
+        assert!(far.is_empty(), "{far:?}");
+        let held = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!(
+            (held.status, held.agent.as_deref(), held.dispatched),
+            (
+                RunStatus::Running,
+                Some(crate::store::DBT_CLOUD_AGENT),
+                true
+            )
+        );
+        // Routed once: the router cannot route it again, to either side.
+        assert!(
+            !store
+                .route_to_cloud(run.id, Attempt(1), "again")
+                .await
+                .unwrap()
+        );
+        assert!(!store.route_to_fleet(run.id, "again").await.unwrap());
     }
 
     #[tokio::test]
