@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use slimci_proto::RunId;
 
-use super::timeline::Timeline;
+use super::timeline::{Timeline, parents_from_manifest};
 use super::{WebError, WebResult, duration};
 use crate::api::artifacts::{Disposition, download};
 use crate::api::logs::last_event_id;
@@ -20,6 +20,8 @@ use crate::store::ArtifactRecord;
 
 /// A `run_results.json` larger than this gets no timeline.
 const MAX_RUN_RESULTS_BYTES: u64 = 64 * 1024 * 1024;
+/// A `manifest.json` larger than this is not read for the critical path.
+const MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 /// Timelines kept drawn, the most recently drawn ones.
 const TIMELINES_KEPT: usize = 16;
 
@@ -57,20 +59,26 @@ static DRAWN: Mutex<VecDeque<Drawn>> = Mutex::new(VecDeque::new());
 /// One timeline kept drawn.
 struct Drawn {
     run: RunId,
-    /// Of the `run_results.json` it was drawn from.
+    /// Of the `run_results.json` it was drawn from, and of the `manifest.json` whose
+    /// dependencies gave its critical path.
     sha256: String,
+    manifest_sha256: Option<String>,
     svg: Arc<str>,
     note: String,
 }
 
-/// The timeline of run `id` from its `run_results.json` (`results`, its artifact record), if
-/// dbt wrote one with timings.
+/// The timeline of run `id` from its `run_results.json`, if dbt wrote one with timings, with
+/// its critical path when the run's `manifest.json` is there too (`artifacts`: the run's).
 pub(super) async fn timeline_of(
     state: &AppState,
     id: RunId,
-    results: Option<&ArtifactRecord>,
+    artifacts: &[ArtifactRecord],
 ) -> DrawnTimeline {
-    let Some(results) = results else {
+    let manifest = artifacts
+        .iter()
+        .find(|artifact| artifact.name == "manifest.json");
+    let manifest_sha256 = manifest.map(|manifest| manifest.sha256.clone());
+    let Some(results) = run_results_of(artifacts) else {
         return DrawnTimeline {
             svg: None,
             note: "no run_results.json (yet): dbt writes it when the build ends".to_owned(),
@@ -80,7 +88,11 @@ pub(super) async fn timeline_of(
         .lock()
         .expect("timelines lock")
         .iter()
-        .find(|drawn| drawn.run == id && drawn.sha256 == results.sha256)
+        .find(|drawn| {
+            drawn.run == id
+                && drawn.sha256 == results.sha256
+                && drawn.manifest_sha256 == manifest_sha256
+        })
         .map(|drawn| (drawn.svg.clone(), drawn.note.clone()));
     if let Some((svg, note)) = drawn_before {
         return DrawnTimeline {
@@ -94,6 +106,7 @@ pub(super) async fn timeline_of(
             note: String::new(),
         };
     };
+    let manifest_path = manifest.and_then(|_| state.artifacts.path(id, "manifest.json").ok());
     let read = tokio::task::spawn_blocking(move || -> Result<Timeline, String> {
         let length = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
         if length > MAX_RUN_RESULTS_BYTES {
@@ -103,7 +116,19 @@ pub(super) async fn timeline_of(
             ));
         }
         let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-        Timeline::from_run_results(&bytes).map_err(|e| e.to_string())
+        let timeline = Timeline::from_run_results(&bytes).map_err(|e| e.to_string())?;
+        // The critical path needs the dependencies; a manifest that cannot be read leaves the
+        // timeline without it.
+        let parents = manifest_path
+            .filter(|path| {
+                std::fs::metadata(path).is_ok_and(|meta| meta.len() <= MAX_MANIFEST_BYTES)
+            })
+            .and_then(|path| std::fs::read(path).ok())
+            .and_then(|bytes| parents_from_manifest(&bytes).ok());
+        Ok(match parents {
+            Some(parents) => timeline.with_critical_path(&parents),
+            None => timeline,
+        })
     })
     .await;
     let timeline = match read {
@@ -122,11 +147,18 @@ pub(super) async fn timeline_of(
             };
         }
     };
-    let note = format!(
+    let mut note = format!(
         "{} nodes over {} (from the first node's start to the last one's end)",
         timeline.bars.len(),
         duration(timeline.span_s())
     );
+    if !timeline.critical.is_empty() {
+        note.push_str(&format!(
+            "; outlined, the critical path: {} nodes, {}, each waiting for the one before it",
+            timeline.critical.len(),
+            duration(timeline.critical_s())
+        ));
+    }
     let svg: Arc<str> = timeline.svg().into();
     let mut drawn = DRAWN.lock().expect("timelines lock");
     if drawn.len() == TIMELINES_KEPT {
@@ -135,6 +167,7 @@ pub(super) async fn timeline_of(
     drawn.push_back(Drawn {
         run: id,
         sha256: results.sha256.clone(),
+        manifest_sha256,
         svg: svg.clone(),
         note: note.clone(),
     });
@@ -178,7 +211,7 @@ pub(super) async fn timeline_svg(
 ) -> WebResult<Response> {
     let id = parse_id(&id)?;
     let artifacts = state.store.artifacts(id).await?;
-    match timeline_of(&state, id, run_results_of(&artifacts)).await {
+    match timeline_of(&state, id, &artifacts).await {
         DrawnTimeline { svg: Some(svg), .. } => Ok((
             [
                 (header::CONTENT_TYPE, "image/svg+xml"),

@@ -14,7 +14,7 @@ use slimci_client::{Summary, is_failure, summarize};
 use slimci_proto::{NodeResult, RunId};
 
 use super::run_head::{Head, head};
-use super::run_links::{load_run, parse_id, run_results_of, size, timeline_of};
+use super::run_links::{load_run, parse_id, size, timeline_of};
 use super::runs::{Choice, choices};
 use super::timeline::status_class;
 use super::{CsrfForm, Layout, WebError, WebResult, auth, duration, render, short_sha, when};
@@ -189,7 +189,7 @@ pub async fn run_page(
         })
         .collect();
 
-    let timeline = timeline_of(state, id, run_results_of(&artifacts)).await;
+    let timeline = timeline_of(state, id, &artifacts).await;
     let (log_lines, log_total) = log_tail(state, &run)?;
     let cancellable = !run.status.is_terminal() && !run.cancel_requested;
     Ok(RunPage {

@@ -9,7 +9,7 @@
 //! Colours are attributes, not classes, so the picture is the same inline in the run's page and
 //! on its own (`/runs/{id}/timeline.svg`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
@@ -39,6 +39,9 @@ pub struct Bar {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Timeline {
     pub bars: Vec<Bar>,
+    /// The critical path, as indices into `bars` in time order: the node that ended last, the
+    /// dependency built in this run that ended last before it, and so on back.
+    pub critical: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +67,54 @@ impl Timeline {
             });
         }
         bars.sort_by_key(|bar| bar.start);
-        Ok(Timeline { bars })
+        Ok(Timeline {
+            bars,
+            critical: Vec::new(),
+        })
+    }
+
+    /// Marks the critical path through the build, given each node's parents (a manifest's
+    /// `depends_on.nodes`): from the node that ended last, back through the parent built in
+    /// this run that ended last, while there is one. That chain is what kept the build from
+    /// ending sooner.
+    pub fn with_critical_path(mut self, parents: &HashMap<String, Vec<String>>) -> Timeline {
+        let index: HashMap<&str, usize> = self
+            .bars
+            .iter()
+            .enumerate()
+            .map(|(at, bar)| (bar.unique_id.as_str(), at))
+            .collect();
+        let Some(mut current) = (0..self.bars.len()).max_by_key(|at| self.bars[*at].end) else {
+            return self;
+        };
+        let mut path = vec![current];
+        while let Some(parent) = parents
+            .get(&self.bars[current].unique_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|parent| index.get(parent.as_str()).copied())
+            .filter(|parent| !path.contains(parent))
+            .max_by_key(|parent| self.bars[*parent].end)
+        {
+            path.push(parent);
+            current = parent;
+        }
+        path.reverse();
+        self.critical = path;
+        self
+    }
+
+    /// The critical path's length: from its first node's start to its last node's end.
+    pub fn critical_s(&self) -> f64 {
+        match (self.critical.first(), self.critical.last()) {
+            (Some(first), Some(last)) => {
+                (self.bars[*last].end - self.bars[*first].start)
+                    .num_milliseconds()
+                    .max(0) as f64
+                    / 1000.0
+            }
+            _ => 0.0,
+        }
     }
 
     /// The threads in their natural order (`Thread-2` before `Thread-10`).
@@ -171,6 +221,27 @@ impl Timeline {
                 );
             }
         }
+        // The critical path: each of its bars outlined, one path for all.
+        if !self.critical.is_empty() {
+            let mut path = String::with_capacity(32 * self.critical.len());
+            for at in &self.critical {
+                let bar = &self.bars[*at];
+                let y = lane_of[bar.thread.as_str()] as f64 * LANE + 1.0;
+                let _ = write!(
+                    path,
+                    "M{:.1} {y}h{:.1}v{}h{:.1}z",
+                    x_of(bar.start),
+                    width_of(bar),
+                    BAR + 2.0,
+                    -width_of(bar)
+                );
+            }
+            let _ = write!(
+                svg,
+                r#"<path class="critical" fill="none" stroke="{CRITICAL}" stroke-width="1.6" d="{path}"><title>critical path: {} nodes</title></path>"#,
+                self.critical.len()
+            );
+        }
         // A tick every round step, about eight of them.
         let step = nice_step(span / 8.0);
         let axis_y = threads.len() as f64 * LANE + 14.0;
@@ -192,6 +263,34 @@ impl Timeline {
 
 /// The colour of the text.
 const TEXT: &str = "#5f6b7a";
+/// The outline of the critical path's bars.
+const CRITICAL: &str = "#1d2330";
+
+/// Each node's parents, from a manifest's `nodes.*.depends_on.nodes` (everything else in it is
+/// skipped unread).
+pub fn parents_from_manifest(bytes: &[u8]) -> Result<HashMap<String, Vec<String>>, TimelineError> {
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        #[serde(default)]
+        nodes: HashMap<String, Node>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Node {
+        #[serde(default)]
+        depends_on: DependsOn,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct DependsOn {
+        #[serde(default)]
+        nodes: Vec<String>,
+    }
+    let manifest: Manifest = serde_json::from_slice(bytes)?;
+    Ok(manifest
+        .nodes
+        .into_iter()
+        .map(|(id, node)| (id, node.depends_on.nodes))
+        .collect())
+}
 
 /// The colour of a status class's bars (the page's stylesheet uses the same).
 fn colour(class: &str) -> &'static str {
@@ -320,6 +419,86 @@ mod tests {
             "{svg}"
         );
         assert!(!svg.contains("<x>"));
+    }
+
+    #[test]
+    fn the_critical_path_is_the_chain_of_last_finished_parents() {
+        // a (0-1 s) feeds b (1-3 s) and c (1-2 s); d (3-5 s) needs b and c; e (0-4 s) stands
+        // alone. The build ends with d, which waited for b, which waited for a.
+        let bytes = results(&[
+            (
+                "model.s.a",
+                "success",
+                "Thread-1",
+                "2024-05-01T10:00:00Z",
+                "2024-05-01T10:00:01Z",
+            ),
+            (
+                "model.s.b",
+                "success",
+                "Thread-1",
+                "2024-05-01T10:00:01Z",
+                "2024-05-01T10:00:03Z",
+            ),
+            (
+                "model.s.c",
+                "success",
+                "Thread-2",
+                "2024-05-01T10:00:01Z",
+                "2024-05-01T10:00:02Z",
+            ),
+            (
+                "model.s.d",
+                "success",
+                "Thread-2",
+                "2024-05-01T10:00:03Z",
+                "2024-05-01T10:00:05Z",
+            ),
+            (
+                "model.s.e",
+                "success",
+                "Thread-3",
+                "2024-05-01T10:00:00Z",
+                "2024-05-01T10:00:04Z",
+            ),
+        ]);
+        let manifest = serde_json::json!({
+            "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json"},
+            "nodes": {
+                "model.s.a": {"depends_on": {"nodes": ["source.s.raw.orders"]}, "name": "a"},
+                "model.s.b": {"depends_on": {"nodes": ["model.s.a"]}},
+                "model.s.c": {"depends_on": {"nodes": ["model.s.a"]}},
+                "model.s.d": {"depends_on": {"nodes": ["model.s.b", "model.s.c", "model.s.deferred"]}},
+                "model.s.e": {"depends_on": {"macros": ["macro.x"]}},
+            },
+        });
+        let parents = parents_from_manifest(manifest.to_string().as_bytes()).unwrap();
+        let timeline = Timeline::from_run_results(&bytes)
+            .unwrap()
+            .with_critical_path(&parents);
+        let critical: Vec<&str> = timeline
+            .critical
+            .iter()
+            .map(|at| timeline.bars[*at].unique_id.as_str())
+            .collect();
+        assert_eq!(critical, ["model.s.a", "model.s.b", "model.s.d"]);
+        assert!((timeline.critical_s() - 5.0).abs() < 1e-9);
+        let svg = timeline.svg();
+        assert_eq!(svg.matches(r#"<path class="critical""#).count(), 1, "{svg}");
+        let outline = svg
+            .split(r#"<path class="critical""#)
+            .nth(1)
+            .and_then(|rest| rest.split(r#"d=""#).nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .unwrap();
+        assert_eq!(
+            outline.matches('z').count(),
+            3,
+            "one outline per critical bar: {outline}"
+        );
+        // Without a manifest there is no path to mark.
+        let plain = Timeline::from_run_results(&bytes).unwrap();
+        assert!(plain.critical.is_empty() && !plain.svg().contains("critical"));
     }
 
     #[test]
