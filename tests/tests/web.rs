@@ -366,6 +366,10 @@ async fn the_pages_show_runs_in_every_status_in_chromium() {
         assert!(text.contains(thread), "{thread}: {text}");
     }
     assert_eq!(dom.matches("<rect x=").count(), 25, "one bar per node");
+    // The critical path is outlined: the build ended with a node whose parents the manifest
+    // names, or with one of none; either way a path of at least one node, said above it.
+    assert!(dom.contains("<path class=\"critical\""), "{dom}");
+    assert!(text.contains("outlined, the critical path: "), "{text}");
     assert!(
         text.contains("run_results.json") && text.contains("manifest.json"),
         "{text}"
