@@ -17,7 +17,7 @@ mod waiting;
 
 pub use backend::Backend;
 pub use client::{Client, ClientError, Submitted};
-pub use nodes::{is_failure, summarize};
+pub use nodes::{FAILURE_STATUSES, is_failure, summarize};
 pub use request::RunRequest;
 pub use sse::{LogEvent, LogStream, SseEvent, find_event_end, parse_event};
 pub use status::RunStatus;

@@ -5,9 +5,12 @@ use slimci_proto::NodeResult;
 
 use crate::views::Summary;
 
-/// A node that failed: a test that failed, or any node that errored.
+/// The dbt statuses of a node that failed: a test that failed, or any node that errored.
+pub const FAILURE_STATUSES: [&str; 3] = ["fail", "error", "runtime error"];
+
+/// A node that failed: its status is one of `FAILURE_STATUSES`.
 pub fn is_failure(node: &NodeResult) -> bool {
-    matches!(node.status.as_str(), "fail" | "error" | "runtime error")
+    FAILURE_STATUSES.contains(&node.status.as_str())
 }
 
 /// Counts nodes by kind and status.

@@ -35,7 +35,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 pub use cloud::DBT_CLOUD_AGENT;
 pub use events::Applied;
-pub use pages::{NodeCount, PageFilter, PullRequestRuns};
+pub use pages::{NodeCount, NodeFilter, NodePage, PageFilter, PullRequestRuns};
 pub use production::Publish;
 pub use rows::{
     ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,

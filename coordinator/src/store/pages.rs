@@ -1,12 +1,13 @@
 //! What the web pages read and the API does not: runs filtered by pull request, node counts of
-//! many runs at once, a repository's pull requests with their last run, its teardowns, and the
-//! runs that hold or wait for the fleet. Read-only.
+//! many runs at once, the nodes a run's page lists, a repository's pull requests with their
+//! last run, its teardowns, and the runs that hold or wait for the fleet. Read-only.
 
 use std::collections::HashMap;
 
-use slimci_proto::{PrNumber, RepoName, RunId};
+use slimci_proto::{NodeResult, PrNumber, RepoName, RunId};
+use sqlx::Row;
 
-use super::rows::{pull_request_from_row, run_from_row};
+use super::rows::{node_from_row, pull_request_from_row, run_from_row};
 use super::{PullRequest, Result, Run, Store};
 use crate::rules::RunStatus;
 
@@ -25,6 +26,27 @@ pub struct NodeCount {
     pub resource_type: String,
     pub status: String,
     pub count: u32,
+}
+
+/// Which of a run's nodes its page lists.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFilter {
+    /// A part of the node's unique id, in any case (ASCII letters fold, as SQLite's `lower`
+    /// folds them); empty for any node.
+    pub name_part: String,
+    /// A dbt status, `failures` for any of `slimci_client::FAILURE_STATUSES`, or empty for any.
+    pub status: String,
+    /// At most this many nodes; `None` for all.
+    pub limit: Option<u32>,
+}
+
+/// The nodes a run's page lists.
+#[derive(Debug, Clone, Default)]
+pub struct NodePage {
+    /// Failures first, then the slowest; nodes that tie in the order they were recorded.
+    pub nodes: Vec<NodeResult>,
+    /// How many nodes match the filter, listed or not.
+    pub matching: u64,
 }
 
 /// A pull request of a repository as its runs know it, with what webhooks said of it.
@@ -84,6 +106,38 @@ impl Store {
             );
         }
         Ok(counts)
+    }
+
+    /// Run `id`'s nodes that match `filter`, sorted and cut in SQLite, so that a page of a
+    /// build of thousands of nodes reads the hundred it shows rather than all of them.
+    pub async fn page_nodes(&self, id: RunId, filter: &NodeFilter) -> Result<NodePage> {
+        let failure_statuses =
+            serde_json::to_string(&slimci_client::FAILURE_STATUSES).expect("strings serialize");
+        let rows = sqlx::query(
+            "SELECT *, count(*) OVER () AS matching FROM run_nodes
+             WHERE run_id = ?1
+               AND (?2 = '' OR instr(lower(unique_id), lower(?2)) > 0)
+               AND (?3 = ''
+                    OR (?3 = 'failures' AND status IN (SELECT value FROM json_each(?4)))
+                    OR (?3 <> 'failures' AND status = ?3))
+             ORDER BY status IN (SELECT value FROM json_each(?4)) DESC, execution_time_s DESC, rowid
+             LIMIT ?5",
+        )
+        .bind(id.to_string())
+        .bind(&filter.name_part)
+        .bind(&filter.status)
+        .bind(failure_statuses)
+        .bind(filter.limit.map_or(-1, i64::from))
+        .fetch_all(&self.pool)
+        .await?;
+        let matching = match rows.first() {
+            Some(row) => u64::try_from(row.try_get::<i64, _>("matching")?).unwrap_or_default(),
+            None => 0,
+        };
+        Ok(NodePage {
+            nodes: rows.iter().map(node_from_row).collect::<Result<_>>()?,
+            matching,
+        })
     }
 
     /// The repository's pull requests that have CI runs, the most recently built first, at
@@ -181,6 +235,93 @@ mod tests {
         run.isolation = Some(IsolationName::for_pr(&run.repository, PrNumber(pr)));
         store.insert_run(&run).await.unwrap();
         run.id
+    }
+
+    async fn node(store: &Store, run: RunId, unique_id: &str, status: &str, seconds: f64) {
+        sqlx::query(
+            "INSERT INTO run_nodes (run_id, unique_id, resource_type, status, execution_time_s)
+             VALUES (?, ?, 'model', ?, ?)",
+        )
+        .bind(run.to_string())
+        .bind(unique_id)
+        .bind(status)
+        .bind(seconds)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn listed(store: &Store, run: RunId, filter: NodeFilter) -> (Vec<String>, u64) {
+        let page = store.page_nodes(run, &filter).await.unwrap();
+        let names = page.nodes.into_iter().map(|node| node.unique_id).collect();
+        (names, page.matching)
+    }
+
+    #[tokio::test]
+    async fn a_runs_page_lists_failures_first_then_the_slowest_filtered_and_cut() {
+        let (_dir, store) = store().await;
+        let run = ci_run(&store, 1).await;
+        node(&store, run, "model.shop.fast", "success", 0.1).await;
+        node(&store, run, "model.shop.slow", "success", 9.0).await;
+        node(&store, run, "test.shop.Not_Null", "fail", 0.2).await;
+        node(&store, run, "model.shop.tie_a", "success", 1.0).await;
+        node(&store, run, "model.shop.tie_b", "success", 1.0).await;
+        node(&store, run, "model.shop.broken", "error", 0.0).await;
+        node(&store, run, "seed.shop.skipped", "skipped", 0.0).await;
+        // The order the page used to sort in memory: failures first, then the slowest, ties
+        // as recorded.
+        assert_eq!(
+            listed(&store, run, NodeFilter::default()).await,
+            (
+                [
+                    "test.shop.Not_Null",
+                    "model.shop.broken",
+                    "model.shop.slow",
+                    "model.shop.tie_a",
+                    "model.shop.tie_b",
+                    "model.shop.fast",
+                    "seed.shop.skipped",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                7
+            )
+        );
+        let cut = NodeFilter {
+            limit: Some(2),
+            ..NodeFilter::default()
+        };
+        assert_eq!(
+            listed(&store, run, cut).await.1,
+            7,
+            "counted before the cut"
+        );
+        let failures = NodeFilter {
+            status: "failures".to_owned(),
+            ..NodeFilter::default()
+        };
+        assert_eq!(listed(&store, run, failures).await.1, 2);
+        let skipped = NodeFilter {
+            status: "skipped".to_owned(),
+            ..NodeFilter::default()
+        };
+        assert_eq!(
+            listed(&store, run, skipped).await,
+            (vec!["seed.shop.skipped".to_owned()], 1)
+        );
+        let by_name = NodeFilter {
+            name_part: "NOT_null".to_owned(),
+            ..NodeFilter::default()
+        };
+        assert_eq!(
+            listed(&store, run, by_name).await,
+            (vec!["test.shop.Not_Null".to_owned()], 1)
+        );
+        let nothing = NodeFilter {
+            name_part: "nowhere".to_owned(),
+            ..NodeFilter::default()
+        };
+        assert_eq!(listed(&store, run, nothing).await, (vec![], 0));
     }
 
     #[tokio::test]

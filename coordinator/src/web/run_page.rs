@@ -10,25 +10,25 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
-use slimci_client::{Summary, is_failure, summarize};
-use slimci_proto::{NodeResult, RunId};
+use slimci_client::Summary;
+use slimci_proto::RunId;
 
 use super::run_head::{Head, head};
 use super::run_links::{load_run, parse_id, size, timeline_of};
-use super::runs::{Choice, choices};
+use super::runs::{Choice, choices, summary_of};
 use super::timeline::status_class;
 use super::{CsrfForm, Layout, WebError, WebResult, auth, duration, render, short_sha, when};
 use crate::app::AppState;
 use crate::rules::CANCELLED_BY_USER;
 use crate::runs::CancelError;
-use crate::store::Run;
+use crate::store::{NodeFilter, Run};
 
 /// Log lines a run's page shows; the whole log is a link away.
 const LOG_TAIL: usize = 300;
 /// A log line longer than this is cut on the page (not in the log).
 const LOG_LINE_CHARS: usize = 2000;
 /// Node rows shown unless the reader asks for all.
-const NODE_ROWS: usize = 100;
+const NODE_ROWS: u32 = 100;
 /// Deferred parents listed by name.
 const DEFERRED_LISTED: usize = 200;
 
@@ -125,10 +125,16 @@ pub async fn run_page(
     let run = load_run(state, id).await?;
     let mut phases = state.store.phases(id).await?;
     phases.sort_by_key(|phase| (phase.attempt, crate::store::phase_order(&phase.phase)));
-    let nodes = state.store.nodes(id).await?;
+    let counts = state
+        .store
+        .node_counts(&[id])
+        .await?
+        .remove(&id)
+        .unwrap_or_default();
     let artifacts = state.store.artifacts(id).await?;
     let queue_position = state.store.queue_position(&run).await?;
-    let summary = summarize(&nodes);
+    let summary = summary_of(&counts);
+    let node_total = summary.selected as usize;
     let compared_cloud_run = match &run.compared_against {
         Some(stamp) => state
             .store
@@ -139,36 +145,31 @@ pub async fn run_page(
     };
     let head = head(state, &run, queue_position, compared_cloud_run);
 
-    // Failures first, then the slowest.
-    let mut sorted: Vec<&NodeResult> = nodes.iter().collect();
-    sorted.sort_by(|a, b| {
-        is_failure(b)
-            .cmp(&is_failure(a))
-            .then(b.execution_time_s.total_cmp(&a.execution_time_s))
-    });
+    // Failures first, then the slowest; sorted, filtered and cut by the store.
     let filter_q = query.q.clone().unwrap_or_default().trim().to_owned();
     let filter_status = query.status.clone().unwrap_or_default();
-    let needle = filter_q.to_lowercase();
-    let matching: Vec<&NodeResult> = sorted
-        .into_iter()
-        .filter(|node| needle.is_empty() || node.unique_id.to_lowercase().contains(&needle))
-        .filter(|node| match filter_status.as_str() {
-            "" => true,
-            "failures" => is_failure(node),
-            status => node.status == status,
-        })
-        .collect();
     let show_all = query.all.is_some();
-    let mut statuses: Vec<&str> = nodes.iter().map(|node| node.status.as_str()).collect();
+    let listed = state
+        .store
+        .page_nodes(
+            id,
+            &NodeFilter {
+                name_part: filter_q.clone(),
+                status: filter_status.clone(),
+                limit: (!show_all).then_some(NODE_ROWS),
+            },
+        )
+        .await?;
+    let mut statuses: Vec<&str> = counts.iter().map(|count| count.status.as_str()).collect();
     statuses.sort_unstable();
     statuses.dedup();
     let node_statuses = choices(
         std::iter::once("failures").chain(statuses),
         Some(filter_status.as_str()),
     );
-    let node_rows = matching
+    let node_rows = listed
+        .nodes
         .iter()
-        .take(if show_all { usize::MAX } else { NODE_ROWS })
         .map(|node| NodeRow {
             unique_id: node.unique_id.clone(),
             status: node.status.clone(),
@@ -214,8 +215,8 @@ pub async fn run_page(
                 },
             })
             .collect(),
-        node_total: nodes.len(),
-        nodes_matching: matching.len(),
+        node_total,
+        nodes_matching: usize::try_from(listed.matching).unwrap_or(usize::MAX),
         nodes: node_rows,
         filter_q,
         filter_status,

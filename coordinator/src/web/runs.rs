@@ -40,7 +40,7 @@ pub(super) fn seconds(run: &Run) -> Option<f64> {
 }
 
 /// The summary counts from grouped node counts, by `summarize`'s one classification.
-fn summary_of(counts: &[NodeCount]) -> Summary {
+pub(super) fn summary_of(counts: &[NodeCount]) -> Summary {
     let mut total = Summary::default();
     for count in counts {
         let one = summarize(&[NodeResult {
