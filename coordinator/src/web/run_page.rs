@@ -29,6 +29,10 @@ const LOG_TAIL: usize = 300;
 const LOG_LINE_CHARS: usize = 2000;
 /// Node rows shown unless the reader asks for all.
 const NODE_ROWS: u32 = 100;
+/// Node rows per table of the node list: each table is laid out and painted only when it is
+/// scrolled near (`content-visibility: auto` on `.rows`), so a page of a hundred rows (or of
+/// all of them) costs its first paint at most one table's.
+const NODE_CHUNK_ROWS: usize = 20;
 /// Deferred parents listed by name.
 const DEFERRED_LISTED: usize = 200;
 
@@ -67,6 +71,8 @@ pub struct RunPage {
     phases: Vec<PhaseRow>,
     node_total: usize,
     nodes: Vec<NodeRow>,
+    /// `NODE_CHUNK_ROWS`, for the template.
+    node_chunk_rows: usize,
     nodes_matching: usize,
     filter_q: String,
     filter_status: String,
@@ -218,6 +224,7 @@ pub async fn run_page(
         node_total,
         nodes_matching: usize::try_from(listed.matching).unwrap_or(usize::MAX),
         nodes: node_rows,
+        node_chunk_rows: NODE_CHUNK_ROWS,
         filter_q,
         filter_status,
         node_statuses,
