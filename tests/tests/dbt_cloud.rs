@@ -15,25 +15,46 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use slimci_client::{Backend, RunStatus, RunView};
 use slimci_tests::dbt_cloud::{CANCELLED, FakeDbtCloud, FakeRun, RUNNING, SUCCESS};
+use slimci_tests::github::FakeGitHub;
 use slimci_tests::origin::git;
-use slimci_tests::{Cluster, ClusterOptions, binary, ci_request, wait_for, workspace_root};
+use slimci_tests::{
+    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, wait_for, workspace_root,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const CI_JOB: u64 = 12;
 const TOKEN: &str = "cloud-service-token";
+const GITHUB_TOKEN: &str = "github-installation-token";
+const GITHUB_REPOSITORY: &str = "acme/shop";
 
 /// A cluster whose `shop` repository routes CI runs with `routing` (plus `extra` keys of its
 /// `[repository.dbt_cloud]`), production deployed by the fleet with an instant stub build.
 async fn hybrid(cloud: &FakeDbtCloud, work: &std::path::Path, dbt_cloud: &str) -> Cluster {
-    hybrid_with(cloud, work, dbt_cloud, None).await
+    hybrid_with(cloud, work, dbt_cloud, None, None).await
 }
 
+/// `hybrid`, with the run timeout and, if given, the repository on the fake GitHub as
+/// `acme/shop`.
 async fn hybrid_with(
     cloud: &FakeDbtCloud,
     work: &std::path::Path,
     dbt_cloud: &str,
     run_timeout_secs: Option<u64>,
+    github: Option<&FakeGitHub>,
 ) -> Cluster {
+    let (github_repository, github_toml) = match github {
+        Some(github) => {
+            github.accept_token(GITHUB_TOKEN);
+            (
+                format!("github = \"{GITHUB_REPOSITORY}\"\n"),
+                format!(
+                    "[github]\napi_url = \"{}\"\nwebhook_secret = \"{WEBHOOK_SECRET}\"\ntoken = \"{GITHUB_TOKEN}\"\n",
+                    github.url
+                ),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     let token_file = work.join("dbt-cloud-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut cluster = Cluster::start(ClusterOptions {
@@ -41,8 +62,9 @@ async fn hybrid_with(
         slots: 1,
         dbt: Some(binary("slimci-stub-dbt")),
         project: Some(workspace_root().join("tests/fixtures/stub")),
+        coordinator_toml: github_toml,
         repository_toml: format!(
-            r#"[repository.dbt_cloud]
+            r#"{github_repository}[repository.dbt_cloud]
 account_id = {account}
 api_url = "{url}"
 token_file = "{token_file}"
@@ -183,8 +205,16 @@ async fn with_room_in_dbt_cloud_a_run_is_built_there_and_mirrored_to_success_wit
  {
     let cloud = FakeDbtCloud::start(9_001, TOKEN).await;
     cloud.set_run_slots(Some(4));
+    let github = FakeGitHub::start().await;
     let work = tempfile::tempdir().unwrap();
-    let mut cluster = hybrid(&cloud, work.path(), "routing = \"cloud_first\"").await;
+    let mut cluster = hybrid_with(
+        &cloud,
+        work.path(),
+        "routing = \"cloud_first\"",
+        None,
+        Some(&github),
+    )
+    .await;
     // Two of the account's runs are in flight in another job, one of them queued.
     cloud.add_run(FakeRun::new(500, 77, RUNNING));
     cloud.add_run(FakeRun::new(501, 77, 1).created_secs_ago(5));
@@ -299,6 +329,38 @@ async fn with_room_in_dbt_cloud_a_run_is_built_there_and_mirrored_to_success_wit
     assert!(
         phases.iter().any(|phase| phase.phase == "build"),
         "{phases:?}"
+    );
+
+    // GitHub hears of it as of a fleet build: a pending status, then success, and the PR's
+    // comment with the run's result, both linking to the run's page.
+    let statuses = wait_for("the success status on GitHub", TIMEOUT, || async {
+        let statuses = github.statuses(&sha);
+        Ok(statuses
+            .last()
+            .is_some_and(|status| status["state"] == "success")
+            .then_some(statuses))
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses[0]["state"], "pending", "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| status["target_url"] == done.url.as_str()),
+        "{statuses:?}"
+    );
+    let comment = wait_for("the PR's comment", TIMEOUT, || async {
+        Ok(github
+            .comments(GITHUB_REPOSITORY, 1)
+            .first()
+            .filter(|(_, body)| body.contains("success"))
+            .map(|(_, body)| body.clone()))
+    })
+    .await
+    .unwrap();
+    assert!(
+        comment.contains(&sha[..7]) && comment.contains(&done.url),
+        "{comment}"
     );
 
     // The run's page says where it was built and why.
@@ -608,7 +670,14 @@ async fn a_users_cancel_and_the_timeout_stop_the_dbt_cloud_run_once_dbt_cloud_co
     let cloud = FakeDbtCloud::start(9_001, TOKEN).await;
     cloud.set_cancel_delay(Duration::from_secs(2));
     let work = tempfile::tempdir().unwrap();
-    let mut cluster = hybrid_with(&cloud, work.path(), "routing = \"cloud_first\"", Some(6)).await;
+    let mut cluster = hybrid_with(
+        &cloud,
+        work.path(),
+        "routing = \"cloud_first\"",
+        Some(6),
+        None,
+    )
+    .await;
 
     // A user's cancel.
     let sha = commit(&cluster, 1, &stub(0));
