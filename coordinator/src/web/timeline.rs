@@ -9,7 +9,7 @@
 //! Colours are attributes, not classes, so the picture is the same inline in the run's page and
 //! on its own (`/runs/{id}/timeline.svg`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
@@ -88,14 +88,17 @@ impl Timeline {
             return self;
         };
         let mut path = vec![current];
+        // A manifest that loops (it is the build's own output) ends the walk, in linear time.
+        let mut on_path = HashSet::from([current]);
         while let Some(parent) = parents
             .get(&self.bars[current].unique_id)
             .into_iter()
             .flatten()
             .filter_map(|parent| index.get(parent.as_str()).copied())
-            .filter(|parent| !path.contains(parent))
+            .filter(|parent| !on_path.contains(parent))
             .max_by_key(|parent| self.bars[*parent].end)
         {
+            on_path.insert(parent);
             path.push(parent);
             current = parent;
         }
