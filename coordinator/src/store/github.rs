@@ -94,7 +94,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM runs WHERE kind IN ('ci', 'deploy') AND sha IS NOT NULL
                AND (github_reported IS NULL OR github_reported != status)
-             ORDER BY created_ms LIMIT ?",
+             ORDER BY created_ms, id LIMIT ?",
         )
         .bind(limit as i64)
         .fetch_all(&self.pool)

@@ -147,10 +147,12 @@ impl Store {
         repository: &RepoName,
         limit: u32,
     ) -> Result<Vec<PullRequestRuns>> {
+        // Two runs can be created in one millisecond; run ids are UUIDv7, increasing within
+        // the coordinator, so the newer id breaks the tie.
         let prs: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT pr_number, count(*) FROM runs
              WHERE repository = ? AND kind = 'ci' AND pr_number IS NOT NULL
-             GROUP BY pr_number ORDER BY max(created_ms) DESC LIMIT ?",
+             GROUP BY pr_number ORDER BY max(created_ms) DESC, max(id) DESC LIMIT ?",
         )
         .bind(repository.as_str())
         .bind(limit.clamp(1, 1000) as i64)

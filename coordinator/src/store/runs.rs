@@ -144,7 +144,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM runs WHERE traceparent IS NOT NULL AND trace_ended = 0
                AND status NOT IN ('queued', 'running')
-             ORDER BY finished_ms LIMIT ?",
+             ORDER BY finished_ms, id LIMIT ?",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
