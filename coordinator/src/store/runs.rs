@@ -189,7 +189,7 @@ impl Store {
 
     pub async fn phases(&self, id: RunId) -> Result<Vec<PhaseRecord>> {
         let rows = sqlx::query(
-            "SELECT attempt, phase, started_ms, finished_ms, ok FROM run_phases WHERE run_id = ? ORDER BY attempt, started_ms",
+            "SELECT attempt, phase, started_ms, finished_ms, ok FROM run_phases WHERE run_id = ? ORDER BY attempt, started_ms, rowid",
         )
         .bind(id.to_string())
         .fetch_all(&self.pool)
