@@ -99,6 +99,13 @@ impl FakeRun {
         self
     }
 
+    /// Triggered with `trigger` (the body of `POST jobs/{id}/run/`), as dbt Cloud's own CI
+    /// runs are.
+    pub fn with_trigger(mut self, trigger: Value) -> FakeRun {
+        self.trigger = trigger;
+        self
+    }
+
     pub fn with_sha(mut self, sha: &str) -> FakeRun {
         self.git_sha = Some(sha.to_owned());
         self

@@ -18,7 +18,8 @@ use slimci_tests::dbt_cloud::{CANCELLED, FakeDbtCloud, FakeRun, RUNNING, SUCCESS
 use slimci_tests::github::FakeGitHub;
 use slimci_tests::origin::git;
 use slimci_tests::{
-    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, wait_for, workspace_root,
+    Cluster, ClusterOptions, WEBHOOK_SECRET, binary, ci_request, phases_of, wait_for,
+    workspace_root,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -459,6 +460,48 @@ async fn a_full_dbt_cloud_counted_across_every_page_leaves_the_run_to_the_fleet(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_routed_to_dbt_cloud_counts_against_its_cap_before_dbt_cloud_lists_it() {
+    let cloud = FakeDbtCloud::start(9_001, TOKEN).await;
+    cloud.set_run_slots(None);
+    // dbt Cloud fails the first triggers (making no run), so the first PR's run is routed to
+    // dbt Cloud for a few seconds before dbt Cloud lists it.
+    cloud.answer_next_triggers(&[(false, 503), (false, 503)]);
+    let work = tempfile::tempdir().unwrap();
+    let mut cluster = hybrid(
+        &cloud,
+        work.path(),
+        "routing = \"cloud_first\"\nmax_in_flight = 1",
+    )
+    .await;
+
+    let first = commit(&cluster, 1, &stub(0));
+    let first = cluster.create_run(&ci_request(1, &first)).await.unwrap();
+    let first = routed(&cluster, first.id).await;
+    assert_eq!(first.backend, Some(Backend::DbtCloud), "{first:?}");
+    let second = commit(&cluster, 2, &stub(0));
+    let second = cluster.create_run(&ci_request(2, &second)).await.unwrap();
+    let second = routed(&cluster, second.id).await;
+    assert!(
+        cloud.triggered().is_empty(),
+        "the second run was routed while dbt Cloud listed nothing"
+    );
+    assert_eq!(second.backend, Some(Backend::Fleet), "{second:?}");
+    assert_eq!(
+        second.backend_reason.as_deref(),
+        Some("cloud_first, but dbt Cloud has no room; dbt Cloud: 1 of at most 1 runs in flight")
+    );
+    let done = cluster.wait_for_run(second.id, TIMEOUT).await.unwrap();
+    assert_eq!(done.status, RunStatus::Success, "{done:?}");
+
+    let triggered = triggered_for(&cloud, first.id).await;
+    building(&cloud, triggered.id);
+    built(&cloud, triggered.id, false);
+    let done = cluster.wait_for_run(first.id, TIMEOUT).await.unwrap();
+    assert_eq!(done.status, RunStatus::Success, "{done:?}");
+    assert_eq!(cloud.triggered().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_first_overflows_to_dbt_cloud_only_once_the_fleet_was_full_for_its_wait() {
     let cloud = FakeDbtCloud::start(9_001, TOKEN).await;
     let work = tempfile::tempdir().unwrap();
@@ -702,6 +745,33 @@ async fn a_users_cancel_and_the_timeout_stop_the_dbt_cloud_run_once_dbt_cloud_co
     assert!(
         chrono::Utc::now() >= in_cloud.cancelled_at.unwrap(),
         "the run ended before dbt Cloud's cancel took effect"
+    );
+    assert!(
+        phases_of(&cancelled)
+            .iter()
+            .any(|phase| phase.phase == "build"),
+        "{cancelled:?}"
+    );
+
+    // A cancel while the Cloud run still waits in dbt Cloud's queue: nothing was built, and
+    // the run says so (no build phase).
+    let sha = commit(&cluster, 3, &stub(0));
+    let queued = cluster.create_run(&ci_request(3, &sha)).await.unwrap();
+    let in_queue = triggered_for(&cloud, queued.id).await;
+    wait_for("the run to know its Cloud run", TIMEOUT, || async {
+        Ok(cluster.run(queued.id).await?.dbt_cloud_run_id)
+    })
+    .await
+    .unwrap();
+    cluster.client.cancel(queued.id).await.unwrap();
+    let cancelled = cluster.wait_for_run(queued.id, TIMEOUT).await.unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled, "{cancelled:?}");
+    assert!(cloud.run(in_queue.id).unwrap().cancel_asked());
+    assert!(
+        !phases_of(&cancelled)
+            .iter()
+            .any(|phase| phase.phase == "build"),
+        "{cancelled:?}"
     );
 
     // A Cloud run that outlives the run's timeout (6 s) is cancelled, and the run times out.

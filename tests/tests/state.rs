@@ -546,6 +546,7 @@ api_url = "{url}"
 token_file = "{token_file}"
 production_environment_id = {ENVIRONMENT}
 production_poll_secs = 1
+ci_job_id = 604
 "#,
             account = cloud.account_id,
             url = cloud.url,
@@ -583,6 +584,26 @@ production_poll_secs = 1
             .with_sha(&sha)
             .with_artifact("manifest.json", manifest("staging")),
     );
+    // Newer successes in the environment that are pull requests' builds, not production: one
+    // of dbt Cloud's own CI job (a PR's schema), one of the CI job slimci triggers.
+    cloud.add_run(
+        FakeRun::new(2_004, 602, SUCCESS)
+            .in_environment(ENVIRONMENT)
+            .with_sha(&sha)
+            .with_trigger(serde_json::json!({
+                "cause": "Triggered via GitHub pull request #7",
+                "github_pull_request_id": 7,
+                "schema_override": "dbt_cloud_pr_9001_7",
+            }))
+            .with_artifact("manifest.json", manifest("cloud-ci")),
+    );
+    cloud.add_run(
+        FakeRun::new(2_005, 604, SUCCESS)
+            .in_environment(ENVIRONMENT)
+            .with_sha(&sha)
+            .with_trigger(serde_json::json!({"cause": "slimci run"}))
+            .with_artifact("manifest.json", manifest("slimci-ci")),
+    );
     let production = slimci_tests::wait_for(
         "the environment's latest success to be imported",
         Duration::from_secs(60),
@@ -603,4 +624,5 @@ production_poll_secs = 1
     let asked = &cloud.requests()[0];
     assert_eq!(asked.query["environment_id"], "31");
     assert_eq!(asked.query["status"], "10");
+    assert_eq!(asked.query["include_related"], "[\"trigger\"]");
 }

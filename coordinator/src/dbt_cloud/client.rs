@@ -18,6 +18,11 @@ use super::config::DbtCloudConfig;
 const ATTEMPTS: u32 = 6;
 /// The API's largest page.
 pub const PAGE: usize = 100;
+/// Pages read of one list at most: an API (or a proxy before it) that ignored `offset` would
+/// otherwise be asked for the same page for ever.
+const MAX_PAGES: usize = 1_000;
+/// Pages of an environment's newest successful runs searched for one of production.
+const PRODUCTION_PAGES: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
@@ -129,6 +134,34 @@ pub struct CloudRun {
 pub struct CloudRunTrigger {
     #[serde(default)]
     pub cause: Option<String>,
+    /// A pull request's build: any of these set (the API has used numbers and strings).
+    #[serde(default)]
+    pub github_pull_request_id: Option<Value>,
+    #[serde(default)]
+    pub gitlab_merge_request_id: Option<Value>,
+    #[serde(default)]
+    pub azure_pull_request_id: Option<Value>,
+    #[serde(default)]
+    pub schema_override: Option<String>,
+}
+
+impl CloudRunTrigger {
+    /// Whether the run built a pull request, or into a schema other than its job's: dbt Cloud's
+    /// CI runs and slimci's own Cloud-routed builds, never production.
+    pub fn is_pull_request_build(&self) -> bool {
+        let set = |value: &Option<Value>| {
+            value
+                .as_ref()
+                .is_some_and(|value| !(value.is_null() || value == "" || value == 0))
+        };
+        set(&self.github_pull_request_id)
+            || set(&self.gitlab_merge_request_id)
+            || set(&self.azure_pull_request_id)
+            || self
+                .schema_override
+                .as_deref()
+                .is_some_and(|schema| !schema.is_empty())
+    }
 }
 
 impl CloudRun {
@@ -256,7 +289,7 @@ impl CloudClient {
     /// `GET runs/?...`: every run matching `query`, all pages, oldest first.
     pub async fn runs(&self, query: &[(&str, String)]) -> Result<Vec<CloudRun>, CloudError> {
         let mut runs: Vec<CloudRun> = Vec::new();
-        loop {
+        for _ in 0..MAX_PAGES {
             let mut page_query = query.to_vec();
             page_query.push(("limit", PAGE.to_string()));
             page_query.push(("offset", runs.len().to_string()));
@@ -269,35 +302,64 @@ impl CloudClient {
                 return Ok(runs);
             }
         }
+        Err(CloudError::Contract {
+            method: Method::GET,
+            path: "/runs/".to_owned(),
+            detail: format!(
+                "more than {MAX_PAGES} pages of {PAGE} runs (is `offset` being ignored?)"
+            ),
+        })
     }
 
-    /// The latest (highest id) successful run of production, if any.
+    /// The latest (highest id) successful run of production, if any. In an environment, a run
+    /// of `ci_job` or one that built a pull request (dbt Cloud's own CI jobs, slimci's
+    /// Cloud-routed builds: each in a PR's schema) is not production, whatever job it was.
     pub async fn latest_success(
         &self,
         production: Production,
+        ci_job: Option<u64>,
     ) -> Result<Option<CloudRun>, CloudError> {
-        let (filter, limit) = match production {
-            Production::Job(job) => (("job_definition_id", job.to_string()), 1),
-            // The newest page: each run's own environment is checked too.
-            Production::Environment(environment) => {
-                (("environment_id", environment.to_string()), PAGE)
-            }
+        let (filter, limit, pages) = match production {
+            Production::Job(job) => (("job_definition_id", job.to_string()), 1, 1),
+            Production::Environment(environment) => (
+                ("environment_id", environment.to_string()),
+                PAGE,
+                PRODUCTION_PAGES,
+            ),
         };
-        let query = [
-            filter,
-            ("status", CloudStatus::Success.code().to_string()),
-            ("order_by", "-id".to_owned()),
-            ("limit", limit.to_string()),
-        ];
-        let (data, _) = self.send(Method::GET, "/runs/", &query, None).await?;
-        let runs: Vec<CloudRun> = self.decode(Method::GET, "/runs/", data)?;
-        Ok(runs.into_iter().find(|run| {
-            run.status() == Some(CloudStatus::Success)
-                && match production {
-                    Production::Job(job) => run.job_definition_id.is_none_or(|of| of == job),
-                    Production::Environment(environment) => run.environment_id == Some(environment),
-                }
-        }))
+        for page in 0..pages {
+            let mut query = vec![
+                filter.clone(),
+                ("status", CloudStatus::Success.code().to_string()),
+                ("order_by", "-id".to_owned()),
+                ("limit", limit.to_string()),
+                ("offset", (page * limit).to_string()),
+            ];
+            if let Production::Environment(_) = production {
+                query.push(("include_related", "[\"trigger\"]".to_owned()));
+            }
+            let (data, _) = self.send(Method::GET, "/runs/", &query, None).await?;
+            let runs: Vec<CloudRun> = self.decode(Method::GET, "/runs/", data)?;
+            let got = runs.len();
+            let found = runs.into_iter().find(|run| {
+                run.status() == Some(CloudStatus::Success)
+                    && match production {
+                        Production::Job(job) => run.job_definition_id.is_none_or(|of| of == job),
+                        Production::Environment(environment) => {
+                            run.environment_id == Some(environment)
+                                && (ci_job.is_none() || run.job_definition_id != ci_job)
+                                && !run
+                                    .trigger
+                                    .as_ref()
+                                    .is_some_and(CloudRunTrigger::is_pull_request_build)
+                        }
+                    }
+            });
+            if found.is_some() || got < limit {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
 
     /// Every run of the account queued, starting or running, all pages.
@@ -542,6 +604,29 @@ mod tests {
         assert_eq!(CloudStatus::from_code(10), Some(CloudStatus::Success));
         assert_eq!(CloudStatus::from_code(4), None);
         assert!(CloudStatus::Cancelled.is_finished() && !CloudStatus::Running.is_finished());
+    }
+
+    #[test]
+    fn a_trigger_for_a_pull_request_or_another_schema_is_not_production() {
+        let trigger = |json: &str| -> CloudRunTrigger { serde_json::from_str(json).unwrap() };
+        for pull_request in [
+            r#"{"cause": "PR", "github_pull_request_id": 7}"#,
+            r#"{"cause": "MR", "gitlab_merge_request_id": "12"}"#,
+            r#"{"cause": "PR", "azure_pull_request_id": 3}"#,
+            r#"{"cause": "slimci run", "schema_override": "pr_shop_7"}"#,
+        ] {
+            assert!(
+                trigger(pull_request).is_pull_request_build(),
+                "{pull_request}"
+            );
+        }
+        for production in [
+            r#"{"cause": "Scheduled"}"#,
+            r#"{"cause": "API", "github_pull_request_id": null, "schema_override": ""}"#,
+            r#"{"cause": "API", "github_pull_request_id": 0, "gitlab_merge_request_id": ""}"#,
+        ] {
+            assert!(!trigger(production).is_pull_request_build(), "{production}");
+        }
     }
 
     #[test]

@@ -156,6 +156,12 @@ impl DbtCloudConfig {
                 "repository `{repository}`: dbt_cloud.routing needs dbt_cloud.ci_job_id, the CI job slimci triggers"
             ));
         }
+        if section.ci_job_id.is_some() && section.ci_job_id == section.production_job_id {
+            return Err(format!(
+                "repository `{repository}`: dbt_cloud.ci_job_id and dbt_cloud.production_job_id are both {}: pull request builds would become production",
+                section.ci_job_id.unwrap_or_default()
+            ));
+        }
         if section.run_poll_secs == 0 {
             return Err(format!(
                 "repository `{repository}`: dbt_cloud.run_poll_secs must be at least 1"
@@ -228,6 +234,13 @@ mod tests {
                 )),
                 false,
                 "without /api/v2",
+            ),
+            (
+                Some(section(
+                    "token = \"t\"\nproduction_job_id = 4\nci_job_id = 4",
+                )),
+                false,
+                "pull request builds would become production",
             ),
         ];
         for (given, deploys, expected) in refusals {

@@ -32,8 +32,8 @@ use crate::store::{ArtifactRecord, DBT_CLOUD_AGENT, Run, now_ms};
 const CANCEL_RESEND: Duration = Duration::from_secs(10);
 /// A trigger that fails (5xx, no answer) is tried again after 2, 4, ... up to this many seconds.
 const TRIGGER_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A run dbt Cloud could not be made to start for this long ends `error` (once a search showed
-/// dbt Cloud has no run for it).
+/// A run dbt Cloud could not be made to start for this long ends `error`: once a search showed
+/// dbt Cloud has no run for it, or when the searches themselves failed all that time.
 const TRIGGER_PATIENCE: Duration = Duration::from_secs(15 * 60);
 /// A cancel dbt Cloud has not confirmed this long after it was first asked ends the run
 /// `error`, freeing its isolation.
@@ -152,6 +152,20 @@ impl Mirror {
             }
             Err(error) => {
                 self.back_off(run, &error);
+                // Whether dbt Cloud has a run for it stays unknown; a token revoked, or a dbt
+                // Cloud down for good, must not hold the PR's isolation (and a user's cancel)
+                // for ever.
+                if let Some(since) = self.failing_since
+                    && since.elapsed() >= TRIGGER_PATIENCE
+                {
+                    let message = format!(
+                        "dbt Cloud did not answer slimci's search of CI job {job}'s runs for {} minutes ({error}); slimci stopped waiting. A dbt Cloud run with cause \"{cause}\", if there is one, may still be building",
+                        TRIGGER_PATIENCE.as_secs() / 60
+                    );
+                    return self
+                        .finish(state, run, RunResult::Error, Some(message), Vec::new())
+                        .await;
+                }
                 return Ok(());
             }
         }
@@ -160,6 +174,15 @@ impl Mirror {
             let message = "cancelled before dbt Cloud started building it".to_owned();
             return self
                 .finish(state, run, RunResult::Cancelled, Some(message), Vec::new())
+                .await;
+        }
+        if timed_out(run) {
+            let message = format!(
+                "timed out after {}s before dbt Cloud started building it",
+                run.timeout_secs
+            );
+            return self
+                .finish(state, run, RunResult::TimedOut, Some(message), Vec::new())
                 .await;
         }
         if let Some(since) = self.failing_since
@@ -221,9 +244,7 @@ impl Mirror {
             return Ok(());
         }
         self.next_poll = Instant::now() + Duration::from_secs(cloud.config.run_poll_secs);
-        let timed_out = run
-            .started_ms
-            .is_some_and(|started| now_ms() - started > (run.timeout_secs as i64) * 1000);
+        let timed_out = timed_out(run);
         if (run.cancel_requested || timed_out)
             && self
                 .cancel_sent
@@ -271,7 +292,11 @@ impl Mirror {
             tracing::warn!(run = %run.id, dbt_cloud_run = cloud_run, status = seen.status, "dbt Cloud reports a status its API does not document; looking again later");
             return Ok(());
         };
-        if !self.build_started && !matches!(status, CloudStatus::Queued | CloudStatus::Starting) {
+        // dbt Cloud built something once the run was running, or when it ended with steps (it
+        // may have run between two polls); a run cancelled in its queue built nothing.
+        let built =
+            status == CloudStatus::Running || (status.is_finished() && !seen.run_steps.is_empty());
+        if !self.build_started && built {
             self.emit(
                 state,
                 run,
@@ -418,6 +443,12 @@ impl Mirror {
     }
 }
 
+/// Whether `run` has been going longer than its timeout.
+fn timed_out(run: &Run) -> bool {
+    run.started_ms
+        .is_some_and(|started| now_ms() - started > (run.timeout_secs as i64) * 1000)
+}
+
 fn cloud_agent() -> AgentName {
     AgentName::parse(DBT_CLOUD_AGENT).expect("a valid agent name")
 }
@@ -440,7 +471,8 @@ fn cause_of(run: &Run) -> String {
 
 /// The run's log, from the Cloud run's steps: a first line naming the Cloud run, then each
 /// step's name and its log. The same lines each time it is read, with new ones at the end: a
-/// step still going gives only its complete lines, since its last one may still grow.
+/// step still going gives only its complete lines, since its last one may still grow, and ends
+/// the log for now (steps run one after another, so a later step's lines wait for it).
 fn log_lines(seen: &CloudRun) -> Vec<String> {
     let job = seen
         .job_definition_id
@@ -450,20 +482,23 @@ fn log_lines(seen: &CloudRun) -> Vec<String> {
         Some(href) => format!("dbt Cloud run {}{job}: {href}", seen.id),
         None => format!("dbt Cloud run {}{job}", seen.id),
     }];
+    let run_finished = seen.status().is_some_and(CloudStatus::is_finished);
     let mut steps: Vec<_> = seen.run_steps.iter().collect();
     steps.sort_by_key(|step| step.index);
     for step in steps {
         lines.push(format!("== dbt Cloud step {}: {}", step.index, step.name));
-        let Some(logs) = &step.logs else {
-            continue;
-        };
-        let finished = CloudStatus::from_code(step.status).is_some_and(CloudStatus::is_finished);
+        let finished = run_finished
+            || CloudStatus::from_code(step.status).is_some_and(CloudStatus::is_finished);
+        let logs = step.logs.as_deref().unwrap_or_default();
         let complete = if finished || logs.ends_with('\n') {
-            logs.as_str()
+            logs
         } else {
             logs.rsplit_once('\n').map_or("", |(complete, _)| complete)
         };
         lines.extend(complete.lines().map(str::to_owned));
+        if !finished {
+            break;
+        }
     }
     lines
 }
@@ -569,6 +604,20 @@ mod tests {
         ));
         // The running step's unfinished last line is held back.
         assert_eq!(early.last().map(String::as_str), Some("1 of 2 OK"));
+        // A step still going without its logs yet holds back the steps after it, whose lines
+        // would otherwise land before its own.
+        let waiting = log_lines(&seen(
+            3,
+            &[
+                ("Clone git repository", 10, "Cloned\nok"),
+                ("Invoke dbt with `dbt deps`", 3, ""),
+                ("Invoke dbt with `dbt build`", 1, "queued"),
+            ],
+        ));
+        assert_eq!(
+            waiting.last().map(String::as_str),
+            Some("== dbt Cloud step 2: Invoke dbt with `dbt deps`")
+        );
         assert_eq!(later[..early.len()], early[..]);
         assert_eq!(
             later,

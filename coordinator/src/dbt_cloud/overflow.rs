@@ -26,6 +26,21 @@ use crate::store::Run;
 /// How often waiting runs are routed and Cloud runs are looked at (each at most every
 /// `run_poll_secs`).
 const TICK: Duration = Duration::from_secs(1);
+/// How long the router waits for dbt Cloud's load (the client's retries included) before it
+/// decides without it: a slow or unreachable dbt Cloud must not hold up routing, nor the runs
+/// of repositories that would build on the fleet anyway.
+const LOAD_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The dbt Cloud account a repository's runs go to: repositories on one account share its run
+/// slots and its queue.
+type Account = (String, u64);
+
+fn account_of(cloud: &CloudRepository) -> Account {
+    (
+        cloud.config.api_url.trim_end_matches('/').to_owned(),
+        cloud.config.account_id,
+    )
+}
 
 /// Whether `run` waits for the router before the publisher may send it to the agents: a CI run
 /// of a routed repository not yet routed to the fleet.
@@ -161,18 +176,40 @@ async fn fleet_now(state: &AppState) -> (u32, u32) {
     (slots, taken + waiting_on_queue)
 }
 
-/// dbt Cloud's load now: the account's runs in flight (every page) and its run slots.
-async fn cloud_load(cloud: &CloudRepository) -> Result<CloudLoad, String> {
-    let in_flight = cloud
-        .client
-        .in_flight()
+/// dbt Cloud's load now: the account's runs in flight (every page) and its run slots, plus the
+/// runs slimci routed to the account that dbt Cloud does not list yet (not triggered, or
+/// triggered a moment ago), so a burst of pushes cannot overshoot the account's limits between
+/// two looks.
+async fn cloud_load(state: &AppState, cloud: &CloudRepository) -> Result<CloudLoad, String> {
+    let asked = async {
+        let in_flight = cloud.client.in_flight().await?;
+        let account = cloud.client.account().await?;
+        Ok::<_, super::client::CloudError>((in_flight, account))
+    };
+    let (in_flight, account) = tokio::time::timeout(LOAD_PATIENCE, asked)
         .await
+        .map_err(|_| {
+            format!(
+                "dbt Cloud did not answer within {} s",
+                LOAD_PATIENCE.as_secs()
+            )
+        })?
         .map_err(|error| error.to_string())?;
-    let account = cloud
-        .client
-        .account()
+    let account_key = account_of(cloud);
+    let not_listed = state
+        .store
+        .cloud_runs_in_flight()
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| error.to_string())?
+        .iter()
+        .filter(|run| run.dbt_cloud_run_id.is_none())
+        .filter(|run| {
+            state
+                .dbt_cloud
+                .repository(&run.repository)
+                .is_some_and(|other| account_of(other) == account_key)
+        })
+        .count() as u32;
     let now = Utc::now();
     let queued: Vec<_> = in_flight
         .iter()
@@ -184,7 +221,7 @@ async fn cloud_load(cloud: &CloudRepository) -> Result<CloudLoad, String> {
         .min()
         .map(|created| (now - created).to_std().unwrap_or_default());
     Ok(CloudLoad {
-        in_flight: in_flight.len() as u32,
+        in_flight: in_flight.len() as u32 + not_listed,
         queued: queued.len() as u32,
         oldest_queued,
         run_slots: account.run_slots.map(|slots| slots as u32),
@@ -197,8 +234,8 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
     let chosen = crate::queue::runs_to_dispatch(state).await;
     full_since.retain(|id, _| chosen.iter().any(|run| run.id == *id));
     let mut fleet: Option<(u32, u32)> = None;
-    // dbt Cloud's load, asked at most once per repository per tick, then counted on.
-    let mut loads: HashMap<RepoName, Result<CloudLoad, String>> = HashMap::new();
+    // dbt Cloud's load, asked at most once per account per tick, then counted on.
+    let mut loads: HashMap<Account, Result<CloudLoad, String>> = HashMap::new();
     for active in chosen {
         if active.kind != RunKind::Ci {
             continue;
@@ -234,14 +271,14 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
             fleet_taken,
             waited,
             fleet_wait: Duration::from_secs(cloud.config.fleet_wait_secs),
-            cloud: loads.get(&run.repository).cloned(),
+            cloud: loads.get(&account_of(cloud)).cloned(),
             max_in_flight: cloud.config.max_in_flight,
             max_cloud_queue: Duration::from_secs(cloud.config.max_cloud_queue_secs),
         };
         let mut decision = rules::route(&view);
         if decision == Route::AskCloud {
-            let load = cloud_load(cloud).await;
-            loads.insert(run.repository.clone(), load.clone());
+            let load = cloud_load(state, cloud).await;
+            loads.insert(account_of(cloud), load.clone());
             view.cloud = Some(load);
             decision = rules::route(&view);
         }
@@ -269,7 +306,7 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
                         state.outbox.notify_one();
                     }
                     Backend::DbtCloud => {
-                        if let Some(Ok(load)) = loads.get_mut(&run.repository) {
+                        if let Some(Ok(load)) = loads.get_mut(&account_of(cloud)) {
                             load.in_flight += 1;
                         }
                     }

@@ -64,7 +64,10 @@ pub async fn refresh_production(
         }
     };
     let _one_at_a_time = cloud.refreshing.lock().await;
-    let latest = cloud.client.latest_success(production).await?;
+    let latest = cloud
+        .client
+        .latest_success(production, cloud.config.ci_job_id)
+        .await?;
     *cloud.checked.lock().expect("not poisoned") = Some(Instant::now());
     let Some(latest) = latest else {
         return Ok(Refreshed::NoSuccessfulRun);
