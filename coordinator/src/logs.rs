@@ -4,12 +4,17 @@
 //! keeps only lines past what the file already holds, so a resent batch is harmless. Each run's
 //! log is capped; past the cap one marker line is written and the rest dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use slimci_proto::{Attempt, RunId};
+
+/// Longest line kept, as the agent cuts them: lines also come from the coordinator's own
+/// writers (a dbt Cloud run's step logs), and a reader takes whole lines of at most a few MiB
+/// at a time.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Written once when a run's log reaches its cap.
 pub const TRUNCATION_MARKER: &str =
@@ -106,7 +111,7 @@ impl LogStore {
         let mut buffer = Vec::new();
         let mut written = 0;
         for line in &lines[skip..] {
-            let clean = line.replace(['\r', '\n'], " ");
+            let clean = cut_line(line.replace(['\r', '\n'], " "));
             if state.bytes + clean.len() as u64 + 1 > self.max_bytes_per_attempt {
                 buffer.extend_from_slice(TRUNCATION_MARKER.as_bytes());
                 buffer.push(b'\n');
@@ -132,6 +137,8 @@ impl LogStore {
     }
 
     /// The bytes of an attempt's log from `offset` on (only whole lines), and the new offset.
+    /// A read takes at most 4 MiB, which holds whole lines since `append` cuts them at
+    /// [`MAX_LINE_BYTES`].
     pub fn read_from(
         &self,
         run: RunId,
@@ -256,6 +263,37 @@ impl LogStore {
         }
     }
 
+    /// The last `n` lines up to attempt `last`, and how many lines there are in all (numbered
+    /// as a [`LogCursor`] numbers them), without reading every line: a run page shows the end
+    /// of a log that may hold `max_bytes_per_attempt` per attempt.
+    pub fn tail(
+        &self,
+        run: RunId,
+        last: Attempt,
+        n: usize,
+    ) -> Result<(Vec<String>, u64), LogError> {
+        let mut total = 0;
+        let mut tail: VecDeque<String> = VecDeque::with_capacity(n);
+        for attempt in (1..=last.0).rev() {
+            let path = self.path(run, Attempt(attempt));
+            let error = |source| LogError {
+                path: path.clone(),
+                source,
+            };
+            total += count_lines(&path).map_err(error)?;
+            if tail.len() < n {
+                for line in last_lines(&path, n - tail.len())
+                    .map_err(error)?
+                    .into_iter()
+                    .rev()
+                {
+                    tail.push_front(line);
+                }
+            }
+        }
+        Ok((tail.into(), total))
+    }
+
     /// The whole log as text; a run of more than one attempt gets a `[slimci] attempt N` line
     /// before each attempt's lines.
     pub fn whole_text(&self, run: RunId, last: Attempt) -> Result<String, LogError> {
@@ -277,12 +315,154 @@ impl LogStore {
     }
 }
 
+/// The whole lines of a log file (what a [`LogCursor`] reads of it); 0 if there is none.
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut lines = 0;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(lines);
+        }
+        lines += buffer[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
+    }
+}
+
+/// The last `n` whole lines of a log file, read from its end.
+fn last_lines(path: &Path, n: usize) -> std::io::Result<Vec<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let length = file.metadata()?.len();
+    // Only whole lines count: what follows the last line's end is still being written.
+    let mut window = (n as u64 * 256).clamp(4096, length.max(4096));
+    loop {
+        let start = length.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::with_capacity((length - start) as usize);
+        Read::by_ref(&mut file)
+            .take(length - start)
+            .read_to_end(&mut bytes)?;
+        let complete = bytes
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |at| at + 1);
+        let ends = bytes[..complete]
+            .iter()
+            .filter(|&&byte| byte == b'\n')
+            .count();
+        // More than `n` line ends in the window: the first of the last `n` lines starts after
+        // one. At the file's start, every line in it is whole.
+        if ends > n || start == 0 {
+            let lines: Vec<&[u8]> = bytes[..complete]
+                .split_inclusive(|&byte| byte == b'\n')
+                .collect();
+            let keep = if start == 0 {
+                lines.len()
+            } else {
+                lines.len() - 1
+            };
+            return Ok(lines[lines.len() - keep.min(n)..]
+                .iter()
+                .map(|line| String::from_utf8_lossy(&line[..line.len() - 1]).into_owned())
+                .collect());
+        }
+        window = window.saturating_mul(4);
+    }
+}
+
+/// `line`, cut to [`MAX_LINE_BYTES`] (at a character boundary) with a note of what was dropped.
+fn cut_line(mut line: String) -> String {
+    if line.len() <= MAX_LINE_BYTES {
+        return line;
+    }
+    let mut keep = MAX_LINE_BYTES;
+    while !line.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let dropped = line.len() - keep;
+    line.truncate(keep);
+    line.push_str(&format!(
+        " [slimci: {dropped} more bytes of this line dropped]"
+    ));
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lines(range: std::ops::Range<u32>) -> Vec<String> {
         range.map(|n| format!("line {n}")).collect()
+    }
+
+    #[test]
+    fn the_tail_is_the_last_lines_across_attempts_numbered_as_a_cursor_numbers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(dir.path().to_owned(), 64 << 20);
+        let run = RunId::new();
+        // Attempt 1: 5,000 lines of varying length (some blank); attempt 2: three.
+        let first: Vec<String> = (0..5_000)
+            .map(|n| {
+                if n % 7 == 0 {
+                    String::new()
+                } else {
+                    format!("{n} {}", "z".repeat(n % 300))
+                }
+            })
+            .collect();
+        logs.append(run, Attempt(1), 0, &first).unwrap();
+        logs.append(run, Attempt(2), 0, &lines(0..3)).unwrap();
+        let mut every = Vec::new();
+        logs.each_line(run, Attempt(2), |line| every.push(line.text))
+            .unwrap();
+        for n in [0, 1, 2, 3, 4, 300, 5_003, 6_000] {
+            let (tail, total) = logs.tail(run, Attempt(2), n).unwrap();
+            assert_eq!(total, 5_003);
+            assert_eq!(tail, every[every.len() - n.min(every.len())..], "n = {n}");
+        }
+        // Only attempt 1 so far (attempt 2 not started): its lines alone.
+        let (tail, total) = logs.tail(run, Attempt(1), 2).unwrap();
+        assert_eq!((tail.as_slice(), total), (&every[4_998..5_000], 5_000));
+        // A line still being written (no end yet) is not shown or counted.
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(logs.path(run, Attempt(2)))
+            .unwrap()
+            .write_all(b"half a li")
+            .unwrap();
+        let (tail, total) = logs.tail(run, Attempt(2), 1).unwrap();
+        assert_eq!((tail, total), (vec!["line 2".to_owned()], 5_003));
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_cut_with_a_note_and_the_log_reads_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(dir.path().to_owned(), 64 << 20);
+        let run = RunId::new();
+        let long = format!("{}é", "x".repeat(5 * 1024 * 1024));
+        logs.append(run, Attempt(1), 0, &[long, "after".to_owned()])
+            .unwrap();
+        let mut cursor = LogCursor::new(run);
+        let read = cursor.next_lines(&logs, Attempt(1)).unwrap();
+        assert_eq!(read.len(), 2);
+        assert!(read[0].text.starts_with(&"x".repeat(MAX_LINE_BYTES)));
+        let dropped = 5 * 1024 * 1024 + 2 - MAX_LINE_BYTES;
+        assert_eq!(
+            &read[0].text[MAX_LINE_BYTES..],
+            format!(" [slimci: {dropped} more bytes of this line dropped]")
+        );
+        assert_eq!(read[1].text, "after");
     }
 
     #[test]

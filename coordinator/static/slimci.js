@@ -14,7 +14,14 @@
   var source = new EventSource("/runs/" + run + "/events?after=" + pre.getAttribute("data-after"));
   source.addEventListener("log", function (event) {
     var following = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 24;
-    pre.appendChild(document.createTextNode(event.data + "\n"));
+    // A blank line comes as an event without data, which browsers do not deliver; its number
+    // is still counted, so a gap before this line's number is that many blank lines.
+    var blank = "";
+    var gap = Number(event.lastEventId) - Number(pre.getAttribute("data-after")) - 1;
+    for (var i = 0; i < gap && i < 100000; i++) {
+      blank += "\n";
+    }
+    pre.appendChild(document.createTextNode(blank + event.data + "\n"));
     pre.setAttribute("data-after", event.lastEventId);
     if (following) {
       pre.scrollTop = pre.scrollHeight;

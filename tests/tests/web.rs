@@ -472,10 +472,10 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
     let mut cluster = Cluster::start(stub_options("")).await.unwrap();
     with_api_token(&mut cluster).await;
     let url = cluster.url.clone();
-    // A deploy printing a line every 200 ms for a minute and a half.
+    // A deploy printing a line, then a blank one, every 200 ms for a minute and a half.
     let run = deploy_with(
         &mut cluster,
-        &json!({ "log_lines": 450, "line_interval_ms": 200, "duration_ms": 0 }),
+        &json!({ "log_lines": 450, "line_interval_ms": 200, "blank_lines": true, "duration_ms": 0 }),
     )
     .await;
     cluster.wait_building(run.id, TIMEOUT).await.unwrap();
@@ -595,6 +595,22 @@ async fn the_live_log_follows_a_build_behind_a_login_and_a_forged_cancel_is_refu
         .as_u64()
         .unwrap();
     assert!(after > rendered_after, "{after} <= {rendered_after}");
+    // Blank lines come as events without data, which the browser does not deliver; the page
+    // still shows them, from the gaps in the lines' numbers.
+    let text = browser
+        .eval("document.getElementById('log-lines').textContent")
+        .await
+        .unwrap();
+    let text = text.as_str().unwrap();
+    let appended = &text[text
+        .find(&format!("stub log line {} ", loaded_with + 1))
+        .unwrap_or_else(|| panic!("no line after {loaded_with}:\n{text}"))..];
+    let appended = &appended[..appended.find(&format!("stub log line {wanted} ")).unwrap()];
+    assert_eq!(
+        appended.matches("\n\n").count(),
+        (wanted - loaded_with - 1) as usize,
+        "a blank line after each line appended live:\n{appended:?}"
+    );
 
     // The stream resumes after a dropped connection (the coordinator restarts): later lines
     // appear, and none twice.

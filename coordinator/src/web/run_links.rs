@@ -56,6 +56,11 @@ pub struct DrawnTimeline {
 /// the live page's reload at the end) does not parse and draw it again.
 static DRAWN: Mutex<VecDeque<Drawn>> = Mutex::new(VecDeque::new());
 
+/// Held while a timeline is parsed and drawn, so one is at a time: every page open on a run
+/// reloads when it ends, and each would otherwise parse the same artifacts (a manifest of up
+/// to 256 MiB) at once; those after the first find it drawn.
+static DRAWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One timeline kept drawn.
 struct Drawn {
     run: RunId,
@@ -84,21 +89,27 @@ pub(super) async fn timeline_of(
             note: "no run_results.json (yet): dbt writes it when the build ends".to_owned(),
         };
     };
-    let drawn_before = DRAWN
-        .lock()
-        .expect("timelines lock")
-        .iter()
-        .find(|drawn| {
-            drawn.run == id
-                && drawn.sha256 == results.sha256
-                && drawn.manifest_sha256 == manifest_sha256
-        })
-        .map(|drawn| (drawn.svg.clone(), drawn.note.clone()));
-    if let Some((svg, note)) = drawn_before {
-        return DrawnTimeline {
-            svg: Some(svg),
-            note,
-        };
+    let drawn_before = || {
+        DRAWN
+            .lock()
+            .expect("timelines lock")
+            .iter()
+            .find(|drawn| {
+                drawn.run == id
+                    && drawn.sha256 == results.sha256
+                    && drawn.manifest_sha256 == manifest_sha256
+            })
+            .map(|drawn| DrawnTimeline {
+                svg: Some(drawn.svg.clone()),
+                note: drawn.note.clone(),
+            })
+    };
+    if let Some(drawn) = drawn_before() {
+        return drawn;
+    }
+    let _drawing = DRAWING.lock().await;
+    if let Some(drawn) = drawn_before() {
+        return drawn;
     }
     let Ok(path) = state.artifacts.path(id, "run_results.json") else {
         return DrawnTimeline {

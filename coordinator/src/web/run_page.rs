@@ -2,7 +2,6 @@
 //! phases, nodes (failures first, filtered), the build's timeline, artifacts and a cancel
 //! button; and `/runs/{id}/cancel`, that button's CSRF-checked form.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use askama::Template;
@@ -103,22 +102,19 @@ fn first_line(text: &str, max: usize) -> String {
     }
 }
 
-/// The last `LOG_TAIL` lines of the run's log, numbered as the event stream numbers them, and
-/// how many there are.
+/// The last `LOG_TAIL` lines of the run's log, and how many there are (the event stream
+/// numbers lines the same way, so the page's live log goes on from there).
 fn log_tail(state: &AppState, run: &Run) -> WebResult<(Vec<String>, u64)> {
-    let mut tail: VecDeque<String> = VecDeque::with_capacity(LOG_TAIL);
-    let mut total = 0u64;
-    state
+    let (tail, total) = state
         .logs
-        .each_line(run.id, run.attempt, |line| {
-            total = line.number;
-            if tail.len() == LOG_TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(first_line(&line.text, LOG_LINE_CHARS));
-        })
+        .tail(run.id, run.attempt, LOG_TAIL)
         .map_err(|error| WebError::Internal(error.to_string()))?;
-    Ok((tail.into(), total))
+    Ok((
+        tail.iter()
+            .map(|line| first_line(line, LOG_LINE_CHARS))
+            .collect(),
+        total,
+    ))
 }
 
 /// Builds run `id`'s page for this request.

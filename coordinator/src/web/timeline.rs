@@ -350,6 +350,10 @@ pub fn escape(text: &str) -> String {
             '&' => out.push_str("&amp;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
+            // Characters XML 1.0 does not allow (controls other than tab and line ends, U+FFFE,
+            // U+FFFF): one would make `timeline.svg` fail to parse as an image.
+            '\t' | '\n' | '\r' => out.push(c),
+            c if c < ' ' || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
@@ -359,6 +363,14 @@ pub fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_text_is_valid_in_xml() {
+        assert_eq!(
+            escape("a<b>&\"c'\u{1}\u{FFFF}\td"),
+            "a&lt;b&gt;&amp;&quot;c&#39;\u{FFFD}\u{FFFD}\td"
+        );
+    }
 
     fn results(entries: &[(&str, &str, &str, &str, &str)]) -> Vec<u8> {
         let results: Vec<serde_json::Value> = entries

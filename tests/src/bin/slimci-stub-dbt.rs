@@ -10,7 +10,8 @@
 //! `record` names a file to which it appends `{"run_dir", "event": "start"|"end", "ms"}` lines,
 //! so a test can check from the agents' own side that attempts of a run never overlapped.
 //! `line_interval_ms` (for `bench/perf`'s log latency): the `log_lines` lines come that many
-//! milliseconds apart, each flushed at once and ending `at_ms=<wall-clock ms>`.
+//! milliseconds apart, each flushed at once and ending `at_ms=<wall-clock ms>`; with
+//! `blank_lines`, each is followed by a blank line (as dbt prints around its summaries).
 //! Every result has dbt's `thread_id` and `timing`, the nodes spread over `threads` threads
 //! (default 1) across `duration_ms`; `failing_test` adds a test that fails with that message,
 //! and `deferred` makes the first model depend on that many models the build does not select.
@@ -33,6 +34,8 @@ struct Stub {
     record: Option<String>,
     /// Print the log lines this far apart, each with its wall-clock time (`at_ms=`).
     line_interval_ms: u64,
+    /// With `line_interval_ms`: a blank line after each log line.
+    blank_lines: bool,
     /// dbt threads the nodes are spread over in `run_results.json` (0 counts as 1).
     threads: u32,
     /// A test `test.stub.not_null_m0_id` that fails with this message.
@@ -142,6 +145,9 @@ fn main() {
                 &format!("stub log line {line} at_ms={}", now_ms()),
                 serde_json::json!({}),
             );
+            if stub.blank_lines {
+                let _ = writeln!(out);
+            }
             let _ = out.flush();
             continue;
         }
