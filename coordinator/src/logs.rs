@@ -11,10 +11,10 @@ use std::sync::Mutex;
 
 use slimci_proto::{Attempt, RunId};
 
-/// Longest line kept, as the agent cuts them: lines also come from the coordinator's own
-/// writers (a dbt Cloud run's step logs), and a reader takes whole lines of at most a few MiB
-/// at a time.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Longest line kept: the agent's 64 KiB with room for the note it adds to a line it cut (so
+/// its lines pass whole). Lines also come from the coordinator's own writers (a dbt Cloud run's
+/// step logs), and a reader takes whole lines of at most a few MiB at a time.
+pub const MAX_LINE_BYTES: usize = 64 * 1024 + 256;
 
 /// Written once when a run's log reaches its cap.
 pub const TRUNCATION_MARKER: &str =
