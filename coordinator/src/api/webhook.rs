@@ -3,7 +3,8 @@
 //! The raw body is authenticated first (`X-Hub-Signature-256`, HMAC-SHA256 with the configured
 //! secret, compared in constant time); anything unsigned or forged gets 401 and changes
 //! nothing. A delivery id seen before (`X-GitHub-Delivery`) is answered without being processed
-//! again. What each action does is `rules::pull_request_action`; the runs go through
+//! again; a delivery slimci failed to handle (5xx) has its id forgotten, so GitHub's
+//! redelivery is processed. What each action does is `rules::pull_request_action`; the runs go through
 //! `runs::submit`, so the supersede and dedupe rules are the same as for the CLI. The payload's
 //! fields become a `ValidRequest` directly (its SHA parsed once), not a `RunRequest` of strings.
 
@@ -151,14 +152,30 @@ pub async fn github_webhook(
         )),
     };
     tracing::info!(%delivery, %event, ok = handled.is_ok(), "GitHub webhook");
-    state.metrics.webhook(match &handled {
+    let outcome = outcome(&event, &handled);
+    if outcome == WebhookOutcome::Failed {
+        // Answered 5xx, so GitHub redelivers (or someone presses "Redeliver"): the delivery
+        // id must not make that redelivery a duplicate. Recorded before handling (so two
+        // concurrent copies are not both processed), it is forgotten again here.
+        if let Err(error) = state.store.forget_delivery(&delivery).await {
+            tracing::error!(%delivery, %error, "could not forget a webhook delivery that failed; its redelivery will be taken for a duplicate");
+        }
+    }
+    state.metrics.webhook(outcome);
+    handled
+}
+
+/// What a handled delivery came to: `Failed` when slimci itself failed (a 5xx, worth
+/// redelivering), `Invalid` only when the request was at fault.
+fn outcome(event: &str, handled: &Result<Response, ApiError>) -> WebhookOutcome {
+    match handled {
         Ok(response) if event != "ping" && response.status() != StatusCode::ACCEPTED => {
             WebhookOutcome::Accepted
         }
         Ok(_) => WebhookOutcome::Ignored,
+        Err(ApiError::Internal(_)) => WebhookOutcome::Failed,
         Err(_) => WebhookOutcome::Invalid,
-    });
-    handled
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8], event: &str) -> Result<T, ApiError> {
@@ -387,6 +404,31 @@ mod tests {
         ));
         assert!(!signature_is_valid(b"s3cret", body, "sha256=zz"));
         assert!(!signature_is_valid(b"s3cret", body, ""));
+    }
+
+    #[test]
+    fn only_a_request_at_fault_is_invalid_and_an_internal_error_is_failed() {
+        let created = || Ok(answer(StatusCode::CREATED, "queued", None));
+        assert_eq!(outcome("push", &created()), WebhookOutcome::Accepted);
+        assert_eq!(outcome("ping", &created()), WebhookOutcome::Ignored);
+        assert_eq!(
+            outcome(
+                "push",
+                &Ok(answer(StatusCode::ACCEPTED, "nothing done", None))
+            ),
+            WebhookOutcome::Ignored
+        );
+        assert_eq!(
+            outcome("push", &Err(ApiError::BadRequest("not JSON".to_owned()))),
+            WebhookOutcome::Invalid
+        );
+        assert_eq!(
+            outcome(
+                "pull_request",
+                &Err(ApiError::Internal("database is locked".to_owned()))
+            ),
+            WebhookOutcome::Failed
+        );
     }
 
     #[test]

@@ -65,15 +65,19 @@ pub enum WebhookOutcome {
     Ignored,
     /// Signed, but not a payload slimci could read (answered 400).
     Invalid,
+    /// slimci failed handling it (answered 5xx; its id is forgotten, so a redelivery is
+    /// processed).
+    Failed,
 }
 
 impl WebhookOutcome {
-    const ALL: [WebhookOutcome; 5] = [
+    const ALL: [WebhookOutcome; 6] = [
         WebhookOutcome::Accepted,
         WebhookOutcome::Duplicate,
         WebhookOutcome::Forged,
         WebhookOutcome::Ignored,
         WebhookOutcome::Invalid,
+        WebhookOutcome::Failed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -83,6 +87,7 @@ impl WebhookOutcome {
             WebhookOutcome::Forged => "forged",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Invalid => "invalid",
+            WebhookOutcome::Failed => "failed",
         }
     }
 }
