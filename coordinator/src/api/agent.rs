@@ -78,7 +78,7 @@ pub(super) async fn claim(
             {
                 state.metrics.queue_wait.observe(
                     &[run.kind.as_str()],
-                    (started - run.created_ms).max(0) as f64 / 1000.0,
+                    (started - run.queued_ms).max(0) as f64 / 1000.0,
                 );
             }
             ClaimResponse {

@@ -31,9 +31,9 @@ pub(super) async fn insert_run<'e>(
     let production = run.production_state.as_ref();
     sqlx::query(
         "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
-            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
+            created_ms, queued_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
             traceparent, triggered_by)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(run.repository.as_str())
@@ -44,6 +44,7 @@ pub(super) async fn insert_run<'e>(
     .bind(run.isolation.as_ref().map(IsolationName::as_str))
     .bind(run.status.as_str())
     .bind(&run.message)
+    .bind(now)
     .bind(now)
     .bind(run.status.is_terminal().then_some(now))
     .bind(run.timeout_secs as i64)
@@ -160,10 +161,12 @@ impl Store {
         Ok(())
     }
 
-    /// Per repository with queued runs: how many, and when the oldest was requested (ms).
+    /// Per repository with queued runs: how many, and since when the longest waiting one has
+    /// been queued (ms; a retried run waits since its last attempt was lost, not since its
+    /// request).
     pub async fn queue_by_repository(&self) -> Result<Vec<(String, i64, i64)>> {
         Ok(sqlx::query_as(
-            "SELECT repository, count(*), min(created_ms) FROM runs WHERE status = 'queued'
+            "SELECT repository, count(*), min(queued_ms) FROM runs WHERE status = 'queued'
              GROUP BY repository ORDER BY repository",
         )
         .fetch_all(&self.pool)

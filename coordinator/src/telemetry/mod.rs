@@ -179,13 +179,9 @@ impl Dispatch {
 }
 
 /// Exports the attempt's wait in the outbox (since the request, for the first attempt; since
-/// the last attempt was lost, for a retry) and starts the dispatch's PRODUCER span.
-pub fn start_dispatch(
-    state: &AppState,
-    run: &Run,
-    queue: &str,
-    waiting_since: Option<SystemTime>,
-) -> Option<Dispatch> {
+/// the last attempt was lost, for a retry: the run's `queued_ms`) and starts the dispatch's
+/// PRODUCER span.
+pub fn start_dispatch(state: &AppState, run: &Run, queue: &str) -> Option<Dispatch> {
     let tracer = state.telemetry.tracer()?;
     let root = root_of(run)?;
     let mut attributes = run_attributes(run);
@@ -193,24 +189,17 @@ pub fn start_dispatch(
         semconv::SLIMCI_RUN_ATTEMPT,
         i64::from(run.attempt.0),
     ));
-    let since = if run.attempt.0 == 1 {
-        Some(time_from_ms(run.created_ms))
-    } else {
-        waiting_since
-    };
-    if let Some(since) = since {
-        Finished {
-            name: format!("queued (attempt {})", run.attempt),
-            kind: SpanKind::Internal,
-            parent: &root,
-            start: since,
-            end: SystemTime::now(),
-            attributes: attributes.clone(),
-            error: None,
-            ids: None,
-        }
-        .emit(tracer);
+    Finished {
+        name: format!("queued (attempt {})", run.attempt),
+        kind: SpanKind::Internal,
+        parent: &root,
+        start: time_from_ms(run.queued_ms),
+        end: SystemTime::now(),
+        attributes: attributes.clone(),
+        error: None,
+        ids: None,
     }
+    .emit(tracer);
     attributes.extend([
         KeyValue::new(semconv::MESSAGING_SYSTEM, "rabbitmq"),
         KeyValue::new(semconv::MESSAGING_DESTINATION_NAME, queue.to_owned()),
