@@ -24,7 +24,7 @@ mod rows;
 mod runs;
 mod schema;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::path::Path;
 use std::str::FromStr;
