@@ -510,7 +510,7 @@ pub fn export_to(
     let mut gauges = Vec::new();
     let mut counters = Vec::new();
     for gauge in GAUGES {
-        if gauge.name.ends_with("_total") {
+        if gauge.is_counter() {
             counters.push(
                 meter
                     .f64_observable_counter(registry::otel_name(gauge.name))

@@ -28,6 +28,10 @@ impl Scrape {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
                 assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert!(
+                    !name.ends_with("_total") || kind == "counter",
+                    "a _total family is a counter: {line}"
+                );
                 scrape.typed.insert(name.to_owned());
                 continue;
             }
