@@ -41,6 +41,7 @@ pub use rows::{
     ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,
     RunFilter, SweepCandidate, phase_order,
 };
+pub use runs::Supersession;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
