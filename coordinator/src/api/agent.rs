@@ -30,12 +30,15 @@ pub(super) async fn heartbeat(
     require_agent(&state, &headers)?;
     let request: slimci_proto::HeartbeatRequest =
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    state.agents.heartbeat(
+    let forgotten = state.agents.heartbeat(
         &request.agent,
         &request.leases,
         request.status.as_ref(),
         chrono::Utc::now(),
     );
+    for agent in &forgotten {
+        state.metrics.forget_agent(agent);
+    }
     let lost = state
         .store
         .renew_leases(

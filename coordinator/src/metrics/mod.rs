@@ -353,6 +353,16 @@ impl Metrics {
             .add(&agent, usage.pids_limit_hits as f64);
     }
 
+    /// Drops the per-agent series of `agent`, which the agents registry forgot (an autoscaled
+    /// VM long gone), so `/metrics` does not grow with every VM there ever was. The OTLP
+    /// mirror keeps its own series; an exporter's cumulative counters are not trimmed.
+    pub fn forget_agent(&self, agent: &AgentName) {
+        let agent = [agent.as_str()];
+        for counter in [&self.slot_busy, &self.oom_kills, &self.pids_limit_hits] {
+            counter.remove(&agent);
+        }
+    }
+
     /// Every counter and histogram, for `telemetry` to mirror to OTLP.
     pub fn counters(&self) -> [&Counter; 13] {
         [
@@ -617,5 +627,31 @@ mod tests {
         assert_eq!(metrics.dbt_nodes.count_and_sum(&["deferred"]), (1, 1.0));
         assert_eq!(metrics.slot_busy.value(&["vm-1"]), 12.5);
         assert_eq!(metrics.oom_kills.value(&["vm-1"]), 1.0);
+    }
+
+    #[test]
+    fn a_forgotten_agents_series_are_dropped_and_the_others_kept() {
+        let metrics = Metrics::new();
+        let usage = slimci_proto::AttemptUsage {
+            slot_busy_s: 3.0,
+            oom_kills: 1,
+            pids_limit_hits: 2,
+        };
+        let gone = AgentName::parse("vm-gone").unwrap();
+        let kept = AgentName::parse("vm-kept").unwrap();
+        metrics.attempt_usage(&gone, &usage);
+        metrics.attempt_usage(&kept, &usage);
+        metrics.forget_agent(&gone);
+        let mut out = String::new();
+        for counter in [
+            &metrics.slot_busy,
+            &metrics.oom_kills,
+            &metrics.pids_limit_hits,
+        ] {
+            counter.render(&mut out);
+        }
+        assert!(!out.contains("vm-gone"), "{out}");
+        assert_eq!(out.matches("agent=\"vm-kept\"").count(), 3, "{out}");
+        assert_eq!(metrics.pids_limit_hits.value(&["vm-kept"]), 2.0);
     }
 }

@@ -56,6 +56,14 @@ impl Counter {
         self.add(values, 0.0);
     }
 
+    /// Drops a series (it shows no more until counted again, from 0).
+    pub fn remove(&self, values: &[&str]) {
+        self.series
+            .lock()
+            .expect("metrics lock")
+            .remove(&owned(values));
+    }
+
     /// The series' value (0 when it does not exist).
     pub fn value(&self, values: &[&str]) -> f64 {
         self.series
