@@ -116,14 +116,16 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// A heartbeat: the agent is alive, holds `leases`, and says `status` of itself.
+    /// A heartbeat: the agent is alive, holds `leases`, and says `status` of itself. Returns
+    /// the agents forgotten now (silent for `FORGET_AFTER`), whose metrics series can go.
+    #[must_use = "the forgotten agents' metrics series are to be dropped"]
     pub fn heartbeat(
         &self,
         agent: &AgentName,
         leases: &[Lease],
         status: Option<&AgentStatus>,
         now: DateTime<Utc>,
-    ) {
+    ) -> Vec<AgentName> {
         let mut agents = self.agents.lock().expect("agents lock");
         let record = agents.entry(agent.clone()).or_insert_with(|| {
             tracing::info!(%agent, "agent registered");
@@ -139,11 +141,18 @@ impl Agents {
             record.status = Some(status.clone());
         }
         record.current_runs = leases.iter().map(|lease| lease.run_id).collect();
-        agents.retain(|_, record| {
-            (now - record.last_heartbeat)
+        let mut forgotten = Vec::new();
+        agents.retain(|name, record| {
+            let keep = (now - record.last_heartbeat)
                 .to_std()
-                .is_ok_and(|silent| silent < FORGET_AFTER)
+                .is_ok_and(|silent| silent < FORGET_AFTER);
+            if !keep {
+                tracing::info!(agent = %name, "agent forgotten after a day's silence");
+                forgotten.push(name.clone());
+            }
+            keep
         });
+        forgotten
     }
 
     /// A claim of `run` by `agent` was granted.
@@ -222,8 +231,8 @@ mod tests {
         let agents = Agents::default();
         let start = Utc::now();
         let run = RunId::new();
-        agents.heartbeat(&name("vm-1"), &[], Some(&status(2, 0, false)), start);
-        agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, false)), start);
+        let _ = agents.heartbeat(&name("vm-1"), &[], Some(&status(2, 0, false)), start);
+        let _ = agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, false)), start);
         agents.claimed(&name("vm-1"), run, start);
         let states: Vec<_> = agents.list(start).into_iter().map(|(_, s)| s).collect();
         assert_eq!(states, [AgentState::Busy, AgentState::Idle]);
@@ -232,9 +241,9 @@ mod tests {
         assert!((totals.saturation() - 1.0 / 3.0).abs() < 1e-9);
 
         agents.ended(&name("vm-1"), run);
-        agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, true)), start);
+        let _ = agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, true)), start);
         let later = start + chrono::Duration::seconds(20);
-        agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, true)), later);
+        let _ = agents.heartbeat(&name("vm-2"), &[], Some(&status(1, 0, true)), later);
         let states: Vec<_> = agents.list(later).into_iter().map(|(_, s)| s).collect();
         assert_eq!(states, [AgentState::Idle, AgentState::Draining]);
 
@@ -244,18 +253,48 @@ mod tests {
             run_id: RunId::new(),
             attempt: Attempt(1),
         };
-        agents.heartbeat(
+        let forgotten = agents.heartbeat(
             &name("vm-2"),
             &[lease],
             Some(&status(1, 1, false)),
             much_later,
         );
+        assert!(forgotten.is_empty(), "offline is not forgotten");
         let totals = agents.totals(much_later);
         assert_eq!(totals.by_state[&AgentState::Offline], 1);
         assert_eq!(totals.by_state[&AgentState::Busy], 1);
         assert_eq!(totals.by_state[&AgentState::Idle], 0);
         // The offline agent's slots no longer count.
         assert_eq!((totals.slots, totals.busy_slots), (1, 1));
+    }
+
+    #[test]
+    fn an_agent_silent_for_a_day_is_forgotten_and_named_once() {
+        let agents = Agents::default();
+        let start = Utc::now();
+        let _ = agents.heartbeat(&name("vm-old"), &[], Some(&status(1, 0, false)), start);
+        let almost = start + chrono::Duration::hours(23);
+        assert!(
+            agents
+                .heartbeat(&name("vm-new"), &[], None, almost)
+                .is_empty()
+        );
+        let day_later = start + chrono::Duration::hours(25);
+        assert_eq!(
+            agents.heartbeat(&name("vm-new"), &[], None, day_later),
+            [name("vm-old")]
+        );
+        assert!(
+            agents
+                .heartbeat(&name("vm-new"), &[], None, day_later)
+                .is_empty()
+        );
+        let names: Vec<_> = agents
+            .list(day_later)
+            .into_iter()
+            .map(|(record, _)| record.name)
+            .collect();
+        assert_eq!(names, [name("vm-new")]);
     }
 
     #[test]

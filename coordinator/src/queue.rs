@@ -182,7 +182,7 @@ async fn publish_session(
             };
             let payload = slimci_proto::encode(&ToAgentMessage::Job(job));
             let jobs_queue = topology.jobs_queue();
-            let dispatch = crate::telemetry::start_dispatch(state, &run, &jobs_queue, None);
+            let dispatch = crate::telemetry::start_dispatch(state, &run, &jobs_queue);
             let mut headers = FieldTable::default();
             if let Some(dispatch) = &dispatch {
                 slimci_telemetry::inject(&mut headers, &dispatch.traceparent);

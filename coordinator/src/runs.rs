@@ -9,7 +9,7 @@ use slimci_proto::{PrNumber, RunId, RunKind};
 use crate::app::AppState;
 use crate::config::{Config, RepositoryConfig};
 use crate::rules::{self, Admission, CancelDecision, RunStatus, SubmitDecision, ValidRequest};
-use crate::store::{NewRun, Run, StoreError};
+use crate::store::{NewRun, Run, StoreError, Supersession};
 use crate::telemetry::Origin;
 
 /// The run that answers a request, and whether it was made for it.
@@ -94,9 +94,12 @@ async fn submit_from(
     tracing::info!(run = %new_run.id, repository = %new_run.repository, kind = new_run.kind.as_str(), pr = ?new_run.pr.map(|pr| pr.0), status = status.as_str(), "run accepted");
     if status == RunStatus::Queued {
         for old in supersede {
-            let signal = state.store.supersede(old, new_run.id).await?;
+            let supersession = state.store.supersede(old, new_run.id).await?;
+            if supersession == Supersession::Unchanged {
+                continue;
+            }
             state.metrics.supersedes.inc(&[]);
-            tracing::info!(run = %old, by = %new_run.id, stopping = signal, "superseded");
+            tracing::info!(run = %old, by = %new_run.id, ?supersession, "superseded");
             let _ = state.changes.send(old);
         }
     }
@@ -122,21 +125,23 @@ pub enum CancelError {
 /// when the agent reports the tree gone.
 pub async fn cancel(state: &AppState, id: RunId, reason: &str) -> Result<Run, CancelError> {
     let run = state.store.run(id).await?.ok_or(CancelError::Unknown(id))?;
-    match rules::decide_cancel(run.status) {
+    let changed = match rules::decide_cancel(run.status) {
         CancelDecision::EndNow => {
-            if !state
+            state
                 .store
                 .end_queued(id, RunStatus::Cancelled, reason)
                 .await?
-            {
                 // Claimed in the meantime: stop it where it runs.
-                state.store.request_cancel(id).await?;
-            }
+                || state.store.request_cancel(id).await?
         }
         CancelDecision::SignalAgents => state.store.request_cancel(id).await?,
         CancelDecision::AlreadyFinished(status) => {
             return Err(CancelError::AlreadyFinished { id, status });
         }
+    };
+    if !changed {
+        // Already being stopped (a repeated cancel), or it ended in the meantime.
+        return Ok(state.store.run(id).await?.expect("exists"));
     }
     tracing::info!(run = %id, %reason, "cancel requested");
     state.metrics.cancels.inc(&[]);

@@ -30,12 +30,15 @@ pub(super) async fn heartbeat(
     require_agent(&state, &headers)?;
     let request: slimci_proto::HeartbeatRequest =
         slimci_proto::decode(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    state.agents.heartbeat(
+    let forgotten = state.agents.heartbeat(
         &request.agent,
         &request.leases,
         request.status.as_ref(),
         chrono::Utc::now(),
     );
+    for agent in &forgotten {
+        state.metrics.forget_agent(agent);
+    }
     let lost = state
         .store
         .renew_leases(
@@ -78,7 +81,7 @@ pub(super) async fn claim(
             {
                 state.metrics.queue_wait.observe(
                     &[run.kind.as_str()],
-                    (started - run.created_ms).max(0) as f64 / 1000.0,
+                    (started - run.queued_ms).max(0) as f64 / 1000.0,
                 );
             }
             ClaimResponse {

@@ -3,7 +3,8 @@
 //! The raw body is authenticated first (`X-Hub-Signature-256`, HMAC-SHA256 with the configured
 //! secret, compared in constant time); anything unsigned or forged gets 401 and changes
 //! nothing. A delivery id seen before (`X-GitHub-Delivery`) is answered without being processed
-//! again. What each action does is `rules::pull_request_action`; the runs go through
+//! again; a delivery slimci failed to handle (5xx) has its id forgotten, so GitHub's
+//! redelivery is processed. What each action does is `rules::pull_request_action`; the runs go through
 //! `runs::submit`, so the supersede and dedupe rules are the same as for the CLI. The payload's
 //! fields become a `ValidRequest` directly (its SHA parsed once), not a `RunRequest` of strings.
 
@@ -151,14 +152,30 @@ pub async fn github_webhook(
         )),
     };
     tracing::info!(%delivery, %event, ok = handled.is_ok(), "GitHub webhook");
-    state.metrics.webhook(match &handled {
+    let outcome = outcome(&event, &handled);
+    if outcome == WebhookOutcome::Failed {
+        // Answered 5xx, so GitHub redelivers (or someone presses "Redeliver"): the delivery
+        // id must not make that redelivery a duplicate. Recorded before handling (so two
+        // concurrent copies are not both processed), it is forgotten again here.
+        if let Err(error) = state.store.forget_delivery(&delivery).await {
+            tracing::error!(%delivery, %error, "could not forget a webhook delivery that failed; its redelivery will be taken for a duplicate");
+        }
+    }
+    state.metrics.webhook(outcome);
+    handled
+}
+
+/// What a handled delivery came to: `Failed` when slimci itself failed (a 5xx, worth
+/// redelivering), `Invalid` only when the request was at fault.
+fn outcome(event: &str, handled: &Result<Response, ApiError>) -> WebhookOutcome {
+    match handled {
         Ok(response) if event != "ping" && response.status() != StatusCode::ACCEPTED => {
             WebhookOutcome::Accepted
         }
         Ok(_) => WebhookOutcome::Ignored,
+        Err(ApiError::Internal(_)) => WebhookOutcome::Failed,
         Err(_) => WebhookOutcome::Invalid,
-    });
-    handled
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8], event: &str) -> Result<T, ApiError> {
@@ -366,6 +383,117 @@ async fn submit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::rename_table;
+
+    const SECRET: &str = "webhook-secret";
+
+    /// A coordinator's shared state over a store in `dir`, with one repository, `shop`, that
+    /// is GitHub's `acme/shop`, and traces off.
+    async fn state(dir: &std::path::Path) -> Arc<AppState> {
+        let path = dir.join("coordinator.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+                data_dir = "{data}"
+                [amqp]
+                url = "amqp://127.0.0.1"
+                [auth]
+                agent_token = "0123456789abcdef"
+                [github]
+                webhook_secret = "{SECRET}"
+                [[repository]]
+                name = "shop"
+                clone_url = "/srv/shop.git"
+                github = "acme/shop"
+                "#,
+                data = dir.display()
+            ),
+        )
+        .unwrap();
+        let config = crate::config::Config::load(&path).unwrap();
+        Arc::new(AppState {
+            secrets: config.secrets().unwrap(),
+            store: crate::store::Store::open(dir).await.unwrap(),
+            logs: Arc::new(crate::logs::LogStore::new(dir.join("logs"), 1 << 20)),
+            artifacts: crate::artifacts::ArtifactStore::new(dir.join("artifacts")),
+            changes: tokio::sync::broadcast::channel(16).0,
+            outbox: Arc::new(tokio::sync::Notify::new()),
+            public_url: "http://127.0.0.1:8080".to_owned(),
+            dead_jobs: std::sync::Mutex::new(Vec::new()),
+            submit_lock: tokio::sync::Mutex::new(()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            fleet: crate::fleet::Fleet::default(),
+            agents: crate::agents::Agents::default(),
+            metrics: crate::metrics::Metrics::new(),
+            telemetry: slimci_telemetry::Telemetry::off(),
+            dbt_cloud: crate::dbt_cloud::DbtCloud::from_config(&config).unwrap(),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Delivers a signed `pull_request` event `opened` of PR #4 as delivery `delivery`.
+    async fn deliver_opened(state: &Arc<AppState>, delivery: &str) -> Result<Response, ApiError> {
+        let body = serde_json::json!({
+            "action": "opened",
+            "number": 4,
+            "pull_request": { "state": "open", "draft": false, "head": { "sha": "ab".repeat(20) } },
+            "repository": { "full_name": "acme/shop" },
+            "sender": { "login": "octocat" },
+        })
+        .to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-github-event", "pull_request".parse().unwrap());
+        headers.insert("x-github-delivery", delivery.parse().unwrap());
+        headers.insert(
+            "x-hub-signature-256",
+            sign(SECRET.as_bytes(), body.as_bytes()).parse().unwrap(),
+        );
+        github_webhook(State(state.clone()), headers, Bytes::from(body)).await
+    }
+
+    fn all_runs() -> crate::store::RunFilter {
+        crate::store::RunFilter {
+            limit: 100,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_failed_inside_is_processed_when_github_redelivers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        // The database fails the first time: the pull request cannot be recorded.
+        rename_table(&state.store, "pull_requests", "pull_requests_away").await;
+        let failed = deliver_opened(&state, "d-1").await.unwrap_err();
+        assert!(matches!(failed, ApiError::Internal(_)), "{failed:?}");
+        assert_eq!(
+            failed.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert!(state.store.runs(&all_runs()).await.unwrap().is_empty());
+        rename_table(&state.store, "pull_requests_away", "pull_requests").await;
+
+        let redelivered = deliver_opened(&state, "d-1").await.unwrap();
+        assert_eq!(redelivered.status(), StatusCode::CREATED);
+        let runs = state.store.runs(&all_runs()).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0].pr, Some(PrNumber(4)));
+
+        let again = deliver_opened(&state, "d-1").await.unwrap();
+        assert_eq!(again.status(), StatusCode::OK, "a replay once processed");
+        assert_eq!(state.store.runs(&all_runs()).await.unwrap().len(), 1);
+        let counted = |outcome| state.metrics.webhooks.value(&[outcome]);
+        assert_eq!(
+            (
+                counted("failed"),
+                counted("invalid"),
+                counted("accepted"),
+                counted("duplicate")
+            ),
+            (1.0, 0.0, 1.0, 1.0)
+        );
+    }
 
     fn sign(secret: &[u8], body: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
@@ -387,6 +515,31 @@ mod tests {
         ));
         assert!(!signature_is_valid(b"s3cret", body, "sha256=zz"));
         assert!(!signature_is_valid(b"s3cret", body, ""));
+    }
+
+    #[test]
+    fn only_a_request_at_fault_is_invalid_and_an_internal_error_is_failed() {
+        let created = || Ok(answer(StatusCode::CREATED, "queued", None));
+        assert_eq!(outcome("push", &created()), WebhookOutcome::Accepted);
+        assert_eq!(outcome("ping", &created()), WebhookOutcome::Ignored);
+        assert_eq!(
+            outcome(
+                "push",
+                &Ok(answer(StatusCode::ACCEPTED, "nothing done", None))
+            ),
+            WebhookOutcome::Ignored
+        );
+        assert_eq!(
+            outcome("push", &Err(ApiError::BadRequest("not JSON".to_owned()))),
+            WebhookOutcome::Invalid
+        );
+        assert_eq!(
+            outcome(
+                "pull_request",
+                &Err(ApiError::Internal("database is locked".to_owned()))
+            ),
+            WebhookOutcome::Failed
+        );
     }
 
     #[test]

@@ -19,8 +19,12 @@ pub async fn notifier_loop(state: Arc<AppState>, github: Arc<GitHub>, shutdown: 
     let mut changes = state.changes.subscribe();
     loop {
         if let Err(error) = report_pending(&state, &github).await {
-            tracing::warn!(%error, "GitHub reporting failed; will try again");
-            state.metrics.github_failures.inc(&["transient"]);
+            if error.is_from_github() {
+                tracing::warn!(%error, "GitHub reporting failed; will try again");
+                state.metrics.github_failures.inc(&["transient"]);
+            } else {
+                tracing::error!(%error, "cannot read or record what GitHub was told; will try again");
+            }
         }
         state
             .metrics
@@ -49,6 +53,14 @@ enum ReportError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     GitHub(#[from] GitHubError),
+}
+
+impl ReportError {
+    /// GitHub (or the way to it) failed, not our database: what
+    /// `slimci_github_report_failures_total` counts.
+    fn is_from_github(&self) -> bool {
+        matches!(self, ReportError::GitHub(_))
+    }
 }
 
 async fn report_pending(state: &AppState, github: &GitHub) -> Result<(), ReportError> {
@@ -129,4 +141,22 @@ async fn report_run(state: &AppState, github: &GitHub, run: &Run) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_githubs_errors_are_report_failures() {
+        let store = ReportError::from(crate::store::StoreError::Corrupt("run status ?".into()));
+        assert!(!store.is_from_github());
+        let github = ReportError::from(GitHubError::Status {
+            method: reqwest::Method::POST,
+            path: "/repos/acme/shop/statuses/abc".into(),
+            status: reqwest::StatusCode::BAD_GATEWAY,
+            body: String::new(),
+        });
+        assert!(github.is_from_github());
+    }
 }

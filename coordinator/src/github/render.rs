@@ -261,6 +261,7 @@ mod tests {
             attempt: Attempt(1),
             agent: Some("vm-1".into()),
             created_ms: 0,
+            queued_ms: 0,
             started_ms: Some(1_000),
             finished_ms: Some(93_000),
             timeout_secs: 600,

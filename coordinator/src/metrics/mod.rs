@@ -65,15 +65,19 @@ pub enum WebhookOutcome {
     Ignored,
     /// Signed, but not a payload slimci could read (answered 400).
     Invalid,
+    /// slimci failed handling it (answered 5xx; its id is forgotten, so a redelivery is
+    /// processed).
+    Failed,
 }
 
 impl WebhookOutcome {
-    const ALL: [WebhookOutcome; 5] = [
+    const ALL: [WebhookOutcome; 6] = [
         WebhookOutcome::Accepted,
         WebhookOutcome::Duplicate,
         WebhookOutcome::Forged,
         WebhookOutcome::Ignored,
         WebhookOutcome::Invalid,
+        WebhookOutcome::Failed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -83,6 +87,7 @@ impl WebhookOutcome {
             WebhookOutcome::Forged => "forged",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Invalid => "invalid",
+            WebhookOutcome::Failed => "failed",
         }
     }
 }
@@ -348,6 +353,16 @@ impl Metrics {
             .add(&agent, usage.pids_limit_hits as f64);
     }
 
+    /// Drops the per-agent series of `agent`, which the agents registry forgot (an autoscaled
+    /// VM long gone), so `/metrics` does not grow with every VM there ever was. The OTLP
+    /// mirror keeps its own series; an exporter's cumulative counters are not trimmed.
+    pub fn forget_agent(&self, agent: &AgentName) {
+        let agent = [agent.as_str()];
+        for counter in [&self.slot_busy, &self.oom_kills, &self.pids_limit_hits] {
+            counter.remove(&agent);
+        }
+    }
+
     /// Every counter and histogram, for `telemetry` to mirror to OTLP.
     pub fn counters(&self) -> [&Counter; 13] {
         [
@@ -505,7 +520,7 @@ pub fn export_to(
     let mut gauges = Vec::new();
     let mut counters = Vec::new();
     for gauge in GAUGES {
-        if gauge.name.ends_with("_total") {
+        if gauge.is_counter() {
             counters.push(
                 meter
                     .f64_observable_counter(registry::otel_name(gauge.name))
@@ -612,5 +627,31 @@ mod tests {
         assert_eq!(metrics.dbt_nodes.count_and_sum(&["deferred"]), (1, 1.0));
         assert_eq!(metrics.slot_busy.value(&["vm-1"]), 12.5);
         assert_eq!(metrics.oom_kills.value(&["vm-1"]), 1.0);
+    }
+
+    #[test]
+    fn a_forgotten_agents_series_are_dropped_and_the_others_kept() {
+        let metrics = Metrics::new();
+        let usage = slimci_proto::AttemptUsage {
+            slot_busy_s: 3.0,
+            oom_kills: 1,
+            pids_limit_hits: 2,
+        };
+        let gone = AgentName::parse("vm-gone").unwrap();
+        let kept = AgentName::parse("vm-kept").unwrap();
+        metrics.attempt_usage(&gone, &usage);
+        metrics.attempt_usage(&kept, &usage);
+        metrics.forget_agent(&gone);
+        let mut out = String::new();
+        for counter in [
+            &metrics.slot_busy,
+            &metrics.oom_kills,
+            &metrics.pids_limit_hits,
+        ] {
+            counter.render(&mut out);
+        }
+        assert!(!out.contains("vm-gone"), "{out}");
+        assert_eq!(out.matches("agent=\"vm-kept\"").count(), 3, "{out}");
+        assert_eq!(metrics.pids_limit_hits.value(&["vm-kept"]), 2.0);
     }
 }

@@ -1,7 +1,8 @@
 //! Counters and histograms kept in memory and written in Prometheus' text format (version
 //! 0.0.4), each mirrored to an OpenTelemetry instrument once OTLP export is on (`mirror`), so
 //! `/metrics` and the OTLP stream carry the same numbers. Gauges are not kept: they are
-//! computed when read (`Gauge::render`).
+//! computed when read (`Gauge::render`); one named `_total` is a count read from the database
+//! and is typed `counter`.
 //!
 //! A family has fixed label names; each distinct tuple of label values is a series. Series
 //! named in advance (`seed`) show 0 before anything happened, so an idle coordinator still
@@ -53,6 +54,14 @@ impl Counter {
     /// Makes the series exist at 0.
     pub fn seed(&self, values: &[&str]) {
         self.add(values, 0.0);
+    }
+
+    /// Drops a series (it shows no more until counted again, from 0).
+    pub fn remove(&self, values: &[&str]) {
+        self.series
+            .lock()
+            .expect("metrics lock")
+            .remove(&owned(values));
     }
 
     /// The series' value (0 when it does not exist).
@@ -232,8 +241,19 @@ impl Gauge {
         Gauge { name, help, labels }
     }
 
+    /// A `_total` family is a count that only grows (runs finished, from the database): a
+    /// counter to Prometheus and OpenTelemetry, though computed when read.
+    pub fn is_counter(&self) -> bool {
+        self.name.ends_with("_total")
+    }
+
     pub fn render(&self, out: &mut String, samples: &Samples) {
-        header(out, self.name, self.help, "gauge");
+        let kind = if self.is_counter() {
+            "counter"
+        } else {
+            "gauge"
+        };
+        header(out, self.name, self.help, kind);
         for (values, value) in samples {
             sample(out, self.name, self.labels, values, None, *value);
         }
@@ -360,6 +380,21 @@ mod tests {
         assert!(out.contains("slimci_wait_seconds_sum 65.5\n"), "{out}");
         assert!(out.contains("slimci_wait_seconds_count 4\n"), "{out}");
         assert_eq!(histogram.count_and_sum(&[]), (4, 65.5));
+    }
+
+    #[test]
+    fn values_read_when_scraped_are_gauges_unless_they_are_totals() {
+        let samples: Samples = vec![(vec!["ci".to_owned()], 3.0)];
+        let mut out = String::new();
+        Gauge::new("slimci_runs_finished_total", "Runs.", &["kind"]).render(&mut out, &samples);
+        Gauge::new("slimci_runs_running", "Running.", &["kind"]).render(&mut out, &samples);
+        assert_eq!(
+            out,
+            "# HELP slimci_runs_finished_total Runs.\n# TYPE slimci_runs_finished_total counter\n\
+             slimci_runs_finished_total{kind=\"ci\"} 3\n\
+             # HELP slimci_runs_running Running.\n# TYPE slimci_runs_running gauge\n\
+             slimci_runs_running{kind=\"ci\"} 3\n"
+        );
     }
 
     #[test]

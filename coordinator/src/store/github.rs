@@ -22,6 +22,16 @@ impl Store {
         Ok(inserted.rows_affected() == 1)
     }
 
+    /// Forgets a webhook delivery id, so the same delivery is processed when it comes again
+    /// (after slimci failed to handle it).
+    pub async fn forget_delivery(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM webhook_deliveries WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn upsert_pull_request(&self, pull: &PullRequest) -> Result<()> {
         sqlx::query(
             "INSERT INTO pull_requests (repository, pr, state, draft, head_sha, updated_ms) VALUES (?, ?, ?, ?, ?, ?)
@@ -140,6 +150,22 @@ mod tests {
     use super::*;
     use crate::store::NewRun;
     use slimci_proto::{RunKind, RunResult};
+
+    #[tokio::test]
+    async fn a_forgotten_delivery_is_recorded_again_as_new() {
+        let (_dir, store) = store().await;
+        assert!(store.record_delivery("d-1", "push").await.unwrap());
+        assert!(
+            !store.record_delivery("d-1", "push").await.unwrap(),
+            "a replay"
+        );
+        store.forget_delivery("d-1").await.unwrap();
+        assert!(
+            store.record_delivery("d-1", "push").await.unwrap(),
+            "the redelivery of a failed delivery is new"
+        );
+        assert!(!store.record_delivery("d-1", "push").await.unwrap());
+    }
 
     #[tokio::test]
     async fn sweep_candidates_are_finished_prs_without_a_later_teardown() {

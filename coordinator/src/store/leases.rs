@@ -125,11 +125,12 @@ impl Store {
         let decision = rules::decide_lost_attempt(&view, reason, max_attempts);
         if let LostAttempt::Retry { next, message } = &decision {
             sqlx::query(
-                "UPDATE runs SET attempt = ?, status = 'queued', published = 0, agent = NULL, started_ms = NULL,
+                "UPDATE runs SET attempt = ?, status = 'queued', queued_ms = ?, published = 0, agent = NULL, started_ms = NULL,
                     lease_expires_ms = NULL, last_seq = 0, progress_done = 0, progress_total = 0, message = ?
                  WHERE id = ?",
             )
             .bind(next.0 as i64)
+            .bind(now_ms())
             .bind(message)
             .bind(id.to_string())
             .execute(&mut *transaction)
@@ -195,6 +196,44 @@ mod tests {
                 .unwrap()
         );
         assert!(!store.route_to_fleet(run.id, "again").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_retried_run_waits_in_the_queue_since_its_retry_not_its_request() {
+        let (_dir, store) = store().await;
+        let run = new_run(RunKind::Ci);
+        store.insert_run(&run).await.unwrap();
+        let hour_ago = now_ms() - 3_600_000;
+        sqlx::query("UPDATE runs SET created_ms = ?1, queued_ms = ?1 WHERE id = ?2")
+            .bind(hour_ago)
+            .bind(run.id.to_string())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let queue = store.queue_by_repository().await.unwrap();
+        assert_eq!(queue, vec![("shop".to_owned(), 1, hour_ago)]);
+        store.claim(&claim(&run), LEASE).await.unwrap();
+        assert!(store.queue_by_repository().await.unwrap().is_empty());
+        let lost_at = now_ms();
+        let retried = store
+            .lose_attempt(run.id, Attempt(1), &died(), 2)
+            .await
+            .unwrap();
+        assert!(
+            matches!(retried, Some(LostAttempt::Retry { .. })),
+            "{retried:?}"
+        );
+        let queue = store.queue_by_repository().await.unwrap();
+        assert_eq!(queue.len(), 1, "{queue:?}");
+        assert!(
+            queue[0].2 >= lost_at,
+            "the oldest wait starts at the retry ({lost_at}), not the request: {queue:?}"
+        );
+        let stored = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.created_ms, stored.queued_ms),
+            (hour_ago, queue[0].2)
+        );
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ mod rows;
 mod runs;
 mod schema;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -41,6 +41,7 @@ pub use rows::{
     ArtifactRecord, NewRun, PhaseRecord, ProductionStamp, ProductionState, PullRequest, Run,
     RunFilter, SweepCandidate, phase_order,
 };
+pub use runs::Supersession;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

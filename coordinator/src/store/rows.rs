@@ -83,6 +83,9 @@ pub struct Run {
     pub attempt: Attempt,
     pub agent: Option<String>,
     pub created_ms: i64,
+    /// When the run last became queued: `created_ms`, or when the attempt before its current
+    /// one was lost.
+    pub queued_ms: i64,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub timeout_secs: u64,
@@ -284,6 +287,7 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<Run> {
         attempt: attempt(row)?,
         agent: text(row, "agent")?,
         created_ms: row.try_get("created_ms")?,
+        queued_ms: row.try_get("queued_ms")?,
         started_ms: row.try_get("started_ms")?,
         finished_ms: row.try_get("finished_ms")?,
         timeout_secs: row.try_get::<i64, _>("timeout_secs")? as u64,

@@ -31,9 +31,9 @@ pub(super) async fn insert_run<'e>(
     let production = run.production_state.as_ref();
     sqlx::query(
         "INSERT INTO runs (id, repository, kind, pr_number, sha, fetch_ref, isolation, status, message,
-            created_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
+            created_ms, queued_ms, finished_ms, timeout_secs, state_run_id, state_sha, state_manifest_sha256,
             traceparent, triggered_by)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(run.repository.as_str())
@@ -44,6 +44,7 @@ pub(super) async fn insert_run<'e>(
     .bind(run.isolation.as_ref().map(IsolationName::as_str))
     .bind(run.status.as_str())
     .bind(&run.message)
+    .bind(now)
     .bind(now)
     .bind(run.status.is_terminal().then_some(now))
     .bind(run.timeout_secs as i64)
@@ -74,6 +75,17 @@ pub(super) async fn record_artifact<'e>(
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// What superseding a run changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supersession {
+    /// It had not started: it ended `superseded` now.
+    Ended,
+    /// It was running: it is marked, and the agents must be told to stop it.
+    Stopping,
+    /// It had ended, or was already superseded: nothing changed.
+    Unchanged,
 }
 
 impl Store {
@@ -160,10 +172,12 @@ impl Store {
         Ok(())
     }
 
-    /// Per repository with queued runs: how many, and when the oldest was requested (ms).
+    /// Per repository with queued runs: how many, and since when the longest waiting one has
+    /// been queued (ms; a retried run waits since its last attempt was lost, not since its
+    /// request).
     pub async fn queue_by_repository(&self) -> Result<Vec<(String, i64, i64)>> {
         Ok(sqlx::query_as(
-            "SELECT repository, count(*), min(created_ms) FROM runs WHERE status = 'queued'
+            "SELECT repository, count(*), min(queued_ms) FROM runs WHERE status = 'queued'
              GROUP BY repository ORDER BY repository",
         )
         .fetch_all(&self.pool)
@@ -234,33 +248,41 @@ impl Store {
         Ok(updated.rows_affected() == 1)
     }
 
-    pub async fn request_cancel(&self, id: RunId) -> Result<()> {
-        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Asks the agents to stop running run `id`; false if it was not running or was already
+    /// being stopped (nothing changed).
+    pub async fn request_cancel(&self, id: RunId) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running' AND cancel_requested = 0",
+        )
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
     }
 
     /// Supersedes `old` by `newer`: a run that has not started ends now; a running one is
-    /// marked, and ends `superseded` when its agent reports the tree gone. Returns whether the
-    /// agents must be told to stop it.
-    pub async fn supersede(&self, old: RunId, newer: RunId) -> Result<bool> {
+    /// marked, and ends `superseded` when its agent reports the tree gone.
+    pub async fn supersede(&self, old: RunId, newer: RunId) -> Result<Supersession> {
         let message = rules::superseded_message(newer, None);
         if self
             .end_queued(old, RunStatus::Superseded, &message)
             .await?
         {
-            return Ok(false);
+            return Ok(Supersession::Ended);
         }
         let updated = sqlx::query(
-            "UPDATE runs SET superseded_by = ?, cancel_requested = 1 WHERE id = ? AND status = 'running'",
+            "UPDATE runs SET superseded_by = ?, cancel_requested = 1
+             WHERE id = ? AND status = 'running' AND superseded_by IS NULL",
         )
         .bind(newer.to_string())
         .bind(old.to_string())
         .execute(&self.pool)
         .await?;
-        Ok(updated.rows_affected() == 1)
+        Ok(if updated.rows_affected() == 1 {
+            Supersession::Stopping
+        } else {
+            Supersession::Unchanged
+        })
     }
 
     /// 1 for the next queued run to start, 2 for the one after, ...; none once it started.
@@ -276,5 +298,55 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(Some(ahead as u32 + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{LEASE, claim, new_run, store};
+    use super::*;
+
+    #[tokio::test]
+    async fn superseding_or_cancelling_twice_changes_nothing_the_second_time() {
+        let (_dir, store) = store().await;
+        let queued = new_run(RunKind::Ci);
+        store.insert_run(&queued).await.unwrap();
+        let newer = RunId::new();
+        assert_eq!(
+            store.supersede(queued.id, newer).await.unwrap(),
+            Supersession::Ended
+        );
+        assert_eq!(
+            store.supersede(queued.id, newer).await.unwrap(),
+            Supersession::Unchanged
+        );
+
+        let running = new_run(RunKind::Ci);
+        store.insert_run(&running).await.unwrap();
+        store.claim(&claim(&running), LEASE).await.unwrap();
+        assert_eq!(
+            store.supersede(running.id, newer).await.unwrap(),
+            Supersession::Stopping
+        );
+        assert_eq!(
+            store.supersede(running.id, RunId::new()).await.unwrap(),
+            Supersession::Unchanged,
+            "already being stopped for the first newer run"
+        );
+        let stored = store.run(running.id).await.unwrap().unwrap();
+        assert_eq!(stored.superseded_by, Some(newer));
+
+        let building = new_run(RunKind::Ci);
+        store.insert_run(&building).await.unwrap();
+        store.claim(&claim(&building), LEASE).await.unwrap();
+        assert!(store.request_cancel(building.id).await.unwrap());
+        assert!(
+            !store.request_cancel(building.id).await.unwrap(),
+            "already stopping"
+        );
+        assert!(
+            !store.request_cancel(queued.id).await.unwrap(),
+            "not running"
+        );
     }
 }

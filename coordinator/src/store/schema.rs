@@ -155,6 +155,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX runs_by_backend ON runs (backend, status);
     "#,
     ),
+    (
+        11,
+        // When the run last became queued: its request, or the loss of the attempt it is
+        // retried after. What the queue's oldest wait is measured from, not `created_ms`.
+        r#"
+    ALTER TABLE runs ADD COLUMN queued_ms INTEGER;
+    UPDATE runs SET queued_ms = created_ms;
+    "#,
+    ),
 ];
 
 impl Store {

@@ -21,6 +21,15 @@ pub async fn store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Renames table `from` to `to`: with a table away, every query of it fails as a broken
+/// database would.
+pub async fn rename_table(store: &Store, from: &str, to: &str) {
+    sqlx::raw_sql(&format!("ALTER TABLE {from} RENAME TO {to}"))
+        .execute(&store.pool)
+        .await
+        .unwrap();
+}
+
 pub fn new_run(kind: RunKind) -> NewRun {
     let repository = RepoName::parse("shop").unwrap();
     NewRun {

@@ -22,9 +22,41 @@ use slimci_telemetry::{Finished, TraceParent, semconv, time_from_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
+use crate::rules::RunStatus;
 use crate::store::Run;
 
 pub mod publish;
+
+/// A span's error description for a run that ended `status`: fixed words, never the run's
+/// message (which can quote a node's message or dbt's error text).
+fn status_description(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Queued | RunStatus::Running => "run not finished",
+        RunStatus::Success => "run succeeded",
+        RunStatus::Failed => "run failed",
+        RunStatus::Error => "run errored",
+        RunStatus::Cancelled => "run cancelled",
+        RunStatus::Superseded => "run superseded",
+        RunStatus::TimedOut => "run timed out",
+    }
+}
+
+/// The root span's error: the run ended without a result it asked for (not a success, a
+/// cancel or a supersede).
+fn root_error(run: &Run) -> Option<&'static str> {
+    let failed = !matches!(
+        run.status,
+        RunStatus::Success | RunStatus::Cancelled | RunStatus::Superseded
+    );
+    failed.then(|| status_description(run.status))
+}
+
+/// The request span's error: the request ended its run at once (refused it, or found it done).
+fn request_error(run: &Run) -> Option<&'static str> {
+    run.status
+        .is_terminal()
+        .then(|| status_description(run.status))
+}
 
 /// What every span of a run says about it.
 pub fn run_attributes(run: &Run) -> Vec<KeyValue> {
@@ -117,10 +149,7 @@ pub fn origin(state: &AppState, run: &Run, requested_at: SystemTime, origin: &Or
                 start: requested_at,
                 end: SystemTime::now(),
                 attributes: run_attributes(run),
-                error: run
-                    .status
-                    .is_terminal()
-                    .then(|| run.message.clone().unwrap_or_default()),
+                error: request_error(run).map(str::to_owned),
                 ids: None,
             }
             .emit(tracer);
@@ -179,13 +208,9 @@ impl Dispatch {
 }
 
 /// Exports the attempt's wait in the outbox (since the request, for the first attempt; since
-/// the last attempt was lost, for a retry) and starts the dispatch's PRODUCER span.
-pub fn start_dispatch(
-    state: &AppState,
-    run: &Run,
-    queue: &str,
-    waiting_since: Option<SystemTime>,
-) -> Option<Dispatch> {
+/// the last attempt was lost, for a retry: the run's `queued_ms`) and starts the dispatch's
+/// PRODUCER span.
+pub fn start_dispatch(state: &AppState, run: &Run, queue: &str) -> Option<Dispatch> {
     let tracer = state.telemetry.tracer()?;
     let root = root_of(run)?;
     let mut attributes = run_attributes(run);
@@ -193,24 +218,17 @@ pub fn start_dispatch(
         semconv::SLIMCI_RUN_ATTEMPT,
         i64::from(run.attempt.0),
     ));
-    let since = if run.attempt.0 == 1 {
-        Some(time_from_ms(run.created_ms))
-    } else {
-        waiting_since
-    };
-    if let Some(since) = since {
-        Finished {
-            name: format!("queued (attempt {})", run.attempt),
-            kind: SpanKind::Internal,
-            parent: &root,
-            start: since,
-            end: SystemTime::now(),
-            attributes: attributes.clone(),
-            error: None,
-            ids: None,
-        }
-        .emit(tracer);
+    Finished {
+        name: format!("queued (attempt {})", run.attempt),
+        kind: SpanKind::Internal,
+        parent: &root,
+        start: time_from_ms(run.queued_ms),
+        end: SystemTime::now(),
+        attributes: attributes.clone(),
+        error: None,
+        ids: None,
     }
+    .emit(tracer);
     attributes.extend([
         KeyValue::new(semconv::MESSAGING_SYSTEM, "rabbitmq"),
         KeyValue::new(semconv::MESSAGING_DESTINATION_NAME, queue.to_owned()),
@@ -319,12 +337,6 @@ async fn end_traces(state: &AppState) {
         if let Some(agent) = &run.agent {
             attributes.push(KeyValue::new(semconv::CICD_WORKER_NAME, agent.clone()));
         }
-        let failed = !matches!(
-            run.status,
-            crate::rules::RunStatus::Success
-                | crate::rules::RunStatus::Cancelled
-                | crate::rules::RunStatus::Superseded
-        );
         Finished {
             name: format!("{} run", run.kind.as_str()),
             kind: SpanKind::Internal,
@@ -332,11 +344,7 @@ async fn end_traces(state: &AppState) {
             start: time_from_ms(run.created_ms),
             end: time_from_ms(run.finished_ms.unwrap_or(run.created_ms)),
             attributes,
-            error: failed.then(|| {
-                run.message
-                    .clone()
-                    .unwrap_or_else(|| run.status.to_string())
-            }),
+            error: root_error(&run).map(str::to_owned),
             ids: Some(root),
         }
         .emit(tracer);
@@ -344,5 +352,44 @@ async fn end_traces(state: &AppState) {
             tracing::warn!(%error, run = %run.id, "cannot mark the run's trace ended");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewRun;
+    use crate::store::testing::{new_run, store};
+    use slimci_proto::RunKind;
+
+    const DBT_ERROR: &str =
+        "Database Error in model customers: column \"card_number\" = '4111' does not exist";
+
+    async fn stored(status: RunStatus) -> Run {
+        let (_dir, store) = store().await;
+        let run = NewRun {
+            status,
+            message: Some(DBT_ERROR.to_owned()),
+            ..new_run(RunKind::Ci)
+        };
+        store.insert_run(&run).await.unwrap();
+        store.run(run.id).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn span_errors_say_how_the_run_ended_never_its_message() {
+        let failed = stored(RunStatus::Failed).await;
+        assert_eq!(failed.message.as_deref(), Some(DBT_ERROR));
+        assert_eq!(root_error(&failed), Some("run failed"));
+        assert_eq!(request_error(&failed), Some("run failed"));
+        let errored = stored(RunStatus::Error).await;
+        assert_eq!(root_error(&errored), Some("run errored"));
+        assert_eq!(request_error(&errored), Some("run errored"));
+        let timed_out = stored(RunStatus::TimedOut).await;
+        assert_eq!(root_error(&timed_out), Some("run timed out"));
+        let superseded = stored(RunStatus::Superseded).await;
+        assert_eq!(root_error(&superseded), None);
+        let queued = stored(RunStatus::Queued).await;
+        assert_eq!(request_error(&queued), None);
     }
 }

@@ -28,6 +28,10 @@ impl Scrape {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
                 assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert!(
+                    !name.ends_with("_total") || kind == "counter",
+                    "a _total family is a counter: {line}"
+                );
                 scrape.typed.insert(name.to_owned());
                 continue;
             }
@@ -347,6 +351,8 @@ async fn metrics_and_the_fleet_view_count_what_happened() {
 
     // Cancelling the long run frees the fleet.
     cluster.client.cancel(long.id).await.unwrap();
+    // A second cancel while it stops (or refused, once it ended) is not another cancel.
+    let _ = cluster.client.cancel(long.id).await;
     let cancelled = cluster.wait_for_run(long.id, TIMEOUT).await.unwrap();
     assert_eq!(cancelled.status, RunStatus::Cancelled);
     let after = wait_for("the fleet to be idle", TIMEOUT, || async {

@@ -279,6 +279,18 @@ async fn a_retried_attempt_joins_its_runs_trace() {
     });
     assert_eq!(lost.parent_span_id, root.span_id);
     assert_eq!(lost.attributes["slimci.attempt.retried"], "true");
+    // Attempt 2 waited in the queue from its retry, not from the run's request.
+    let first_dispatch = one(&spans, "attempt 1's dispatch", |span| {
+        span.kind == SPAN_KIND_PRODUCER && span.attributes["slimci.run.attempt"] == "1"
+    });
+    let queued = one(&spans, "attempt 2's wait", |span| {
+        span.name == "queued (attempt 2)"
+    });
+    assert_eq!(queued.parent_span_id, root.span_id);
+    assert!(
+        queued.start_ns >= first_dispatch.end_ns && queued.start_ns <= lost.end_ns,
+        "{queued:#?}\n{first_dispatch:#?}\n{lost:#?}"
+    );
     // Attempt 2's agent span hangs under attempt 2's dispatch, with its nodes under its build.
     let second = one(&spans, "attempt 2's dispatch", |span| {
         span.kind == SPAN_KIND_PRODUCER && span.attributes["slimci.run.attempt"] == "2"
