@@ -155,9 +155,7 @@ impl Mirror {
                 // Whether dbt Cloud has a run for it stays unknown; a token revoked, or a dbt
                 // Cloud down for good, must not hold the PR's isolation (and a user's cancel)
                 // for ever.
-                if let Some(since) = self.failing_since
-                    && since.elapsed() >= TRIGGER_PATIENCE
-                {
+                if self.out_of_patience() {
                     let message = format!(
                         "dbt Cloud did not answer slimci's search of CI job {job}'s runs for {} minutes ({error}); slimci stopped waiting. A dbt Cloud run with cause \"{cause}\", if there is one, may still be building",
                         TRIGGER_PATIENCE.as_secs() / 60
@@ -185,9 +183,7 @@ impl Mirror {
                 .finish(state, run, RunResult::TimedOut, Some(message), Vec::new())
                 .await;
         }
-        if let Some(since) = self.failing_since
-            && since.elapsed() >= TRIGGER_PATIENCE
-        {
+        if self.out_of_patience() {
             let message = format!(
                 "dbt Cloud could not be made to start CI job {job} for {} minutes (the coordinator's log says why); it has no run for this one",
                 TRIGGER_PATIENCE.as_secs() / 60
@@ -222,6 +218,12 @@ impl Mirror {
                 Ok(())
             }
         }
+    }
+
+    /// Whether searching or triggering has been failing for [`TRIGGER_PATIENCE`].
+    fn out_of_patience(&self) -> bool {
+        self.failing_since
+            .is_some_and(|since| since.elapsed() >= TRIGGER_PATIENCE)
     }
 
     /// After a failed search or trigger: look (and maybe trigger) again after 2, 4, ... 60 s.

@@ -180,7 +180,11 @@ async fn fleet_now(state: &AppState) -> (u32, u32) {
 /// runs slimci routed to the account that dbt Cloud does not list yet (not triggered, or
 /// triggered a moment ago), so a burst of pushes cannot overshoot the account's limits between
 /// two looks.
-async fn cloud_load(state: &AppState, cloud: &CloudRepository) -> Result<CloudLoad, String> {
+async fn cloud_load(
+    state: &AppState,
+    cloud: &CloudRepository,
+    account_key: &Account,
+) -> Result<CloudLoad, String> {
     let asked = async {
         let in_flight = cloud.client.in_flight().await?;
         let account = cloud.client.account().await?;
@@ -195,7 +199,6 @@ async fn cloud_load(state: &AppState, cloud: &CloudRepository) -> Result<CloudLo
             )
         })?
         .map_err(|error| error.to_string())?;
-    let account_key = account_of(cloud);
     let not_listed = state
         .store
         .cloud_runs_in_flight()
@@ -207,7 +210,7 @@ async fn cloud_load(state: &AppState, cloud: &CloudRepository) -> Result<CloudLo
             state
                 .dbt_cloud
                 .repository(&run.repository)
-                .is_some_and(|other| account_of(other) == account_key)
+                .is_some_and(|other| account_of(other) == *account_key)
         })
         .count() as u32;
     let now = Utc::now();
@@ -243,6 +246,7 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
         let Some((routing, cloud)) = routing_of(state, &active.repository) else {
             continue;
         };
+        let account = account_of(cloud);
         let run = match state.store.run(active.id).await {
             Ok(Some(run)) if run.backend.is_none() => run,
             Ok(_) => continue,
@@ -271,14 +275,14 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
             fleet_taken,
             waited,
             fleet_wait: Duration::from_secs(cloud.config.fleet_wait_secs),
-            cloud: loads.get(&account_of(cloud)).cloned(),
+            cloud: loads.get(&account).cloned(),
             max_in_flight: cloud.config.max_in_flight,
             max_cloud_queue: Duration::from_secs(cloud.config.max_cloud_queue_secs),
         };
         let mut decision = rules::route(&view);
         if decision == Route::AskCloud {
-            let load = cloud_load(state, cloud).await;
-            loads.insert(account_of(cloud), load.clone());
+            let load = cloud_load(state, cloud, &account).await;
+            loads.insert(account.clone(), load.clone());
             view.cloud = Some(load);
             decision = rules::route(&view);
         }
@@ -306,7 +310,7 @@ async fn route_waiting(state: &AppState, full_since: &mut HashMap<RunId, Instant
                         state.outbox.notify_one();
                     }
                     Backend::DbtCloud => {
-                        if let Some(Ok(load)) = loads.get_mut(&account_of(cloud)) {
+                        if let Some(Ok(load)) = loads.get_mut(&account) {
                             load.in_flight += 1;
                         }
                     }
